@@ -1,0 +1,305 @@
+"""Training: one plain loop for both stages over any iterable of batches (torchtune style).
+
+Batches are dicts of tensors:
+  stage 1: mel (B, M, F), mel_mask (B, F), input_ids (B, L), attention_mask (B, L)
+  stage 2: trigger_mel, trigger_mask, rec_mel, rec_mask, rec_input_ids, rec_attention_mask
+The loop knows nothing of Ray: the Ray Train job passes its dataset shard as `batches`, and
+`on_log` / `on_checkpoint` callbacks to report metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from htcl.config import Config, TrainConfig, config_from_dict, save_config, to_dict
+from htcl.distributed import all_reduce_mean, average_gradients, gather_with_grad, rank_and_world
+from htcl.losses import in_batch_top1, info_nce, stage2_loss
+from htcl.model import HTCLModel
+
+STAGES = ("pretrain", "finetune")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    # open_clip's rule: no decay on biases, norms, embeddings/positions and the logit scale.
+    return p.ndim < 2 or "logit_scale" in name or name.endswith(".pos") or name.endswith(".cls")
+
+
+def build_optimizer(model: HTCLModel, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with separate groups: the pre-trained BERT at text_lr, the rest at lr; decay split."""
+    text_ids = {id(p) for p in model.parameter_groups()["text"]}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = ("text" if id(p) in text_ids else "other", not _no_weight_decay(name, p))
+        groups.setdefault(key, []).append(p)
+    param_groups = [
+        {
+            "name": f"{part}{'' if decay else '_no_decay'}",
+            "params": params,
+            "lr": tcfg.text_lr if part == "text" else tcfg.lr,
+            "weight_decay": tcfg.weight_decay if decay else 0.0,
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+    for g in param_groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(param_groups, betas=tcfg.betas, eps=tcfg.eps)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. "auto" = bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in table:
+        raise ValueError(f"train.precision={precision!r}: expected auto, bf16, fp16 or fp32")
+    return table[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig):
+    """Audio-text InfoNCE over the global batch. Returns (loss, metrics)."""
+    z_audio = model.encode_audio(batch["mel"], batch["mel_mask"])  # (B, D)
+    z_text = model.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, D)
+    z_audio, z_text = gather_with_grad(z_audio), gather_with_grad(z_text)  # (world*B, D)
+    scale = model.scale()
+    loss = info_nce(z_audio.float(), z_text.float(), scale)
+    metrics = {"loss_at": loss.detach(), "top1_at": in_batch_top1(z_audio, z_text)}
+    return loss, metrics
+
+
+def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig):
+    """⟨trigger audio, rec audio, rec text⟩ triplets: weighted L_aa + L_af + L_at."""
+    z_ta = model.encode_audio(batch["trigger_mel"], batch["trigger_mask"])  # (B, D)
+    z_ra = model.encode_audio(batch["rec_mel"], batch["rec_mask"])  # (B, D)
+    z_rt = model.encode_text(batch["rec_input_ids"], batch["rec_attention_mask"])  # (B, D)
+    z_rf = model.fuse(z_ra, z_rt)  # (B, D)
+    z_ta, z_ra, z_rt, z_rf = (gather_with_grad(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
+    loss, parts = stage2_loss(
+        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at
+    )
+    metrics = {k: v.detach() for k, v in parts.items()}
+    metrics["top1_aa"] = in_batch_top1(z_ta, z_ra)
+    metrics["top1_at"] = in_batch_top1(z_ra, z_rt)
+    return loss, metrics
+
+
+FORWARDS = {"pretrain": stage1_forward, "finetune": stage2_forward}
+
+
+@dataclass
+class TrainState:
+    model: HTCLModel
+    optimizer: torch.optim.Optimizer
+    step: int = 0  # optimizer steps done
+
+
+def unwrap(model: nn.Module) -> HTCLModel:
+    """The HTCLModel inside a wrapper such as DDP (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def train(
+    state: TrainState,
+    batches: Iterable[dict[str, torch.Tensor]],
+    tcfg: TrainConfig,
+    stage: str,
+    *,
+    device: torch.device | str = "cpu",
+    on_log: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Run optimizer steps from state.step until tcfg.max_steps or the batches run out.
+
+    With a process group initialized (Ray Train), embeddings are gathered with their gradient
+    and gradients averaged over ranks after backward (distributed.average_gradients): the
+    stage-2 forward runs the audio encoder twice per step, which DDP's reducer does not allow.
+    `on_log(metrics)` is called every log_every steps on every rank; `on_checkpoint(state)`
+    every checkpoint_every steps and at the end.
+    """
+    if stage not in FORWARDS:
+        raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+    device = torch.device(device)
+    model = state.model
+    forward = FORWARDS[stage]
+    amp_dtype = resolve_precision(tcfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    max_log_scale = math.log(unwrap(model).cfg.logit_scale_max)
+    _, world = rank_and_world()
+
+    model.train()
+    t_last, samples_since = time.perf_counter(), 0
+    last_saved = state.step
+    for batch in batches:
+        if state.step >= tcfg.max_steps:
+            break
+        batch = to_device(batch, device)
+        set_lr(state.optimizer, lr_factor(state.step, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
+        with autocast(device, amp_dtype):
+            loss, metrics = forward(model, batch, tcfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{stage}: non-finite loss {loss.item()} at step {state.step}")
+        state.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        average_gradients(model.parameters())
+        scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(state.optimizer)
+        scaler.update()
+        with torch.no_grad():  # open_clip clamps the stored log scale to [0, log(max)]
+            unwrap(model).logit_scale.clamp_(0, max_log_scale)
+        state.step += 1
+        samples_since += next(iter(batch.values())).shape[0] * world
+
+        if state.step % tcfg.log_every == 0 or state.step == tcfg.max_steps:
+            now = time.perf_counter()
+            record = {
+                "stage": stage,
+                "step": state.step,
+                "loss": all_reduce_mean(loss.detach()).item(),
+                **{k: (all_reduce_mean(v).item() if torch.is_tensor(v) else v) for k, v in metrics.items()},
+                "logit_scale": unwrap(model).scale().item(),
+                "lr": state.optimizer.param_groups[0]["lr"],
+                "lr_text": _group_lr(state.optimizer, "text"),
+                "grad_norm": float(grad_norm),
+                "samples_per_s": samples_since / max(now - t_last, 1e-9),
+            }
+            t_last, samples_since = now, 0
+            if on_log is not None:
+                on_log(record)
+        if on_checkpoint is not None and tcfg.checkpoint_every > 0 and state.step % tcfg.checkpoint_every == 0:
+            on_checkpoint(state)
+            last_saved = state.step
+    if on_checkpoint is not None and last_saved != state.step:
+        on_checkpoint(state)
+    return state
+
+
+def _group_lr(optimizer: torch.optim.Optimizer, prefix: str) -> float | None:
+    for g in optimizer.param_groups:
+        if g.get("name", "").startswith(prefix):
+            return g["lr"]
+    return None
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str) -> Path:
+    """One file with model, optimizer, step, stage and the resolved config; config.yaml beside it.
+
+    Written to a temporary name and renamed, so a crash mid-write never leaves a torn checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": unwrap(state.model).state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "step": state.step,
+        "stage": stage,
+        "config": to_dict(cfg),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    save_config(cfg, path.parent / "config.yaml")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[HTCLModel, Config, dict]:
+    """Rebuild the model from the config stored inside the checkpoint and load its weights."""
+    ckpt = load_checkpoint(path, map_location)
+    cfg = config_from_dict(ckpt["config"])
+    model = HTCLModel(cfg.model, cfg.audio)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg, ckpt
+
+
+class JsonlLogger:
+    """Appends one JSON object per call; also echoes a short progress line."""
+
+    def __init__(self, path: str | Path, echo: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.echo:
+            keys = [k for k in record if k.startswith(("loss", "top1"))]
+            shown = " ".join(f"{k}={record[k]:.4f}" for k in keys)
+            print(
+                f"[{record['stage']}] step {record['step']} {shown} scale={record['logit_scale']:.1f} "
+                f"{record['samples_per_s']:.1f} samples/s",
+                flush=True,
+            )
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cycle(batches_fn: Callable[[int], Iterable[dict]]) -> Iterator[dict]:
+    """Endless batches: calls batches_fn(epoch) for epoch 0, 1, 2, ... (reshuffled per epoch)."""
+    epoch = 0
+    while True:
+        empty = True
+        for b in batches_fn(epoch):
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("the training data yields no batch (fewer rows than one batch?)")
+        epoch += 1
