@@ -239,12 +239,39 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str
         "step": state.step,
         "stage": stage,
         "config": to_dict(cfg),
+        "rng": rng_state(),  # so a resumed run draws the same dropout masks as an unbroken one
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     save_config(cfg, path.parent / "config.yaml")
     return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume(path: str | Path, tcfg: TrainConfig, map_location="cpu") -> tuple[TrainState, Config, str]:
+    """Model, optimizer, step and RNG state from a checkpoint: training continues as if unbroken."""
+    model, cfg, ckpt = model_from_checkpoint(path, map_location)
+    model.train()
+    optimizer = build_optimizer(model, tcfg)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return TrainState(model, optimizer, step=ckpt["step"]), cfg, ckpt["stage"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
