@@ -1,0 +1,51 @@
+"""Training batches from per-song mels and texts (the dict layouts training.py documents).
+
+Used by the local pipeline and by the Ray Train loop alike: Ray only decides which rows a
+worker sees; these functions turn rows into tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from htcl.audio import mel_batch
+
+
+def stage1_batch(mels: Sequence[np.ndarray], texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:
+    """mels: (M, F_i) each; texts: one string per song -> mel (B, M, F), mel_mask (B, F), ids (B, L)."""
+    mel, mask = mel_batch(list(mels))
+    return {"mel": torch.as_tensor(mel), "mel_mask": torch.as_tensor(mask), **tokenizer(list(texts))}
+
+
+def stage2_batch(
+    trigger_mels: Sequence[np.ndarray],
+    rec_mels: Sequence[np.ndarray],
+    rec_texts: Sequence[str],
+    tokenizer,
+) -> dict[str, torch.Tensor]:
+    t_mel, t_mask = mel_batch(list(trigger_mels))
+    r_mel, r_mask = mel_batch(list(rec_mels))
+    tok = tokenizer(list(rec_texts))
+    return {
+        "trigger_mel": torch.as_tensor(t_mel),
+        "trigger_mask": torch.as_tensor(t_mask),
+        "rec_mel": torch.as_tensor(r_mel),
+        "rec_mask": torch.as_tensor(r_mask),
+        "rec_input_ids": tok["input_ids"],
+        "rec_attention_mask": tok["attention_mask"],
+    }
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Row indices of one epoch, shuffled by (seed, epoch), in full batches only.
+
+    Full batches keep every rank's local batch the same size (gather_with_grad needs it) and
+    every contrastive batch the same difficulty.
+    """
+    if n < batch_size:
+        raise ValueError(f"{n} rows cannot fill one batch of {batch_size}; lower batch_size")
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]

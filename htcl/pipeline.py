@@ -1,0 +1,213 @@
+"""The pipeline's steps in one process: preprocess -> pretrain -> finetune -> embed.
+
+These are what `htcl <step>` runs on a laptop with no cluster; the Ray jobs (ray_jobs/) run the
+same library pieces (MelExtractor, batching, training.train) spread over workers. Output layout
+under cfg.output_dir:
+
+    mels/part-*.parquet        song_id, n_frames, mel (float16 bytes)
+    quarantine/part-*.parquet  song_id, audio_path, stage, error_type, message
+    pretrain/                  model.pt, config.yaml, metrics.jsonl, training_curves.png
+    finetune/ (finetune_cf/)   the same for stage 2 (the HTCL_w_CF control)
+    embeddings/<model_version>/part-0.parquet
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from htcl import schema as S
+from htcl.batching import epoch_order, stage1_batch, stage2_batch
+from htcl.config import Config, save_config
+from htcl.mels import MelExtractor, read_catalog, read_mels, write_table
+from htcl.model import HTCLModel
+from htcl.pairs import stage2_pairs
+from htcl.text import SongTokenizer, song_text
+from htcl.training import (
+    JsonlLogger,
+    TrainState,
+    build_optimizer,
+    cycle,
+    model_from_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    train,
+)
+
+
+def out_path(cfg: Config, *parts: str) -> Path:
+    return Path(cfg.output_dir, *parts)
+
+
+def catalog_path(cfg: Config) -> Path:
+    return Path(cfg.data.root) / "catalog.parquet"
+
+
+# --- preprocess ----------------------------------------------------------------------------
+
+
+def done_song_ids(mels_dir: Path, quarantine_dir: Path) -> set[int]:
+    done: set[int] = set()
+    for d in (mels_dir, quarantine_dir):
+        for f in sorted(d.glob("*.parquet")):
+            done.update(pq.read_table(f, columns=[S.SONG_ID]).column(0).to_pylist())
+    return done
+
+
+def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> dict:
+    """Decode + log-Mel every catalog song not done yet; bad files go to quarantine/."""
+    catalog = Path(catalog or catalog_path(cfg))
+    df = read_catalog(catalog)
+    mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
+    if force:
+        for d in (mels_dir, q_dir):
+            for f in d.glob("*.parquet"):
+                f.unlink()
+    done = done_song_ids(mels_dir, q_dir)
+    todo = df[~df[S.SONG_ID].isin(done)]
+    extractor = MelExtractor(cfg.audio)
+    mels, quarantine = [], []
+    t0 = time.perf_counter()
+    for sid, path in tqdm(zip(todo[S.SONG_ID], todo[S.AUDIO_PATH]), total=len(todo), desc="preprocess", unit="song"):
+        row, bad = extractor.extract_one(sid, path)
+        (mels if row is not None else quarantine).append(row if row is not None else bad)
+    elapsed = time.perf_counter() - t0
+    part = f"part-{len(list(mels_dir.glob('*.parquet'))):05d}.parquet"
+    if mels:
+        write_table(mels, S.MELS_SCHEMA, mels_dir / part)
+    if quarantine:
+        write_table(quarantine, S.QUARANTINE_SCHEMA, q_dir / part)
+    save_config(cfg, out_path(cfg, "mels", "config.yaml"))
+    return {
+        "catalog": str(catalog),
+        "skipped_already_done": len(df) - len(todo),
+        "processed": len(mels),
+        "quarantined": len(quarantine),
+        "seconds": round(elapsed, 2),
+        "songs_per_s": round(len(todo) / elapsed, 2) if elapsed > 0 and len(todo) else None,
+        "mels": str(mels_dir),
+        "quarantine": str(q_dir),
+    }
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def song_texts(catalog: pd.DataFrame) -> dict[int, str]:
+    return {
+        int(r[S.SONG_ID]): song_text(r[S.TITLE], r[S.ARTIST], r[S.TAGS], r[S.LYRICS])
+        for r in catalog[[S.SONG_ID, S.TITLE, S.ARTIST, S.TAGS, S.LYRICS]].to_dict("records")
+    }
+
+
+def stage_dir_name(stage: str, variant: str) -> str:
+    return "pretrain" if stage == "pretrain" else ("finetune" if variant == "favor" else f"finetune_{variant}")
+
+
+def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> Path:
+    """Train one stage in this process; returns the checkpoint path."""
+    tcfg = cfg.pretrain if stage == "pretrain" else cfg.finetune
+    seed_everything(tcfg.seed)
+    catalog = read_catalog(catalog_path(cfg))
+    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
+    texts = song_texts(catalog)
+    tokenizer = SongTokenizer(cfg.model)
+    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    model = HTCLModel(cfg.model, cfg.audio)
+    if stage == "finetune":
+        init_from = Path(init_from or out_path(cfg, "pretrain", "model.pt"))
+        stage1, _, _ = model_from_checkpoint(init_from)
+        model.load_state_dict(stage1.state_dict())
+        print(f"finetune: initialised from {init_from}")
+    state = TrainState(model, build_optimizer(model, tcfg))
+
+    if stage == "pretrain":
+        ids = np.array(sorted(set(mels) & set(texts)))
+
+        def batches(epoch):
+            for idx in epoch_order(len(ids), tcfg.batch_size, tcfg.seed, epoch):
+                yield stage1_batch([mels[i] for i in ids[idx]], [texts[i] for i in ids[idx]], tokenizer)
+    else:
+        world = Path(cfg.data.root)
+        interactions = pd.read_parquet(world / "interactions.parquet") if tcfg.variant == "favor" else None
+        sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
+        pairs = stage2_pairs(tcfg.variant, interactions, sessions)
+        keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
+        trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
+        print(f"finetune ({tcfg.variant}): {len(trig)} pairs with mels for both songs")
+
+        def batches(epoch):
+            for idx in epoch_order(len(trig), tcfg.batch_size, tcfg.seed, epoch):
+                yield stage2_batch(
+                    [mels[i] for i in trig[idx]], [mels[i] for i in rec[idx]], [texts[i] for i in rec[idx]], tokenizer
+                )
+
+    ckpt_path = run_dir / "model.pt"
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    train(
+        state,
+        cycle(batches),
+        tcfg,
+        stage,
+        on_log=logger,
+        on_checkpoint=lambda s: save_checkpoint(ckpt_path, s, cfg, stage),
+    )
+    from htcl.evaluation import plot_training_curves
+
+    plot_training_curves([run_dir / "metrics.jsonl"], run_dir / "training_curves.png")
+    return ckpt_path
+
+
+# --- embed ---------------------------------------------------------------------------------
+
+
+def model_version(checkpoint: str | Path) -> str:
+    """'<stage>-<step>-<sha256 of the checkpoint file, 10 hex>': changes whenever weights or config do."""
+    checkpoint = Path(checkpoint)
+    h = hashlib.sha256()
+    with checkpoint.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return f"{ckpt['stage']}-{ckpt['step']}-{h.hexdigest()[:10]}"
+
+
+@torch.no_grad()
+def embed_mels(model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
+    """(n, D) float32 L2-normalized audio embeddings, in input order."""
+    from htcl.audio import mel_batch
+
+    model.eval()
+    out = []
+    for i in range(0, len(mels), batch_size):
+        mel, mask = mel_batch(mels[i : i + batch_size])
+        out.append(model.encode_audio(torch.as_tensor(mel), torch.as_tensor(mask)).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def run_embed(cfg: Config, checkpoint: str | Path) -> Path:
+    model, _, _ = model_from_checkpoint(checkpoint)
+    version = model_version(checkpoint)
+    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
+    ids = sorted(mels)
+    emb = embed_mels(model, [mels[i] for i in tqdm(ids, desc="embed", unit="song")])
+    now = datetime.now(timezone.utc)
+    rows = [
+        {S.SONG_ID: sid, S.EMBEDDING: e.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: now}
+        for sid, e in zip(ids, emb)
+    ]
+    path = out_path(cfg, "embeddings", version, "part-0.parquet")
+    write_table(rows, S.embeddings_schema(model.cfg.embed_dim), path)
+    save_config(cfg, path.parent / "config.yaml")
+    return path
