@@ -1,0 +1,117 @@
+"""What every Ray job shares: arguments, config, connecting to Ray, saving the resolved config.
+
+Connecting (`init_ray`):
+- RAY_ADDRESS set (as under `ray job submit`, or by hand): `ray.init()` joins that cluster.
+- otherwise: a new local Ray instance for this process only (`address="local"`, so it never
+  attaches to some other `ray start` cluster found in /tmp/ray), its node and dashboard bound to
+  127.0.0.1. Ray 2.60 turns token authentication on by default for such a local instance
+  (RAY_AUTH_MODE unset -> token; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+  ~/.ray/auth_token, generated there when missing). Set RAY_AUTH_MODE=disabled to opt out.
+- already connected in this process (tests share one instance per module): reused, and left
+  running when the job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from htcl.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What `ray job submit --working-dir .` must not upload (gitignore syntax; Ray also honours
+# .gitignore): the virtualenv, outputs, git objects, caches.
+WORKING_DIR_EXCLUDES = [
+    ".venv", ".git", "outputs", "runs", "data", "**/__pycache__", "*.egg-info", ".pytest_cache",
+    "benchmarks/results", ".whl", ".gl",
+]
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """`--config C` plus dotted `key.path=value` overrides, as `htcl <step>` takes them."""
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel Ray Data actors (default: the cluster's CPUs, or its GPUs for GPU work)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs for a local Ray instance (default: all); ignored when joining a cluster")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
+    """Parse argv, then load the config; a bad config is a one-line error and exit status 2."""
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    return args, cfg
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
+    """Connect to Ray (see the module docstring). True when this call started a local instance,
+    which the caller then shuts down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=not quiet)
+        return False
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        log_to_driver=not quiet,
+        # Workers import ray_jobs/htcl from this checkout as the driver does.
+        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+    )
+    return True
+
+
+def _pythonpath() -> str:
+    parts = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def default_workers(requested: int | None, use_gpu: bool = False) -> int:
+    """Actor pool size: what was asked for, else one per GPU (GPU work) or per CPU."""
+    if requested:
+        return max(1, int(requested))
+    res = cluster_resources()
+    return max(1, int(res.get("GPU", 0) if use_gpu else res.get("CPU", 1)))
+
+
+def limit_torch_threads(n: int = 1) -> None:
+    """One intra-op thread per actor: N single-threaded actors on N cores, not N x N threads."""
+    import torch
+
+    torch.set_num_threads(max(1, n))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+
+
+def save_resolved_config(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """The resolved config (file + overrides) beside an output, as the local pipeline does."""
+    return save_config(cfg, Path(directory) / name)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(json.dumps(summary, indent=2), flush=True)
