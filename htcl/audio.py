@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 LOG_FLOOR = 1e-10  # power floor before the log, as in the paper's librosa recipe
+MAX_WORK_BYTES = 64 << 20  # LogMel's frame buffer per chunk of songs (about six 120 s songs)
 
 # First bytes of the containers libsndfile reads; a file that starts like one but fails to open
 # is a broken or unsupported audio file, anything else is not audio at all.
@@ -170,19 +172,42 @@ class LogMel(nn.Module):
 
     Defaults are the paper's: 128 bins, 128 ms Hann window, 96 ms hop; at 16 kHz n_fft = 2048,
     hop = 1536, and 120 s (1,920,000 samples) give 1 + T // hop = 1251 centered frames.
+
+    Not differentiable (a fixed front end). Written out rather than through torch.stft so every
+    step runs on a contiguous (B, F, K) layout in scratch buffers reused between calls, and the Mel projection skips the zeros of the filterbank: each frequency bin feeds at
+    most two neighbouring triangles, so the (K, M) matrix is ~98% zeros. Groups of
+    `group` consecutive filters touch one short contiguous band of bins each; one small dense
+    matmul per group does ~8x fewer multiply-adds than the full matrix (benchmarks/bench_mel.py).
     """
 
-    def __init__(self, sample_rate: int = 16000, n_mels: int = 128, win_ms: float = 128.0, hop_ms: float = 96.0):
+    def __init__(self, sample_rate: int = 16000, n_mels: int = 128, win_ms: float = 128.0, hop_ms: float = 96.0,
+                 group: int = 16):
         super().__init__()
         self.sample_rate, self.n_mels = sample_rate, n_mels
         self.n_fft = int(round(sample_rate * win_ms / 1000))
         self.hop = int(round(sample_rate * hop_ms / 1000))
         self.register_buffer("window", torch.hann_window(self.n_fft, periodic=True), persistent=False)
-        fb = torch.from_numpy(mel_filterbank(sample_rate, self.n_fft, n_mels))  # (M, K)
-        # Each frequency bin feeds at most two neighbouring triangles, so the (M, K) matmul is
-        # ~99% zeros: keep it as a CSR matrix for the CPU, dense for the GPU (see forward).
-        self.register_buffer("fb", fb, persistent=False)
-        self._fb_csr: torch.Tensor | None = None
+        fb = mel_filterbank(sample_rate, self.n_fft, n_mels)  # (M, K)
+        self.register_buffer("fb", torch.from_numpy(fb), persistent=False)
+        # (lo, hi) bin band of each filter group and its dense (hi - lo, g) block of the matrix
+        self.bands: list[tuple[int, int]] = []
+        for i, m0 in enumerate(range(0, n_mels, group)):
+            sub = fb[m0 : m0 + group]  # (g, K)
+            live = np.flatnonzero(sub.any(axis=0))
+            lo, hi = (int(live[0]), int(live[-1]) + 1) if live.size else (0, 1)
+            self.bands.append((lo, hi))
+            self.register_buffer(f"block{i}", torch.from_numpy(np.ascontiguousarray(sub[:, lo:hi].T)), persistent=False)
+        self._work = threading.local()  # scratch buffers, one set per calling thread
+
+    def __getstate__(self):  # picklable (Ray ships modules between processes): scratch stays behind
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_work", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._work = threading.local()
 
     def n_frames(self, n_samples: int) -> int:
         """Frames for a waveform of n_samples (centered framing)."""
@@ -193,27 +218,53 @@ class LogMel(nn.Module):
         valid = 1 + torch.div(lengths, self.hop, rounding_mode="floor")
         return torch.arange(n_frames, device=lengths.device)[None, :] < valid[:, None]
 
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor kept between calls: fresh 10 MB allocations per song cost more in page
+        faults than the FFT itself (measured: ~9,000 minor faults and 3x the time per 120 s song)."""
+        work = self._work.__dict__
+        buf = work.get(name)
+        if buf is None or buf.shape != shape or buf.device != like.device:
+            buf = work[name] = torch.empty(shape, dtype=torch.float32, device=like.device)
+        return buf
+
+    def _chunk(self, wave: torch.Tensor) -> torch.Tensor:
+        """(b, T) -> (b, F, M) log-Mel, through the per-thread scratch buffers."""
+        b, n_samples = wave.shape
+        half = self.n_fft // 2
+        # center=True with zero padding, as librosa >= 0.10
+        padded = self._buffer("padded", (b, n_samples + self.n_fft), wave)
+        padded[:, :half] = 0
+        padded[:, n_samples + half :] = 0
+        padded[:, half : n_samples + half] = wave
+        view = padded.unfold(-1, self.n_fft, self.hop)  # (b, F, n_fft), overlapping views
+        frames = torch.mul(view, self.window, out=self._buffer("frames", tuple(view.shape), wave))
+        spec = torch.view_as_real(torch.fft.rfft(frames))  # (b, F, K, 2)
+        spec.square_()
+        power = torch.add(spec[..., 0], spec[..., 1], out=self._buffer("power", tuple(spec.shape[:-1]), wave))
+        mel = torch.cat(
+            [power[..., lo:hi] @ getattr(self, f"block{i}") for i, (lo, hi) in enumerate(self.bands)], dim=-1
+        )  # (b, F, M): |X|^2 projected band by band
+        return torch.log(mel.clamp_(min=LOG_FLOOR))
+
+    @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.dim() == 1:
             wave = wave[None]
         if wave.dim() != 2:
             raise ValueError(f"LogMel expects (T,) or (B, T) waveforms, got shape {tuple(wave.shape)}")
-        spec = torch.stft(
-            wave.float(), self.n_fft, self.hop, window=self.window, center=True,
-            pad_mode="constant",  # librosa >= 0.10 pads with zeros
-            return_complex=True,
-        )  # (B, K, F)
-        power = torch.view_as_real(spec).pow(2).sum(-1)  # (B, K, F), |X|^2 without a sqrt
-        if power.device.type == "cpu":
-            if self._fb_csr is None:
-                self._fb_csr = self.fb.to_sparse_csr()
-            B, K, n = power.shape
-            # (M, K) sparse @ (K, B*F) dense: ~2 multiply-adds per bin instead of M.
-            flat = power.permute(1, 0, 2).reshape(K, B * n)
-            mel = (self._fb_csr @ flat).reshape(self.n_mels, B, n).permute(1, 0, 2)  # (B, M, F)
-        else:
-            mel = torch.matmul(self.fb, power)  # (B, M, F)
-        return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+        wave = wave.float()
+        B, n_samples = wave.shape
+        n_frames = self.n_frames(n_samples)
+        # Songs go through in chunks whose frame buffer stays under MAX_WORK_BYTES, which bounds
+        # the scratch memory kept between calls (a 120 s song needs ~10 MB).
+        per_song = n_frames * self.n_fft * 4
+        rows = max(1, MAX_WORK_BYTES // per_song)
+        if rows >= B:
+            return self._chunk(wave).transpose(1, 2).contiguous()  # (B, M, F)
+        out = torch.empty(B, self.n_mels, n_frames, device=wave.device)
+        for i in range(0, B, rows):
+            out[i : i + rows] = self._chunk(wave[i : i + rows]).transpose(1, 2)
+        return out
 
 
 # --- mel storage and batching --------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_filterbank_equals_librosa():
     ours = mel_filterbank(SR, 2048, 128)
     ref = librosa.filters.mel(sr=SR, n_fft=2048, n_mels=128)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-8)
-    # Why the CPU path can use a sparse matmul: each frequency bin feeds at most two triangles.
+    # Why LogMel can skip most of the matrix: each frequency bin feeds at most two triangles.
     assert (ours > 0).sum(0).max() <= 2
 
 
@@ -77,6 +77,22 @@ def test_logmel_batch_equals_one_by_one():
     batched = logmel(waves)
     for i in range(3):
         torch.testing.assert_close(batched[i], logmel(waves[i])[0], rtol=1e-5, atol=1e-4)
+
+
+def test_logmel_chunks_large_batches_and_pickles(monkeypatch):
+    import pickle
+
+    import htcl.audio
+
+    rng = np.random.default_rng(3)
+    waves = torch.from_numpy(rng.standard_normal((5, 2 * SR)).astype(np.float32))
+    logmel = LogMel()
+    whole = logmel(waves)
+    # A frame buffer that holds two songs: the batch goes through in chunks of 2, 2, 1.
+    monkeypatch.setattr(htcl.audio, "MAX_WORK_BYTES", 2 * logmel.n_frames(2 * SR) * logmel.n_fft * 4)
+    torch.testing.assert_close(logmel(waves), whole, rtol=0, atol=0)
+    # Scratch buffers stay behind when the module is pickled (Ray ships UDF state between processes).
+    torch.testing.assert_close(pickle.loads(pickle.dumps(logmel))(waves), whole, rtol=0, atol=0)
 
 
 def test_mel_bytes_roundtrip_and_batch_padding():
