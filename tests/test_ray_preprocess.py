@@ -1,0 +1,241 @@
+"""Ray Data jobs on one local Ray instance (shared by this module): preprocess with a corpus of bad
+files, idempotent reruns and --force, and embed against the local run_embed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from conftest import TINY_MODEL
+from htcl import schema as S
+from htcl.config import config_from_dict
+from htcl.mels import MelExtractor, read_mels
+from htcl.pipeline import done_song_ids
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+SR = 16000
+MAX_SECONDS = 10  # TINY_MODEL's audio.max_seconds
+FRAMES_3S = 1 + 3 * SR // 1536  # 32
+FRAMES_MAX = 1 + MAX_SECONDS * SR // 1536  # 105: a long song is cropped, not quarantined
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from ray_jobs.common import init_ray
+
+    started = init_ray(num_cpus=2, quiet=True)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def tone(seconds: float, sr: int = SR, freq: float = 440.0, stereo: bool = False) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    return np.stack([wave, 0.5 * wave], 1).astype(np.float32) if stereo else wave.astype(np.float32)
+
+
+def truncated(dir_, name, fmt):
+    good = dir_ / f"whole_{name}"
+    sf.write(good, tone(4.0, 44100, stereo=True), 44100, format=fmt)
+    data = good.read_bytes()
+    (dir_ / name).write_bytes(data[: len(data) // 3])
+    good.unlink()
+    return dir_ / name
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Good files (incl. wrong extensions and a 10-minute song) and one of each kind of bad file.
+    Returns (catalog path, {song_id: None for good | expected error_type for bad})."""
+    d = tmp_path_factory.mktemp("corpus")
+    files: dict[str, str | None] = {}
+    for i in range(4):
+        sf.write(d / f"good{i}.flac", tone(3.0, freq=220.0 * (i + 1)), SR)
+        files[f"good{i}.flac"] = None
+    sf.write(d / "stereo44k.flac", tone(3.0, 44100, stereo=True), 44100)
+    files["stereo44k.flac"] = None
+    sf.write(d / "flac_named.mp3", tone(3.0, 22050), 22050, format="FLAC")  # container decides
+    files["flac_named.mp3"] = None
+    sf.write(d / "wav_named.flac", tone(3.0), SR, format="WAV")
+    files["wav_named.flac"] = None
+    sf.write(d / "ten_minutes.flac", tone(600.0, 8000), 8000)  # cropped to max_seconds
+    files["ten_minutes.flac"] = None
+
+    (d / "empty.wav").write_bytes(b"")
+    files["empty.wav"] = "empty"
+    files[truncated(d, "truncated.mp3", "MP3").name] = "truncated"
+    files[truncated(d, "truncated.flac", "FLAC").name] = "truncated"
+    (d / "random.wav").write_bytes(np.random.default_rng(0).bytes(20000))
+    files["random.wav"] = "not_audio"
+    sf.write(d / "silence.flac", np.zeros(3 * SR, np.float32), SR)
+    files["silence.flac"] = "silent"
+    sf.write(d / "one_second.flac", tone(1.0), SR)
+    files["one_second.flac"] = "too_short"
+    files["missing.flac"] = "missing"  # never written
+
+    rows = [
+        {"song_id": 100 + k, "audio_path": str(d / name), "title": name, "artist": "a", "lyrics": "", "tags": ""}
+        for k, name in enumerate(files)
+    ]
+    catalog = d / "catalog.parquet"
+    pd.DataFrame(rows).to_parquet(catalog)
+    expected = {r["song_id"]: files[r["title"]] for r in rows}
+    return catalog, expected
+
+
+def job_args(out, catalog, *extra):
+    return ["--config", "configs/demo.yaml", *TINY_MODEL, f"output_dir={out}", "--catalog", str(catalog), *extra]
+
+
+def run_job(capsys, argv):
+    from ray_jobs.preprocess import main
+
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{") : out.rindex("}") + 1])
+
+
+def test_bad_files_are_quarantined_with_reasons_and_good_files_processed(ray_local, corpus, tmp_path, capsys):
+    catalog, expected = corpus
+    out = tmp_path / "out"
+    summary = run_job(capsys, job_args(out, catalog))
+
+    good = sorted(k for k, v in expected.items() if v is None)
+    bad = {k: v for k, v in expected.items() if v is not None}
+    assert summary["processed"] == len(good) and summary["quarantined"] == len(bad)
+    assert summary["songs_per_s"] > 0
+
+    # Written with the contract's schemas, readable by the local pipeline's readers.
+    for f in (out / "mels").glob("*.parquet"):
+        assert pq.read_schema(f).remove_metadata().equals(S.MELS_SCHEMA)
+    for f in (out / "quarantine").glob("*.parquet"):
+        assert pq.read_schema(f).remove_metadata().equals(S.QUARANTINE_SCHEMA)
+    mels = read_mels(out / "mels", 128)
+    assert sorted(mels) == good
+    names = {r["song_id"]: r["title"] for r in pd.read_parquet(catalog).to_dict("records")}
+    for sid in good:
+        want = FRAMES_MAX if names[sid] == "ten_minutes.flac" else FRAMES_3S
+        assert mels[sid].shape == (128, want), names[sid]
+        assert np.isfinite(mels[sid]).all()
+
+    # Exactly one quarantine row per bad file, with its reason and the path in the message.
+    q = pq.read_table(sorted((out / "quarantine").glob("*.parquet"))).to_pandas()
+    assert sorted(q.song_id) == sorted(bad)
+    for r in q.to_dict("records"):
+        assert r["error_type"] == bad[r["song_id"]], r
+        assert names[r["song_id"]] in r["message"] and r["audio_path"].endswith(names[r["song_id"]])
+        assert r["stage"] in ("decode", "validate")
+    assert done_song_ids(out / "mels", out / "quarantine") == set(expected)
+
+    # Same bytes as the plain single-process extractor.
+    cfg = config_from_dict({}, TINY_MODEL)
+    path = pd.read_parquet(catalog).set_index("song_id").audio_path[good[0]]
+    row, _ = MelExtractor(cfg.audio).extract_one(good[0], path)
+    shard = pq.read_table(sorted((out / "mels").glob("*.parquet"))).to_pandas().set_index("song_id")
+    assert shard.mel[good[0]] == row["mel"]
+    assert (out / "mels" / "config.yaml").is_file()
+
+
+def test_rerun_skips_done_songs_and_force_recomputes(ray_local, corpus, tmp_path, capsys):
+    catalog, expected = corpus
+    full = pd.read_parquet(catalog)
+    good_id = next(k for k, v in expected.items() if v is None)
+    bad_id = next(k for k, v in expected.items() if v == "not_audio")
+    small = tmp_path / "catalog.parquet"
+    full[full.song_id.isin([good_id, bad_id])].to_parquet(small)
+    out = tmp_path / "out"
+
+    first = run_job(capsys, job_args(out, small))
+    assert (first["processed"], first["quarantined"]) == (1, 1)
+    shards = sorted(p.name for p in out.glob("*/*.parquet"))
+
+    again = run_job(capsys, job_args(out, small))
+    assert (again["processed"], again["quarantined"], again["skipped_already_done"]) == (0, 0, 2)
+    assert sorted(p.name for p in out.glob("*/*.parquet")) == shards  # nothing new written
+
+    new_id = next(k for k, v in expected.items() if v is None and k != good_id)
+    full[full.song_id.isin([good_id, bad_id, new_id])].to_parquet(small)
+    more = run_job(capsys, job_args(out, small))
+    assert (more["processed"], more["quarantined"], more["skipped_already_done"]) == (1, 0, 2)
+
+    forced = run_job(capsys, job_args(out, small, "--force"))
+    assert (forced["processed"], forced["quarantined"], forced["skipped_already_done"]) == (2, 1, 0)
+    mel_ids = pq.read_table(sorted((out / "mels").glob("*.parquet"))).column("song_id").to_pylist()
+    assert sorted(mel_ids) == sorted([good_id, new_id])  # replaced, not duplicated
+    assert pq.read_table(sorted((out / "quarantine").glob("*.parquet"))).column("song_id").to_pylist() == [bad_id]
+
+
+def test_unexpected_exception_becomes_a_quarantine_row(tmp_path):
+    """No Ray needed: the UDF itself never lets one song's exception fail the batch."""
+    from ray_jobs.preprocess import RESULT_SCHEMA, MelUDF, mel_rows, quarantine_rows
+
+    path = tmp_path / "ok.flac"
+    sf.write(path, tone(3.0), SR)
+    udf = MelUDF(config_from_dict({}, TINY_MODEL).audio)
+    real = udf.extractor.extract_one
+
+    def flaky(song_id, p):
+        if song_id == 2:
+            raise MemoryError("simulated")
+        return real(song_id, p)
+
+    udf.extractor.extract_one = flaky
+    table = udf({"song_id": np.array([1, 2]), "audio_path": np.array([str(path), str(path)])})
+    assert table.schema.equals(RESULT_SCHEMA)
+    assert mel_rows(table).column("song_id").to_pylist() == [1]
+    q = quarantine_rows(table).to_pylist()
+    assert [(r["song_id"], r["error_type"]) for r in q] == [(2, "unexpected")]
+    assert "MemoryError: simulated" in q[0]["message"]
+
+
+def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
+    import torch
+
+    from htcl.model import HTCLModel
+    from htcl.pipeline import model_version, run_embed
+    from htcl.training import TrainState, build_optimizer, save_checkpoint
+    from ray_jobs.embed import main as embed_main
+
+    catalog, expected = corpus
+    out = tmp_path / "out"
+    ov = [*TINY_MODEL, f"output_dir={out}"]
+    cfg = config_from_dict({}, ov)
+    # Mels of three songs of different lengths (10 min cropped vs 3 s), so batches are padded.
+    full = pd.read_parquet(catalog)
+    keep = [k for k, v in expected.items() if v is None][:2] + [
+        int(full.loc[full.title == "ten_minutes.flac", "song_id"].iloc[0])]
+    small = tmp_path / "catalog.parquet"
+    full[full.song_id.isin(keep)].to_parquet(small)
+    run_job(capsys, job_args(out, small))
+
+    torch.manual_seed(0)
+    model = HTCLModel(cfg.model, cfg.audio)
+    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    local = pd.read_parquet(run_embed(cfg, ckpt)).sort_values("song_id")
+    local_file = out / "embeddings" / model_version(ckpt) / "part-0.parquet"
+    local_file.rename(tmp_path / "local.parquet")
+
+    capsys.readouterr()
+    assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt), "--batch-size", "2"]) == 0
+    files = sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))
+    assert files and (files[0].parent / "config.yaml").is_file()
+    ours = pq.read_table(files).to_pandas().sort_values("song_id")
+    assert pq.read_schema(files[0]).remove_metadata().equals(pq.read_schema(tmp_path / "local.parquet").remove_metadata())
+    assert ours.song_id.tolist() == sorted(keep) == local.song_id.tolist()
+    np.testing.assert_allclose(np.stack(ours.embedding), np.stack(local.embedding), rtol=0, atol=1e-5)
+    assert set(ours.model_version) == {model_version(ckpt)}
+
+    # A rerun replaces that version's shards instead of adding duplicate rows.
+    assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt)]) == 0
+    again = pq.read_table(sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))).to_pandas()
+    assert sorted(again.song_id) == sorted(keep)
