@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -35,7 +37,6 @@ from htcl.training import (
     JsonlLogger,
     TrainState,
     build_optimizer,
-    cycle,
     model_from_checkpoint,
     save_checkpoint,
     seed_everything,
@@ -85,7 +86,8 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
         write_table(mels, S.MELS_SCHEMA, mels_dir / part)
     if quarantine:
         write_table(quarantine, S.QUARANTINE_SCHEMA, q_dir / part)
-    save_config(cfg, out_path(cfg, "mels", "config.yaml"))
+    # '_'-prefixed: Parquet dataset readers (pyarrow, Ray Data) skip it when reading mels/
+    save_config(cfg, out_path(cfg, "mels", "_config.yaml"))
     return {
         "catalog": str(catalog),
         "skipped_already_done": len(df) - len(todo),
@@ -112,52 +114,120 @@ def stage_dir_name(stage: str, variant: str) -> str:
     return "pretrain" if stage == "pretrain" else ("finetune" if variant == "favor" else f"finetune_{variant}")
 
 
-def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> Path:
-    """Train one stage in this process; returns the checkpoint path."""
-    tcfg = cfg.pretrain if stage == "pretrain" else cfg.finetune
-    seed_everything(tcfg.seed)
+@dataclass
+class TrainingRows:
+    """What one stage trains on: per-song mels and texts, and the rows that make the batches.
+
+    Stage 1: `trigger` holds song ids (audio and text of the same song), `rec` is None.
+    Stage 2: `trigger` and `rec` hold the song ids of each ⟨trigger, recommended⟩ pair.
+    """
+
+    stage: str
+    mels: dict[int, np.ndarray]
+    texts: dict[int, str]
+    trigger: np.ndarray
+    rec: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.trigger)
+
+
+def stage_config(cfg: Config, stage: str):
+    if stage not in ("pretrain", "finetune"):
+        raise ValueError(f"stage={stage!r}: expected pretrain or finetune")
+    return cfg.pretrain if stage == "pretrain" else cfg.finetune
+
+
+def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows:
+    """Load mels, song texts and the stage's rows (songs, favor triplets or co-occurrence pairs)."""
+    tcfg = stage_config(cfg, stage)
     catalog = read_catalog(catalog_path(cfg))
     mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
     texts = song_texts(catalog)
-    tokenizer = SongTokenizer(cfg.model)
-    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if stage == "pretrain":
+        ids = np.array(sorted(set(mels) & set(texts)))
+        return TrainingRows(stage, mels, texts, ids)
+    world = Path(cfg.data.root)
+    interactions = pd.read_parquet(world / "interactions.parquet") if tcfg.variant == "favor" else None
+    sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
+    pairs = stage2_pairs(tcfg.variant, interactions, sessions)
+    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
+    trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
+    if verbose:
+        print(f"finetune ({tcfg.variant}): {len(trig)} pairs with mels for both songs")
+    return TrainingRows(stage, mels, texts, trig, rec)
 
+
+def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer) -> dict:
+    """The training batch (training.py's dict layout) of the rows at positions idx."""
+    if rows.rec is None:
+        ids = rows.trigger[idx]
+        return stage1_batch([rows.mels[i] for i in ids], [rows.texts[i] for i in ids], tokenizer)
+    trig, rec = rows.trigger[idx], rows.rec[idx]
+    return stage2_batch(
+        [rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec], tokenizer
+    )
+
+
+def batch_stream(
+    rows: TrainingRows,
+    tokenizer,
+    batch_size: int,
+    seed: int,
+    *,
+    start_step: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[dict]:
+    """Endless batches, epoch after epoch, starting at optimizer step `start_step`.
+
+    Global batch k is the k-th full batch of batch_size rows in the (seed, epoch) order of
+    batching.epoch_order; rank r of `world` gets its r-th contiguous slice of batch_size/world
+    rows, so the ranks' slices concatenated in rank order are the one-process batch
+    (gather_with_grad is rank-ordered). Steps before start_step are skipped without building
+    their batches, so a resumed run sees exactly the batches an unbroken one would.
+    """
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {world} workers")
+    per = batch_size // world
+    steps_per_epoch = len(rows) // batch_size
+    if steps_per_epoch == 0:
+        epoch_order(len(rows), batch_size, seed, 0)  # raises the "cannot fill one batch" error
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+        for idx in epoch_order(len(rows), batch_size, seed, epoch)[skip:]:
+            yield make_batch(rows, idx[rank * per : (rank + 1) * per], tokenizer)
+        epoch, skip = epoch + 1, 0
+
+
+def init_model(cfg: Config, stage: str, init_from: str | Path | None = None) -> HTCLModel:
+    """A fresh model (stage 1) or one initialised from the stage-1 checkpoint (stage 2)."""
     model = HTCLModel(cfg.model, cfg.audio)
     if stage == "finetune":
         init_from = Path(init_from or out_path(cfg, "pretrain", "model.pt"))
         stage1, _, _ = model_from_checkpoint(init_from)
         model.load_state_dict(stage1.state_dict())
         print(f"finetune: initialised from {init_from}")
+    return model
+
+
+def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> Path:
+    """Train one stage in this process; returns the checkpoint path."""
+    tcfg = stage_config(cfg, stage)
+    seed_everything(tcfg.seed)
+    rows = training_rows(cfg, stage)
+    tokenizer = SongTokenizer(cfg.model)
+    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    model = init_model(cfg, stage, init_from)
     state = TrainState(model, build_optimizer(model, tcfg))
-
-    if stage == "pretrain":
-        ids = np.array(sorted(set(mels) & set(texts)))
-
-        def batches(epoch):
-            for idx in epoch_order(len(ids), tcfg.batch_size, tcfg.seed, epoch):
-                yield stage1_batch([mels[i] for i in ids[idx]], [texts[i] for i in ids[idx]], tokenizer)
-    else:
-        world = Path(cfg.data.root)
-        interactions = pd.read_parquet(world / "interactions.parquet") if tcfg.variant == "favor" else None
-        sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
-        pairs = stage2_pairs(tcfg.variant, interactions, sessions)
-        keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
-        trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
-        print(f"finetune ({tcfg.variant}): {len(trig)} pairs with mels for both songs")
-
-        def batches(epoch):
-            for idx in epoch_order(len(trig), tcfg.batch_size, tcfg.seed, epoch):
-                yield stage2_batch(
-                    [mels[i] for i in trig[idx]], [mels[i] for i in rec[idx]], [texts[i] for i in rec[idx]], tokenizer
-                )
-
     ckpt_path = run_dir / "model.pt"
     logger = JsonlLogger(run_dir / "metrics.jsonl")
     train(
         state,
-        cycle(batches),
+        batch_stream(rows, tokenizer, tcfg.batch_size, tcfg.seed),
         tcfg,
         stage,
         on_log=logger,
