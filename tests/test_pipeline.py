@@ -1,0 +1,100 @@
+"""The local pipeline end to end on a tiny synthetic catalog: preprocess -> pretrain -> finetune -> embed."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from htcl.cli import main
+from conftest import TINY_MODEL
+
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+@pytest.fixture
+def tiny_world(tmp_path):
+    root = tmp_path / "world"
+    (root / "audio").mkdir(parents=True)
+    rows = []
+    sr = 16000
+    for i in range(1, 13):
+        t = np.arange(3 * sr) / sr
+        wave = 0.3 * np.sin(2 * np.pi * (110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * i * t))
+        path = root / "audio" / f"{i}.flac"
+        sf.write(path, wave.astype(np.float32), sr)
+        rows.append({"song_id": i, "audio_path": str(path), "title": f"tone {i}", "artist": f"artist {i % 3}",
+                     "lyrics": "", "tags": "low" if i < 7 else "high", "genre": "low" if i < 7 else "high",
+                     "language": "instrumental", "updated_at": T0})
+    bad = root / "audio" / "13.wav"
+    bad.write_bytes(b"this is not audio at all" * 10)
+    rows.append({**rows[0], "song_id": 13, "audio_path": str(bad), "title": "broken"})
+    pd.DataFrame(rows).to_parquet(root / "catalog.parquet")
+    rng = np.random.default_rng(0)
+    inter = pd.DataFrame({
+        "user_id": rng.integers(1, 5, 60), "trigger_song_id": rng.integers(1, 13, 60),
+        "rec_song_id": rng.integers(1, 13, 60), "clicked": True, "favored": rng.random(60) < 0.7,
+        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(60)],
+    })
+    inter.to_parquet(root / "interactions.parquet")
+    sessions = pd.DataFrame({
+        "user_id": np.repeat([1, 2, 3], 8), "session_id": np.repeat([1, 2, 3], 8),
+        "position": np.tile(np.arange(8), 3), "song_id": rng.integers(1, 13, 24),
+        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(24)],
+    })
+    sessions.to_parquet(root / "sessions.parquet")
+    return root
+
+
+def overrides(tmp_path, world):
+    return TINY_MODEL + [
+        f"output_dir={tmp_path / 'out'}", f"data.root={world}", "audio.max_seconds=3",
+        "pretrain.batch_size=4", "pretrain.max_steps=3", "pretrain.log_every=1", "pretrain.checkpoint_every=2",
+        "finetune.batch_size=4", "finetune.max_steps=2", "finetune.log_every=1",
+    ]
+
+
+@pytest.mark.slow
+def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
+    ov = overrides(tmp_path, tiny_world)
+    out = tmp_path / "out"
+    assert main(["preprocess", "--config", "configs/demo.yaml", *ov]) == 0
+    mels = pq.read_table(out / "mels").to_pandas()
+    quarantine = pq.read_table(out / "quarantine").to_pandas()
+    assert sorted(mels.song_id) == list(range(1, 13))
+    assert set(mels.n_frames) == {1 + 48000 // 1536}
+    assert quarantine.song_id.tolist() == [13]
+    assert quarantine.error_type.iloc[0] == "not_audio" and "13.wav" in quarantine.message.iloc[0]
+
+    # Rerun is idempotent: nothing new is processed or written.
+    capsys.readouterr()
+    assert main(["preprocess", "--config", "configs/demo.yaml", *ov]) == 0
+    rerun = json.loads(capsys.readouterr().out)
+    assert rerun["processed"] == 0 and rerun["quarantined"] == 0 and rerun["skipped_already_done"] == 13
+    assert len(list((out / "mels").glob("*.parquet"))) == 1
+
+    assert main(["pretrain", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["finetune", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["finetune", "--config", "configs/demo.yaml", "--variant", "cf", *ov]) == 0
+    for run in ("pretrain", "finetune", "finetune_cf"):
+        assert (out / run / "model.pt").is_file() and (out / run / "config.yaml").is_file()
+        assert (out / run / "training_curves.png").stat().st_size > 10_000
+    steps = [json.loads(line)["step"] for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+    assert main(["embed", "--config", "configs/demo.yaml", *ov]) == 0
+    emb_files = list((out / "embeddings").glob("*/part-0.parquet"))
+    assert len(emb_files) == 1
+    emb = pq.read_table(emb_files[0]).to_pandas()
+    assert sorted(emb.song_id) == list(range(1, 13))
+    vectors = np.stack(emb.embedding.to_numpy())
+    assert vectors.shape == (12, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert emb.model_version.nunique() == 1 and emb.model_version.iloc[0].startswith("finetune-2-")
+
+
+def test_bad_config_override_is_a_clear_error(capsys):
+    assert main(["pretrain", "--config", "configs/demo.yaml", "pretrain.batchsize=3"]) == 2
+    assert "pretrain.batchsize" in capsys.readouterr().err
