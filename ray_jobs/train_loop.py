@@ -1,0 +1,318 @@
+"""Ray Train glue shared by both stages: TorchTrainer over htcl.training.train.
+
+Written against Ray Train V2 (the default in Ray 2.60: `RAY_TRAIN_V2_ENABLED` unset means on).
+What V2 means here:
+  - a lost worker (FailureConfig(max_failures)) restarts the whole worker group and every
+    worker calls `train_loop_per_worker` again; `ray.train.get_checkpoint()` then returns the
+    latest checkpoint reported in this run (None on a fresh start);
+  - a driver that died is resumed by building the trainer again with the same
+    RunConfig(storage_path, name) (no `Trainer.restore` in V2): pass the same `--run-name`;
+  - `ray.train.report` is a barrier every rank must reach the same number of times, only rank
+    0's metrics are kept, and the checkpoint directories of all ranks are merged into one.
+    We report only at checkpoints; per-step metrics go to metrics.jsonl from rank 0.
+
+Data: every worker reads the mels and song texts from `output_dir` (a path all nodes see: a
+shared filesystem on a multi-node cluster) and builds its own slice of each global batch from
+row indices split by rank (htcl.pipeline.batch_stream), not from a Ray Data shard. Why: the
+contrastive batch must be the same global batch whatever the world size (each rank exactly
+batch_size/world rows, rank-ordered, so 2 workers compute the loss of 1 process over the same
+rows), and a resumed run must restart at the exact batch of its checkpoint step; a streaming
+Ray Data split gives neither (uneven shards, order not tied to the step). The cost: each worker
+holds all mels in memory (demo: ~16 MB for 200 songs; the paper's catalog would need a per-rank
+mel reader instead).
+
+Besides the outputs of htcl.pipeline.run_train, the stage directory gets resumes.jsonl (one
+line per restart from a checkpoint) and metrics_discarded.jsonl (the log lines of steps that a
+failed attempt did past its last checkpoint; metrics.jsonl keeps every step exactly once).
+
+Checkpoint directory (one per checkpoint step, merged over ranks):
+    model.pt          htcl.training.save_checkpoint (model, optimizer, step, rank 0's RNG, config)
+    config.yaml       beside it
+    rng-rank<r>.pt    rank r's torch/numpy/python RNG state (r >= 1), so dropout resumes exactly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
+from htcl.pipeline import batch_stream, init_model, out_path, stage_config, stage_dir_name, training_rows
+from htcl.text import SongTokenizer
+from htcl.training import (
+    JsonlLogger,
+    TrainState,
+    build_optimizer,
+    read_jsonl,
+    resume,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    train,
+)
+
+METRICS = "metrics.jsonl"
+RESUMES = "resumes.jsonl"  # one line per restart from a checkpoint: when, from which step
+DISCARDED = "metrics_discarded.jsonl"  # log lines of steps redone after a restart
+
+
+# --- inside each worker --------------------------------------------------------------------
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> int:
+    """Keep only the records up to `step` (the checkpoint resumed from) in metrics.jsonl.
+
+    The records past it (steps the failed attempt did but the checkpoint does not hold) move
+    to metrics_discarded.jsonl, so the log shows every step once and nothing is lost silently.
+    Returns how many records moved.
+    """
+    path = run_dir / METRICS
+    records = read_jsonl(path)
+    kept = [r for r in records if r["step"] <= step]
+    dropped = [r for r in records if r["step"] > step]
+    if dropped:
+        with (run_dir / DISCARDED).open("a") as f:
+            f.writelines(json.dumps({**r, "discarded_on_resume_from": step}) + "\n" for r in dropped)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return len(dropped)
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _kill_once(batches, fault: dict, rank: int, start_step: int, run_dir: Path):
+    """Test hook: SIGKILL this worker when about to take the batch of step fault['step'] + 1.
+
+    It first waits until rank 0 has logged step fault['step'] (so the failed attempt leaves log
+    lines past the last checkpoint), and writes a marker file so the restarted worker goes on.
+    Only reachable through `fit(..., _fault=...)`; no command-line flag or config key sets it.
+    """
+    marker = Path(fault["marker"])
+    for done, batch in enumerate(batches, start=start_step):
+        if rank == fault["rank"] and done == fault["step"] and not marker.exists():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not any(
+                r["step"] >= done for r in read_jsonl(run_dir / METRICS)
+            ):
+                time.sleep(0.05)
+            marker.write_text(f"killed rank {rank} (pid {os.getpid()}) before step {done + 1}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+
+def _move_to(state: TrainState, device: torch.device) -> None:
+    """Model and optimizer state onto the device (resume() loads both on the CPU)."""
+    state.model.to(device)
+    for st in state.optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":  # AdamW keeps its step count on the CPU
+                st[k] = v.to(device)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+
+    cfg = config_from_dict(config["cfg"])
+    stage = config["stage"]
+    tcfg = stage_config(cfg, stage)
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if tcfg.use_gpu else torch.device("cpu")
+    if device.type == "cpu":  # as many threads as CPUs Ray gave this worker, not all of the node's
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+    print(f"[{stage}] worker rank {rank}/{world} pid {os.getpid()} on {device}, {torch.get_num_threads()} threads")
+
+    seed_everything(tcfg.seed)  # every rank builds the same initial model
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state, _, _ = resume(Path(d) / "model.pt", tcfg, map_location=device)  # sets rank 0's RNG
+            rng_file = Path(d) / f"rng-rank{rank}.pt"
+            if rank > 0:
+                if rng_file.is_file():
+                    set_rng_state(torch.load(rng_file, weights_only=False))
+                else:  # resumed with more workers than the checkpoint had
+                    seed_everything(_rank_seed(tcfg.seed, rank) + state.step)
+        if rank == 0:
+            dropped = _truncate_metrics(run_dir, state.step)
+            with (run_dir / RESUMES).open("a") as f:
+                f.write(json.dumps({"step": state.step, "world_size": world, "dropped_log_lines": dropped,
+                                    "time": time.time()}) + "\n")
+            print(f"[{stage}] resumed from checkpoint at step {state.step} ({dropped} log lines past it dropped)")
+    else:
+        model = init_model(cfg, stage, config.get("init_from"))
+        state = TrainState(model, build_optimizer(model, tcfg))
+        if rank > 0:  # ranks draw different dropout masks; rank 0 keeps the one-process stream
+            seed_everything(_rank_seed(tcfg.seed, rank))
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / METRICS).unlink(missing_ok=True)
+            (run_dir / RESUMES).unlink(missing_ok=True)
+            (run_dir / DISCARDED).unlink(missing_ok=True)
+    if device.type != "cpu":
+        _move_to(state, device)
+
+    rows = training_rows(cfg, stage, verbose=rank == 0)
+    tokenizer = SongTokenizer(cfg.model)
+    batches = batch_stream(rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=world)
+    if config.get("fault"):
+        batches = _kill_once(batches, config["fault"], rank, state.step, run_dir)
+
+    last: dict[str, Any] = {}
+    logger = JsonlLogger(run_dir / METRICS) if rank == 0 else None
+
+    def on_log(record: dict) -> None:
+        last.clear()
+        last.update(record)
+        if logger is not None:
+            logger(record)
+
+    def on_checkpoint(s: TrainState) -> None:
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                save_checkpoint(Path(d) / "model.pt", s, cfg, stage)
+            else:
+                torch.save(rng_state(), Path(d) / f"rng-rank{rank}.pt")
+            metrics = {"step": s.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1"))}}
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{s.step:08d}")
+
+    train(state, batches, tcfg, stage, device=device, on_log=on_log, on_checkpoint=on_checkpoint)
+
+
+# --- on the driver -------------------------------------------------------------------------
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """output_dir and data.root as absolute paths: workers may run in another directory."""
+    return replace(
+        cfg,
+        output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
+        data=replace(cfg.data, root=str(Path(cfg.data.root).expanduser().resolve())),
+    )
+
+
+@dataclass
+class FitResult:
+    checkpoint: Path  # <output_dir>/<stage dir>/model.pt
+    run_dir: Path
+    storage: Path  # Ray Train's run folder (all checkpoints kept)
+    run_name: str
+    seconds: float
+
+
+def fit(
+    cfg: Config,
+    stage: str,
+    init_from: str | Path | None = None,
+    *,
+    run_name: str | None = None,
+    resources_per_worker: dict | None = None,
+    _fault: dict | None = None,
+) -> FitResult:
+    """Train one stage with Ray Train; writes the same outputs as htcl.pipeline.run_train."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = absolute_paths(cfg)
+    tcfg = stage_config(cfg, stage)
+    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if stage == "finetune":
+        init_from = Path(init_from or out_path(cfg, "pretrain", "model.pt")).expanduser().resolve()
+        if not init_from.is_file():
+            raise FileNotFoundError(f"stage-1 checkpoint not found: {init_from} (run pretrain first or pass --init-from)")
+    if tcfg.batch_size % tcfg.num_workers:
+        raise ValueError(
+            f"{stage}.batch_size={tcfg.batch_size} must be divisible by {stage}.num_workers={tcfg.num_workers}"
+        )
+    run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = out_path(cfg, "ray_train")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "stage": stage,
+            "run_dir": str(run_dir),
+            "init_from": str(init_from) if init_from else None,
+            "fault": _fault,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()  # raises TrainingFailedError once max_failures is spent
+    seconds = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"{stage}: the run reported no checkpoint ({result.path})")
+    ckpt_path = run_dir / "model.pt"
+    with result.checkpoint.as_directory() as d:
+        tmp = ckpt_path.with_suffix(".pt.tmp")
+        shutil.copyfile(Path(d) / "model.pt", tmp)
+        os.replace(tmp, ckpt_path)
+    save_config(cfg, run_dir / "config.yaml")
+    from htcl.evaluation import plot_training_curves
+
+    plot_training_curves([run_dir / METRICS], run_dir / "training_curves.png")
+    return FitResult(ckpt_path, run_dir, storage / run_name, run_name, seconds)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    doc = sys.modules[f"ray_jobs.{stage}"].__doc__ if f"ray_jobs.{stage}" in sys.modules else None
+    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{stage}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+    p.add_argument("--run-name", help="Ray Train run name (default: <stage dir>-<time>); "
+                                      "the same name again resumes that run from its last checkpoint")
+    if stage == "finetune":
+        p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
+        p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
+    return p
+
+
+def main(stage: str, argv: Sequence[str] | None = None) -> Path:
+    """Parse `--config C [overrides]` (+ finetune's options), train, print and return model.pt's path."""
+    args = build_parser(stage).parse_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = list(args.overrides)
+    if getattr(args, "variant", None):
+        overrides.append(f"finetune.variant={args.variant}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"{stage}: {e}") from None
+    result = fit(cfg, stage, getattr(args, "init_from", None), run_name=args.run_name)
+    print(f"{stage} checkpoint: {result.checkpoint}  (Ray Train run {result.run_name}, {result.seconds:.1f} s)")
+    return result.checkpoint
