@@ -113,5 +113,14 @@ def save_resolved_config(cfg: Config, directory: str | Path, name: str = "config
     return save_config(cfg, Path(directory) / name)
 
 
+def job_banner(name: str) -> None:
+    """One line saying which python and which copy of the code run this job, and on which Ray."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    print(f"htcl job {name}: python={sys.executable} code={REPO} ray={ctx.gcs_address} "
+          f"cpus={cluster_resources().get('CPU', 0):g} gpus={cluster_resources().get('GPU', 0):g}", flush=True)
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, indent=2), flush=True)

@@ -34,6 +34,7 @@ from ray_jobs.common import (
     add_ray_args,
     default_workers,
     init_ray,
+    job_banner,
     limit_torch_threads,
     parse_args,
     print_summary,
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_args(build_parser(), argv)
     started = init_ray(args.num_cpus)
+    job_banner("embed")
     try:
         summary = run(cfg, args.checkpoint, args.workers, args.batch_size, args.gpu)
     finally:

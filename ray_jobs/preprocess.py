@@ -46,6 +46,7 @@ from ray_jobs.common import (
     add_ray_args,
     default_workers,
     init_ray,
+    job_banner,
     limit_torch_threads,
     parse_args,
     print_summary,
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_args(build_parser(), argv)
     started = init_ray(args.num_cpus)
+    job_banner("preprocess")
     try:
         summary = run(cfg, args.catalog, args.force, args.workers, args.batch_size, args.rows_per_file)
     finally:
