@@ -47,7 +47,8 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     """Parse argv, then load the config; a bad config is a one-line error and exit status 2."""
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    # Intermixed: overrides may come before or after the options (`k=v --catalog P k2=v2`).
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = load_config(args.config, list(args.overrides))
     except ConfigError as e:

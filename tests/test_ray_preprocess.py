@@ -29,12 +29,17 @@ FRAMES_MAX = 1 + MAX_SECONDS * SR // 1536  # 105: a long song is cropped, not qu
 
 @pytest.fixture(scope="module")
 def ray_local():
+    import os
+
     from ray_jobs.common import init_ray
 
+    address = os.environ.pop("RAY_ADDRESS", None)  # always this module's own local instance
     started = init_ray(num_cpus=2, quiet=True)
     yield
     if started:
         ray.shutdown()
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address
 
 
 def tone(seconds: float, sr: int = SR, freq: float = 440.0, stereo: bool = False) -> np.ndarray:
@@ -173,6 +178,24 @@ def test_rerun_skips_done_songs_and_force_recomputes(ray_local, corpus, tmp_path
     mel_ids = pq.read_table(sorted((out / "mels").glob("*.parquet"))).column("song_id").to_pylist()
     assert sorted(mel_ids) == sorted([good_id, new_id])  # replaced, not duplicated
     assert pq.read_table(sorted((out / "quarantine").glob("*.parquet"))).column("song_id").to_pylist() == [bad_id]
+
+
+def test_jobs_take_the_cli_arguments_and_reject_bad_config(capsys):
+    """What `htcl preprocess` / `htcl embed` pass on: --config, overrides (anywhere), --catalog,
+    --force, --checkpoint. A bad override is exit status 2 naming the key, before Ray starts."""
+    from ray_jobs import embed, preprocess
+    from ray_jobs.common import parse_args
+
+    args, cfg = parse_args(preprocess.build_parser(), ["--config", "configs/demo.yaml", "model.n_layers=2",
+                                                       "--catalog", "c.parquet", "audio.max_seconds=3", "--force"])
+    assert (args.catalog, args.force, cfg.model.n_layers, cfg.audio.max_seconds) == ("c.parquet", True, 2, 3.0)
+    args, cfg = parse_args(embed.build_parser(), ["--config", "configs/demo.yaml", "--checkpoint", "m.pt", "model.embed_dim=16"])
+    assert (args.checkpoint, cfg.model.embed_dim) == ("m.pt", 16)
+    for mod in (preprocess, embed):
+        with pytest.raises(SystemExit) as info:
+            mod.main(["--config", "configs/demo.yaml", "model.nlayers=2"])
+        assert info.value.code == 2
+        assert "model.nlayers" in capsys.readouterr().err
 
 
 def test_unexpected_exception_becomes_a_quarantine_row(tmp_path):
