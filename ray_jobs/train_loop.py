@@ -101,9 +101,14 @@ def _kill_once(batches, fault: dict, rank: int, start_step: int, run_dir: Path):
     """Test hook: SIGKILL this worker when about to take the batch of step fault['step'] + 1.
 
     It first waits until rank 0 has logged step fault['step'] (so the failed attempt leaves log
-    lines past the last checkpoint), and writes a marker file so the restarted worker goes on.
-    Only reachable through `fit(..., _fault=...)`; no command-line flag or config key sets it.
+    lines past the last checkpoint) and until the controller has committed the checkpoints
+    reported so far: in Train V2 a report reaches the controller when it next polls the workers
+    (every 2 s), and a worker that dies before that takes its part of the checkpoint with it.
+    A marker file makes it happen once. Only reachable through `fit(..., _fault=...)`; no
+    command-line flag or config key sets it.
     """
+    import ray.train
+
     marker = Path(fault["marker"])
     for done, batch in enumerate(batches, start=start_step):
         if rank == fault["rank"] and done == fault["step"] and not marker.exists():
@@ -112,6 +117,9 @@ def _kill_once(batches, fault: dict, rank: int, start_step: int, run_dir: Path):
                 r["step"] >= done for r in read_jsonl(run_dir / METRICS)
             ):
                 time.sleep(0.05)
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+            )
             marker.write_text(f"killed rank {rank} (pid {os.getpid()}) before step {done + 1}\n")
             os.kill(os.getpid(), signal.SIGKILL)
         yield batch
@@ -136,7 +144,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if tcfg.use_gpu else torch.device("cpu")
+    if tcfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()  # this worker's GPU (Ray sets CUDA_VISIBLE_DEVICES)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if device.type == "cpu":  # as many threads as CPUs Ray gave this worker, not all of the node's
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if cpus:
