@@ -1,14 +1,20 @@
-"""The `htcl` command: each pipeline step in this process, and `demo` for all of them.
+"""The `htcl` command: each pipeline step, and `demo` for all of them.
 
     htcl <step> --config configs/demo.yaml [key.path=value ...]
 
-Every step prints where its outputs went. On a Ray cluster, submit the same steps as
+preprocess, pretrain, finetune and embed run as the Ray jobs in ray_jobs/ (on the cluster in
+RAY_ADDRESS, else on a local Ray instance bound to 127.0.0.1); with `--local` they run in this
+process without Ray. materialize and backfill publish to and read from the Feast store. Every
+step prints where its outputs went. On a Ray cluster, submit the same steps as
 `ray job submit --working-dir . -- python -m ray_jobs.<step> --config ...`.
+
+The library never imports Ray or Feast: the job modules are loaded by name, when called.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -28,26 +34,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sample-data", help="generate the sample world (see `htcl sample-data --help`)", add_help=False)
 
-    p = sub.add_parser("preprocess", help="decode audio and compute log-Mel spectrograms")
+    local = "run in this process, without Ray"
+    p = sub.add_parser("preprocess", help="decode audio and compute log-Mel spectrograms (Ray Data)")
     _add_config_args(p)
     p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
     p.add_argument("--force", action="store_true", help="recompute songs already done")
+    p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("pretrain", help="stage 1: audio-text contrastive pre-training")
+    p = sub.add_parser("pretrain", help="stage 1: audio-text contrastive pre-training (Ray Train)")
     _add_config_args(p)
+    p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("finetune", help="stage 2: preference fine-tuning from the stage-1 checkpoint")
+    p = sub.add_parser("finetune", help="stage 2: preference fine-tuning from the stage-1 checkpoint (Ray Train)")
     _add_config_args(p)
     p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
     p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
+    p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("embed", help="embed every preprocessed song with a checkpoint")
+    p = sub.add_parser("embed", help="embed every preprocessed song with a checkpoint (Ray Data)")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="default: <output_dir>/finetune/model.pt")
+    p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune -> embed")
+    sub.add_parser("materialize", help="publish stats and embeddings to Feast (see `htcl materialize --help`)",
+                   add_help=False)
+    sub.add_parser("backfill", help="point-in-time training frame for the rankers (see `htcl backfill --help`)",
+                   add_help=False)
+
+    p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune -> embed -> materialize")
     _add_config_args(p)
+    p.add_argument("--local", action="store_true", help="run every step in this process, without Ray or Feast")
     return parser
+
+
+JOBS = ("preprocess", "pretrain", "finetune", "embed", "materialize", "backfill")
+
+
+def run_job(step: str, argv: list[str]) -> int:
+    """ray_jobs.<step>.main(argv): the same entry point `ray job submit` runs."""
+    result = importlib.import_module(f"ray_jobs.{step}").main(argv)
+    return result if isinstance(result, int) else 0
 
 
 def _config(args):
@@ -74,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         from htcl.sample_world.cli import main as sample_main
 
         return sample_main(argv[1:])
+    if argv and argv[0] in JOBS and "--local" not in argv:
+        return run_job(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     from htcl import pipeline
 
@@ -92,18 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = args.checkpoint or pipeline.out_path(cfg, "finetune", "model.pt")
         print(f"embeddings: {pipeline.run_embed(cfg, ckpt)}")
     elif args.command == "demo":
-        return demo(cfg)
+        return demo(cfg, args)
     return 0
 
 
-def demo(cfg) -> int:
-    """The whole pipeline on the embedded sample world, timed step by step."""
+def demo(cfg, args) -> int:
+    """The whole pipeline on the embedded sample world, timed step by step.
+
+    On a local Ray instance (one for all steps) unless --local, which runs the library's
+    in-process pipeline and skips the Feast step.
+    """
     from htcl import pipeline
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     timings: dict[str, float] = {}
+    job_args = ["--config", args.config, *args.overrides]
 
     def step(name, fn):
         print(f"\n=== {name} ===", flush=True)
@@ -112,19 +145,41 @@ def demo(cfg) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         return result
 
+    def job(name, *extra):
+        code = run_job(name, [*job_args, *extra])
+        if code != 0:
+            raise SystemExit(f"htcl demo: step {name} failed with exit status {code}")
+
     world = step("sample-data", lambda: _sample_data(cfg))
-    summary = step("preprocess", lambda: pipeline.run_preprocess(cfg))
-    print(json.dumps(summary, indent=2))
-    s1 = step("pretrain", lambda: pipeline.run_train(cfg, "pretrain"))
-    s2 = step("finetune", lambda: pipeline.run_train(cfg, "finetune", s1))
-    emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
+    s1, s2 = pipeline.out_path(cfg, "pretrain", "model.pt"), pipeline.out_path(cfg, "finetune", "model.pt")
+    if args.local:
+        print(json.dumps(step("preprocess", lambda: pipeline.run_preprocess(cfg)), indent=2))
+        s1 = step("pretrain", lambda: pipeline.run_train(cfg, "pretrain"))
+        s2 = step("finetune", lambda: pipeline.run_train(cfg, "finetune", s1))
+        emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
+    else:
+        common = importlib.import_module("ray_jobs.common")
+        started = common.init_ray()  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
+        try:
+            step("preprocess", lambda: job("preprocess"))
+            step("pretrain", lambda: job("pretrain"))
+            step("finetune", lambda: job("finetune", "--init-from", str(s1)))
+            step("embed", lambda: job("embed", "--checkpoint", str(s2)))
+            step("materialize", lambda: job("materialize"))
+        finally:
+            if started:
+                importlib.import_module("ray").shutdown()
+        emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime)
     print("\n=== done ===")
-    print(f"sample world      {world}")
-    print(f"mels              {pipeline.out_path(cfg, 'mels')}")
-    print(f"stage-1 checkpoint {s1}  (curves: {s1.parent / 'training_curves.png'})")
-    print(f"stage-2 checkpoint {s2}  (curves: {s2.parent / 'training_curves.png'})")
-    print(f"embeddings        {emb}")
-    print("seconds per step  " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"sample world       {world}")
+    print(f"mels               {pipeline.out_path(cfg, 'mels')}")
+    print(f"stage-1 checkpoint {s1}  (curves: {Path(s1).parent / 'training_curves.png'})")
+    print(f"stage-2 checkpoint {s2}  (curves: {Path(s2).parent / 'training_curves.png'})")
+    print(f"embeddings         {emb}")
+    if not args.local:
+        print(f"feature store      {pipeline.out_path(cfg, 'feast')}")
+    print("seconds per step   " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print(f"total seconds      {round(sum(timings.values()), 1)}")
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
     return 0
 

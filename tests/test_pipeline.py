@@ -60,7 +60,7 @@ def overrides(tmp_path, world):
 def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
     ov = overrides(tmp_path, tiny_world)
     out = tmp_path / "out"
-    assert main(["preprocess", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["preprocess", "--local", "--config", "configs/demo.yaml", *ov]) == 0
     mels = pq.read_table(out / "mels").to_pandas()
     quarantine = pq.read_table(out / "quarantine").to_pandas()
     assert sorted(mels.song_id) == list(range(1, 13))
@@ -70,21 +70,21 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
 
     # Rerun is idempotent: nothing new is processed or written.
     capsys.readouterr()
-    assert main(["preprocess", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["preprocess", "--local", "--config", "configs/demo.yaml", *ov]) == 0
     rerun = json.loads(capsys.readouterr().out)
     assert rerun["processed"] == 0 and rerun["quarantined"] == 0 and rerun["skipped_already_done"] == 13
     assert len(list((out / "mels").glob("*.parquet"))) == 1
 
-    assert main(["pretrain", "--config", "configs/demo.yaml", *ov]) == 0
-    assert main(["finetune", "--config", "configs/demo.yaml", *ov]) == 0
-    assert main(["finetune", "--config", "configs/demo.yaml", "--variant", "cf", *ov]) == 0
+    assert main(["pretrain", "--local", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["finetune", "--local", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["finetune", "--local", "--config", "configs/demo.yaml", "--variant", "cf", *ov]) == 0
     for run in ("pretrain", "finetune", "finetune_cf"):
         assert (out / run / "model.pt").is_file() and (out / run / "config.yaml").is_file()
         assert (out / run / "training_curves.png").stat().st_size > 10_000
     steps = [json.loads(line)["step"] for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
-    assert main(["embed", "--config", "configs/demo.yaml", *ov]) == 0
+    assert main(["embed", "--local", "--config", "configs/demo.yaml", *ov]) == 0
     emb_files = list((out / "embeddings").glob("*/part-0.parquet"))
     assert len(emb_files) == 1
     emb = pq.read_table(emb_files[0]).to_pandas()
@@ -96,5 +96,5 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
 
 
 def test_bad_config_override_is_a_clear_error(capsys):
-    assert main(["pretrain", "--config", "configs/demo.yaml", "pretrain.batchsize=3"]) == 2
+    assert main(["pretrain", "--local", "--config", "configs/demo.yaml", "pretrain.batchsize=3"]) == 2
     assert "pretrain.batchsize" in capsys.readouterr().err
