@@ -6,10 +6,14 @@ What V2 means here:
     worker calls `train_loop_per_worker` again; `ray.train.get_checkpoint()` then returns the
     latest checkpoint reported in this run (None on a fresh start);
   - a driver that died is resumed by building the trainer again with the same
-    RunConfig(storage_path, name) (no `Trainer.restore` in V2): pass the same `--run-name`;
+    RunConfig(storage_path, name) (no `Trainer.restore` in V2): pass the same `--run-name`
+    (Ray's documented behaviour; the tests here exercise worker loss, not driver loss);
   - `ray.train.report` is a barrier every rank must reach the same number of times, only rank
     0's metrics are kept, and the checkpoint directories of all ranks are merged into one.
-    We report only at checkpoints; per-step metrics go to metrics.jsonl from rank 0.
+    We report only at checkpoints; per-step metrics go to metrics.jsonl from rank 0;
+  - a reported checkpoint counts once the controller has collected every rank's report, on
+    its next poll of the workers (every 2 s): a worker lost inside that window sends the run
+    back to the checkpoint before (or to step 0), which the resume logic handles the same way.
 
 Data: every worker reads the mels and song texts from `output_dir` (a path all nodes see: a
 shared filesystem on a multi-node cluster) and builds its own slice of each global batch from

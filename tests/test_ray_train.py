@@ -23,9 +23,35 @@ import soundfile as sf
 
 from conftest import TINY_MODEL
 
-pytestmark = pytest.mark.slow
-
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
+    """The rows behind the Ray jobs' batches (no Ray needed): rank slices of one global batch,
+    concatenated in rank order, are the 1-process batch; start_step skips exactly that many."""
+    from htcl.pipeline import TrainingRows, batch_stream
+
+    class Ids:  # a tokenizer stand-in that returns the row's song id
+        def __call__(self, texts):
+            import torch
+            return {"input_ids": torch.tensor([[int(t)] for t in texts]), "attention_mask": torch.ones(len(texts), 1)}
+
+    n = 10
+    rows = TrainingRows("pretrain", {i: np.full((2, 3), i, np.float32) for i in range(n)}, {i: str(i) for i in range(n)},
+                        np.arange(n))
+    ids = lambda b: b["input_ids"][:, 0].tolist()  # noqa: E731
+    one = batch_stream(rows, Ids(), 4, seed=3)
+    ranks = [batch_stream(rows, Ids(), 4, seed=3, rank=r, world=2) for r in (0, 1)]
+    single = [ids(next(one)) for _ in range(5)]  # 2 batches per epoch: crosses 2 epoch boundaries
+    for step in range(5):
+        assert ids(next(ranks[0])) + ids(next(ranks[1])) == single[step]
+        assert len(set(single[step])) == 4
+    assert single[0] + single[1] != single[2] + single[3]  # each epoch reshuffled
+    for start in (1, 2, 3):
+        resumed = batch_stream(rows, Ids(), 4, seed=3, start_step=start, rank=1, world=2)
+        assert ids(next(resumed)) == single[start][2:]
+    with pytest.raises(ValueError, match="divisible"):
+        next(batch_stream(rows, Ids(), 4, seed=3, rank=0, world=3))
 
 
 def write_world(root):
@@ -130,6 +156,7 @@ def pretrained(ray_local, base):
     return result, local
 
 
+@pytest.mark.slow
 def test_two_workers_match_one_process_and_write_the_outputs(pretrained):
     from htcl.training import model_from_checkpoint
 
@@ -156,6 +183,7 @@ def test_two_workers_match_one_process_and_write_the_outputs(pretrained):
     assert {p.name for p in (result.storage / kept[0]).iterdir()} >= {"model.pt", "config.yaml", "rng-rank1.pt"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["favor", "cf"])
 def test_stage2_from_the_stage1_checkpoint(pretrained, base, variant):
     """Through the job's main(argv), as `ray job submit ... python -m ray_jobs.finetune` runs it."""
@@ -184,6 +212,7 @@ def test_stage2_from_the_stage1_checkpoint(pretrained, base, variant):
         assert abs(ray_log[0][key] - local_log[0][key]) <= 1e-5, (key, ray_log[0], local_log[0])
 
 
+@pytest.mark.slow
 def test_stage2_variants_read_different_pairs(pretrained, base):
     """favor triplets and session co-occurrences are different data: different first losses."""
     logs = {v: read_jsonl(base / "ray" / v / "metrics.jsonl") for v in ("finetune", "finetune_cf")}
@@ -192,6 +221,7 @@ def test_stage2_variants_read_different_pairs(pretrained, base):
     assert logs["finetune"][0]["loss"] != logs["finetune_cf"][0]["loss"]
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, base):
     """SIGKILL rank 1 before step 4 (checkpoints at 2, 4, 6): the run finishes from step 2.
 
