@@ -1,0 +1,111 @@
+"""Feast definitions for htcl: entities, feature views over the offline sources, feature services.
+
+Declarative, as Feast's templates are. The sources are Parquet files that the materialize job
+(`ray_jobs/materialize.py`) writes into a run's feature data folder, and the embedding length is
+the model's, so the objects are built by `definitions(data_dir, embed_dim)`; the module-level
+objects (what `feast apply` in this folder finds) use HTCL_FEAST_DATA and HTCL_EMBED_DIM.
+
+Keys: a song is `song_id`, a listener `user_id`, and embeddings are keyed by (song_id,
+model_version), so a new model's embeddings are backfilled beside the old ones and readers switch
+by asking for the other version: no gap, and never a mix of two models' vectors in one answer.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+SONG_EMBEDDINGS = "song_embeddings.parquet"
+SONG_STATS = "song_stats.parquet"
+LISTENER_STATS = "listener_stats.parquet"
+WINDOWS = (7, 30)
+
+song = Entity(name="song", join_keys=["song_id"], value_type=ValueType.INT64, description="a catalog song")
+listener = Entity(name="listener", join_keys=["user_id"], value_type=ValueType.INT64, description="a listener")
+model = Entity(name="model", join_keys=["model_version"], value_type=ValueType.STRING,
+               description="the embedding model version (checkpoint + config hash)")
+
+
+def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
+    """Every Feast object of the repo, by name."""
+    data_dir = Path(data_dir).resolve()
+
+    def source(name: str, file: str) -> FileSource:
+        return FileSource(name=f"{name}_source", path=str(data_dir / file), timestamp_field="event_timestamp",
+                          created_timestamp_column="created")
+
+    song_embedding = FeatureView(
+        name="song_embedding",
+        entities=[song, model],
+        # An embedding is a function of the audio and the model version, valid at any time: its rows
+        # carry event_timestamp 1970-01-01 (the time the embedding was made goes in `created`).
+        ttl=timedelta(0),
+        schema=[
+            Field(name="embedding", dtype=Array(Float32), vector_index=True, vector_length=embed_dim,
+                  vector_search_metric="COSINE", description=f"L2-normalized audio embedding, {embed_dim} floats"),
+        ],
+        source=source("song_embeddings", SONG_EMBEDDINGS),
+        online=True,
+        tags={"embed_dim": str(embed_dim)},
+        description="HTCL audio embeddings per song and model version",
+    )
+    stat_fields = []
+    for w in WINDOWS:
+        stat_fields += [Field(name=f"impressions_{w}d", dtype=Int64), Field(name=f"clicks_{w}d", dtype=Int64),
+                        Field(name=f"favors_{w}d", dtype=Int64), Field(name=f"ctr_{w}d", dtype=Float32),
+                        Field(name=f"cvr_{w}d", dtype=Float32)]
+    song_stats = FeatureView(
+        name="song_stats",
+        entities=[song],
+        # No expiry: a snapshot is written whenever a window changes, zeros included (htcl/features.py),
+        # and Feast 0.67's file store drops training rows whose features fall outside a ttl.
+        ttl=timedelta(0),
+        schema=stat_fields,
+        source=source("song_stats", SONG_STATS),
+        online=True,
+        description="popularity, click and favor rates of a song as a candidate, trailing 7 and 30 days",
+    )
+    listener_stats = FeatureView(
+        name="listener_stats",
+        entities=[listener],
+        ttl=timedelta(0),
+        schema=[
+            Field(name="impressions_30d", dtype=Int64), Field(name="clicks_30d", dtype=Int64),
+            Field(name="favors_30d", dtype=Int64), Field(name="active_days_30d", dtype=Int64),
+            Field(name="ctr_30d", dtype=Float32), Field(name="top_genre_30d", dtype=String),
+            Field(name="top_genre_share_30d", dtype=Float32), Field(name="genre_entropy_30d", dtype=Float32),
+        ],
+        source=source("listener_stats", LISTENER_STATS),
+        online=True,
+        description="activity, click rate and genre-affinity summary of a listener, trailing 30 days",
+    )
+    # The ranker reads the candidate (song_id) and the trigger (trigger_song_id) side by side.
+    # Both projections carry an alias: Feast 0.67 cannot sort a service's projections when one
+    # alias is None and another is set (TypeError in FeatureService.__eq__).
+    candidate_embedding = song_embedding.with_name("candidate_embedding")
+    trigger_embedding = song_embedding.with_name("trigger_embedding").with_join_key_map({"song_id": "trigger_song_id"})
+    ranker_v1 = FeatureService(
+        name="ranker_v1",
+        features=[candidate_embedding, trigger_embedding, song_stats, listener_stats],
+        description="features of one (listener, trigger, candidate) impression for the CTR/CVR rankers",
+    )
+    matching_v1 = FeatureService(
+        name="matching_v1", features=[song_embedding], description="embeddings for nearest-neighbour matching"
+    )
+    return {
+        "song": song, "listener": listener, "model": model,
+        "song_embedding": song_embedding, "song_stats": song_stats, "listener_stats": listener_stats,
+        "ranker_v1": ranker_v1, "matching_v1": matching_v1,
+    }
+
+
+_objects = definitions(os.environ.get("HTCL_FEAST_DATA", "outputs/demo/feast"), int(os.environ.get("HTCL_EMBED_DIM", "128")))
+song_embedding = _objects["song_embedding"]
+song_stats = _objects["song_stats"]
+listener_stats = _objects["listener_stats"]
+ranker_v1 = _objects["ranker_v1"]
+matching_v1 = _objects["matching_v1"]
