@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from htcl.sample_world.midi import read_midi
+from htcl.sample_world.midi import DRUM_CHANNEL, Event, MidiError, MidiFile, read_midi, write_midi
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,59 @@ def _abc_tune_text(path: Path, number: int) -> str:
     raise KeyError(f"tune X:{number} not in {path}")
 
 
+TICKS_PER_BEAT = 480
+DEFAULT_VELOCITY = 90
+
+
+def score_to_midi(score) -> bytes:
+    """A music21 score as Standard MIDI File bytes: one track and channel per part, at 120 bpm.
+
+    Written here instead of with `music21.midi.translate`, which expands repeats by deep-copying
+    the whole score and costs about a second per piece (most of a song's rendering time). The
+    score is played once through (repeats are not expanded: short pieces are repeated whole later
+    to fill the song), tied notes are merged, grace notes dropped. No tempo is written: the artist
+    sets the felt tempo (`music.SongPlan.bpm_target`), and no program: the artist's instruments
+    are dealt to the channels by `midi.restyle`.
+    """
+    parts = list(score.parts) or [score]
+    channels = [c for c in range(16) if c != DRUM_CHANNEL]
+    tracks = []
+    for k, part in enumerate(parts[: len(channels)]):
+        channel = channels[k]
+        notes: list[list[int]] = []  # [start_tick, end_tick, pitch, velocity]
+        last_of_pitch: dict[int, int] = {}
+        for element in part.flatten().notes:
+            quarters = float(element.duration.quarterLength)
+            if element.duration.isGrace or quarters <= 0:
+                continue
+            start = int(round(float(element.offset) * TICKS_PER_BEAT))
+            end = start + max(1, int(round(quarters * TICKS_PER_BEAT)))
+            velocity = DEFAULT_VELOCITY
+            if element.hasVolumeInformation() and element.volume.velocity:
+                velocity = int(element.volume.velocity)
+            for sub in element.notes if element.isChord else (element,):
+                if sub.pitch.isTwelveTone() is False:
+                    continue
+                pitch = int(sub.pitch.midi)
+                if not 0 <= pitch <= 127:
+                    continue
+                i = last_of_pitch.get(pitch)
+                tie = sub.tie.type if sub.tie is not None else None
+                if i is not None and tie in ("stop", "continue") and notes[i][1] == start:
+                    notes[i][1] = end  # a tied continuation lengthens the sounding note
+                    continue
+                last_of_pitch[pitch] = len(notes)
+                notes.append([start, end, pitch, min(max(velocity, 1), 127)])
+        events: list[Event] = []
+        for start, end, pitch, velocity in notes:
+            events.append((start, 0x90 | channel, bytes([pitch, velocity])))
+            events.append((end, 0x80 | channel, bytes([pitch, 0])))
+        tracks.append(events)
+    if not any(tracks):
+        raise MidiError("the score has no notes")
+    return write_midi(MidiFile(ticks_per_beat=TICKS_PER_BEAT, tracks=tracks, fmt=1))
+
+
 def piece_midi(piece: Piece) -> bytes:
     """The piece as Standard MIDI File bytes (parses the score for music21 pieces)."""
     if piece.key.startswith("midi:"):
@@ -155,12 +208,12 @@ def piece_midi(piece: Piece) -> bytes:
     import warnings
 
     from music21 import converter
-    from music21.midi.translate import music21ObjectToMidiFile
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # music21 warns about many harmless notation details
         if piece.tune is not None:
             score = converter.parse(_abc_tune_text(Path(piece.path), piece.tune), format="abc")
         else:
-            score = converter.parse(piece.path)
-        return music21ObjectToMidiFile(score).writestr()
+            # forceSource: no pickle cache in the shared temp folder (no cross-process state)
+            score = converter.parse(piece.path, forceSource=True)
+    return score_to_midi(score)

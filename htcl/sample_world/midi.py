@@ -210,6 +210,13 @@ class TempoMap:
         return 60e6 / self.tempos_us[0]
 
 
+def midi_seconds(data: bytes) -> float:
+    """Length of a Standard MIDI File in seconds (its last event)."""
+    mf = read_midi(data)
+    last = max((e[0] for track in mf.tracks for e in track), default=0)
+    return TempoMap.of(mf).seconds(last)
+
+
 # --- analysis --------------------------------------------------------------------------------
 
 
@@ -242,8 +249,8 @@ def notes(mf: MidiFile) -> list[Note]:
 
 
 # Krumhansl-Kessler key profiles (major, minor), the standard key-finding weights
-_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
-_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+KEY_PROFILE_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+KEY_PROFILE_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
 def estimate_mode(note_list: list[Note]) -> tuple[str, float]:
@@ -258,7 +265,7 @@ def estimate_mode(note_list: list[Note]) -> tuple[str, float]:
     if hist.sum() == 0:
         return "major", 0.0
     best = {}
-    for name, profile in (("major", _MAJOR), ("minor", _MINOR)):
+    for name, profile in (("major", KEY_PROFILE_MAJOR), ("minor", KEY_PROFILE_MINOR)):
         best[name] = max(np.corrcoef(hist, np.roll(profile, k))[0, 1] for k in range(12))
     margin = float(best["major"] - best["minor"])
     return ("major" if margin >= 0 else "minor"), margin
@@ -331,7 +338,24 @@ def restyle(mf: MidiFile, style: Restyle) -> MidiFile:
     if style.max_seconds is not None:
         cutoff = TempoMap.of(result).tick_at(style.max_seconds)
         for track in result.tracks:
-            track[:] = [e for e in track if e[0] <= cutoff]
-        # silence whatever still sounds at the cut (CC 123: all notes off)
+            track[:] = [e for e in track if e[0] < cutoff]
+            track.extend(_close_notes(track, cutoff))
+        # and silence whatever still sounds at the cut (CC 123: all notes off)
         result.tracks[0].extend((cutoff, 0xB0 | ch, bytes([123, 0])) for ch in sorted(channels))
     return result
+
+
+def _close_notes(track: list[Event], tick: int) -> list[Event]:
+    """Note-offs at `tick` for every note of `track` still on there.
+
+    Needed, not cosmetic: fluidsynth's file renderer waits for every voice to end, so a note left
+    on with a looped sample (organ, strings) renders forever.
+    """
+    on: dict[tuple[int, int], int] = {}
+    for _, status, data in sorted(track, key=_event_order):
+        kind, channel = status & 0xF0, status & 0x0F
+        if kind == 0x90 and data[1] > 0:
+            on[channel, data[0]] = on.get((channel, data[0]), 0) + 1
+        elif (kind == 0x80 or kind == 0x90) and on.get((channel, data[0])):
+            on[channel, data[0]] -= 1
+    return [(tick, 0x80 | ch, bytes([pitch, 0])) for (ch, pitch), n in sorted(on.items()) for _ in range(n)]

@@ -96,8 +96,10 @@ def check_tools(need_vocals: bool) -> None:
         )
 
 
-def synthesize(midi_bytes: bytes, soundfont: str, sample_rate: int, timeout: float = 120.0) -> np.ndarray:
+def synthesize(midi_bytes: bytes, soundfont: str, sample_rate: int, timeout: float | None = None) -> np.ndarray:
     """Mono float32 audio of a MIDI file, rendered offline by the fluidsynth CLI."""
+    if timeout is None:  # a runaway render (see midi._close_notes) must fail, not fill the disk
+        timeout = 60.0 + 2.0 * midi.midi_seconds(midi_bytes)
     with tempfile.TemporaryDirectory(prefix="htcl_render_") as tmp:
         mid, wav = Path(tmp, "in.mid"), Path(tmp, "out.wav")
         mid.write_bytes(midi_bytes)

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +96,11 @@ def _render_all(plans: list[music.SongPlan], workers: int, progress: bool) -> li
         # forkserver: workers start clean (no inherited torch/OpenMP threads from the caller)
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for result in pool.map(music.render_song, plans, chunksize=max(1, min(8, len(plans) // (4 * workers)))):
-                results.append(result)
+            futures = [pool.submit(music.render_song, plan) for plan in plans]
+            for future in as_completed(futures):  # progress as songs finish, in any order
+                future.result()
                 bar.update()
+            results = [f.result() for f in futures]  # in plan order
     bar.close()
     return results
 
