@@ -173,7 +173,7 @@ def invent_artists(
                 voice=f"{LANGUAGES[language][0]}+{rng.choice(VOICE_VARIANTS)}" if singing else "",
                 voice_pitch=int(rng.integers(25, 75)) if singing else 0,
                 voice_speed=int(rng.integers(130, 175)) if singing else 0,
-                vocal_db=float(rng.uniform(-2.0, 4.0)) if singing else 0.0,
+                vocal_db=float(rng.uniform(0.0, 6.0)) if singing else 0.0,  # voice on top of the mix
                 vocal_start=float(rng.uniform(0.5, 3.0)) if singing else 0.0,
                 popularity=float(rng.normal(0.0, 1.0)),
             )

@@ -68,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
     world = json.loads(paths["world_json"].read_text())
     if world.get("figures"):
-        for label, value, baseline in figures_table(world["figures"]):
-            print(f"  {label}: {value}  [{baseline}]")
-    print(f"sample world written to {paths['card'].parent} in {world['timing']['total_seconds']:.1f} s")
+        print("structure (cross-validated; songs split at random | whole artists held out):")
+        for label, random_split, held_out, baseline in figures_table(world["figures"]):
+            print(f"  {label}: {random_split}" + (f" | {held_out}" if held_out else "") + f"  [baseline {baseline}]")
+    timing = world["timing"]
+    print(
+        f"sample world written to {paths['card'].parent} in {timing['total_seconds']:.1f} s "
+        f"(rendering {timing['render_seconds']:.1f} s with {world['params']['workers']} workers)"
+    )
     for name, path in paths.items():
         print(f"  {name}: {path}")
     return 0

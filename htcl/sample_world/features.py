@@ -14,6 +14,7 @@ N_FFT = 1024
 HOP = 512
 N_MELS = 64
 TEMPO_BINS = 24  # log-spaced beat periods from 0.25 s to 2 s
+N_CEPS = 20
 
 
 @lru_cache(maxsize=4)
@@ -64,8 +65,50 @@ def _power_spectrogram(audio: np.ndarray) -> np.ndarray:
     return np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, n_fft/2+1)
 
 
+def _median_filter(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Running median of width `size` (odd) along `axis`, edges padded by reflection."""
+    half = size // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (half, half)
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(x, pad, mode="reflect"), size, axis=axis)
+    return np.median(windows, axis=-1)
+
+
+def _cepstrum(log_mel: np.ndarray, n: int = N_CEPS) -> np.ndarray:
+    """(n, frames) DCT-II of log-Mel columns (MFCC-like)."""
+    m = log_mel.shape[0]
+    dct = np.cos(np.pi / m * (np.arange(m)[None, :] + 0.5) * np.arange(n)[:, None])
+    return dct @ log_mel
+
+
+def residual_features(mel_power: np.ndarray) -> np.ndarray:
+    """Log-Mel and cepstral statistics of what is neither sustained nor percussive.
+
+    Median filtering along time keeps sustained (harmonic) content, along frequency percussive
+    onsets (the usual harmonic/percussive split); what exceeds both is fast-moving, formant-like
+    energy, which is where a voice lives in a mix with instruments.
+    """
+    sustained = _median_filter(mel_power, 17, axis=1)
+    percussive = _median_filter(mel_power, 9, axis=0)
+    residual = np.log(np.maximum(mel_power - np.maximum(sustained, percussive), 0.0) + 1e-10)
+    cep = _cepstrum(residual)
+    return np.concatenate([residual.mean(axis=1), residual.std(axis=1), cep.mean(axis=1), cep.std(axis=1)])
+
+
+def key_profile_features(chroma: np.ndarray) -> np.ndarray:
+    """Best correlation of a pitch-class profile with the Krumhansl-Kessler major and minor key
+    profiles (over the 12 keys), and their difference: audio key finding, no score needed."""
+    from htcl.sample_world.midi import KEY_PROFILE_MAJOR, KEY_PROFILE_MINOR
+
+    if not np.any(chroma > 0):
+        return np.zeros(3)
+    best = [max(np.corrcoef(chroma, np.roll(p, k))[0, 1] for k in range(12)) for p in (KEY_PROFILE_MAJOR, KEY_PROFILE_MINOR)]
+    return np.array([best[0], best[1], best[0] - best[1]])
+
+
 def audio_features(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """A fixed-length float32 vector: Mel mean/std/flux per band, loudness, rhythm, tonic chroma."""
+    """A fixed-length float32 vector: Mel mean/std/flux per band, loudness, rhythm, tonic chroma,
+    key-profile fit, and the statistics of the non-sustained, non-percussive residual."""
     power = _power_spectrogram(audio.astype(np.float32))
     mel = np.log(_mel_filterbank(sample_rate) @ power.T + 1e-10)  # (M, F)
     power_db = 10 * np.log10(np.exp(mel).sum(axis=0) + 1e-10)  # (F,)
@@ -97,5 +140,7 @@ def audio_features(audio: np.ndarray, sample_rate: int) -> np.ndarray:
             [power_db[active].std(), flux.mean(), flux.std(), centroid.mean(), centroid.std()],
             tempo_hist,
             tonic_chroma(power, sample_rate),
+            key_profile_features(_chroma_map(sample_rate) @ power.sum(axis=0)),
+            residual_features(np.exp(mel_a)),
         ]
     ).astype(np.float32)
