@@ -19,7 +19,7 @@ from ray_jobs import train_loop
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return train_loop.main("finetune", argv)
+    return train_loop.main("finetune", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from ray_jobs import train_loop
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return train_loop.main("pretrain", argv)
+    return train_loop.main("pretrain", argv, __doc__)
 
 
 if __name__ == "__main__":

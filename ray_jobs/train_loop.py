@@ -307,8 +307,7 @@ def fit(
 # --- command line --------------------------------------------------------------------------
 
 
-def build_parser(stage: str) -> argparse.ArgumentParser:
-    doc = sys.modules[f"ray_jobs.{stage}"].__doc__ if f"ray_jobs.{stage}" in sys.modules else None
+def build_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{stage}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
@@ -321,16 +320,20 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(stage: str, argv: Sequence[str] | None = None) -> Path:
-    """Parse `--config C [overrides]` (+ finetune's options), train, print and return model.pt's path."""
-    args = build_parser(stage).parse_args(list(sys.argv[1:] if argv is None else argv))
+def main(stage: str, argv: Sequence[str] | None = None, doc: str | None = None) -> Path:
+    """Parse `--config C [overrides]` (+ finetune's options), train, print and return model.pt's path.
+
+    A bad config or override exits with status 2 and the reason on stderr (as argparse does).
+    """
+    args = build_parser(stage, doc).parse_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides)
     if getattr(args, "variant", None):
         overrides.append(f"finetune.variant={args.variant}")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        raise SystemExit(f"{stage}: {e}") from None
+        print(f"{stage}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     result = fit(cfg, stage, getattr(args, "init_from", None), run_name=args.run_name)
     print(f"{stage} checkpoint: {result.checkpoint}  (Ray Train run {result.run_name}, {result.seconds:.1f} s)")
     return result.checkpoint

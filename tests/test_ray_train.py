@@ -247,3 +247,14 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, base):
     for key in ("loss", "top1_at", "grad_norm", "logit_scale"):
         assert redone[key] == pytest.approx(discarded[0][key], rel=1e-6, abs=1e-7), key
     assert load_checkpoint(result.checkpoint)["step"] == 6
+
+
+def test_bad_override_is_a_clear_error_before_ray_starts(capsys):
+    from ray_jobs import finetune, pretrain
+
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--config", "configs/demo.yaml", "pretrain.batchsize=3"])
+    assert e.value.code == 2 and "pretrain.batchsize" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--config", "configs/demo.yaml", "--variant", "nope"])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
