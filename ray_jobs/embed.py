@@ -8,7 +8,7 @@ embedding, so batch composition does not matter), computed by an actor pool: eac
 the checkpoint once and embeds batches of mels. With GPUs in the cluster (or --gpu), each actor
 takes one GPU and the pool has one actor per GPU; otherwise one single-threaded actor per CPU.
 
-Output: embeddings/<model_version>/part-*.parquet with htcl.schema.embeddings_schema(D)
+Output: embeddings/<model_version>/part-*.parquet (Ray Data's write_parquet) with htcl.schema.embeddings_schema(D)
 (song_id, embedding list<float32>[D], model_version, event_timestamp) and config.yaml beside it;
 model_version = htcl.pipeline.model_version(checkpoint). A rerun for the same version replaces
 that version's shards (no duplicate rows).
@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
 
 from htcl import schema as S
 from htcl.config import Config
@@ -40,6 +41,17 @@ from ray_jobs.common import (
     print_summary,
     save_resolved_config,
 )
+
+
+class PartFilenames(FilenameProvider):
+    """part-<write uuid>-<task>.parquet, so `embeddings/<version>/part-*.parquet` finds the shards
+    of either pipeline (the local one writes part-0.parquet)."""
+
+    def __init__(self):
+        super().__init__(file_format="parquet")
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06d}.parquet"
 
 
 class EmbedUDF:
@@ -124,7 +136,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
     )
-    ds.write_parquet(str(out_dir), ray_remote_args={"num_cpus": 0})
+    ds.write_parquet(str(out_dir), filename_provider=PartFilenames(), ray_remote_args={"num_cpus": 0})
     elapsed = time.perf_counter() - t0
     save_resolved_config(cfg, out_dir)
     rows = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("*.parquet"))

@@ -251,7 +251,8 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     capsys.readouterr()
     assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt), "--batch-size", "2"]) == 0
     files = sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))
-    assert files and (files[0].parent / "config.yaml").is_file()
+    assert files and all(f.name.startswith("part-") for f in files)
+    assert (files[0].parent / "config.yaml").is_file()
     ours = pq.read_table(files).to_pandas().sort_values("song_id")
     assert pq.read_schema(files[0]).remove_metadata().equals(pq.read_schema(tmp_path / "local.parquet").remove_metadata())
     assert ours.song_id.tolist() == sorted(keep) == local.song_id.tolist()
