@@ -63,7 +63,8 @@ class Head:
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("RAY_") or k in ("RAY_DEDUP_LOGS",)}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+        # Draining at stop() has no work left to protect (the jobs are done): 5 s, not 30.
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.log = (log_dir / "ray_head.log").open("w")
         self.url = f"http://127.0.0.1:{self.dashboard}"
