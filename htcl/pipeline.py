@@ -279,5 +279,5 @@ def run_embed(cfg: Config, checkpoint: str | Path) -> Path:
     ]
     path = out_path(cfg, "embeddings", version, "part-0.parquet")
     write_table(rows, S.embeddings_schema(model.cfg.embed_dim), path)
-    save_config(cfg, path.parent / "config.yaml")
+    save_config(cfg, path.parent / "_config.yaml")  # "_": Parquet dataset readers skip it
     return path

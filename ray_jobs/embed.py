@@ -9,7 +9,7 @@ the checkpoint once and embeds batches of mels. With GPUs in the cluster (or --g
 takes one GPU and the pool has one actor per GPU; otherwise one single-threaded actor per CPU.
 
 Output: embeddings/<model_version>/part-*.parquet (Ray Data's write_parquet) with htcl.schema.embeddings_schema(D)
-(song_id, embedding list<float32>[D], model_version, event_timestamp) and config.yaml beside it;
+(song_id, embedding list<float32>[D], model_version, event_timestamp) and _config.yaml beside it;
 model_version = htcl.pipeline.model_version(checkpoint). A rerun for the same version replaces
 that version's shards (no duplicate rows).
 """
@@ -138,7 +138,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
     )
     ds.write_parquet(str(out_dir), filename_provider=PartFilenames(), ray_remote_args={"num_cpus": 0})
     elapsed = time.perf_counter() - t0
-    save_resolved_config(cfg, out_dir)
+    save_resolved_config(cfg, out_dir, "_config.yaml")  # "_": Parquet readers skip it
     rows = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("*.parquet"))
     return {
         "checkpoint": str(checkpoint),

@@ -120,7 +120,7 @@ def embedding_rows(cfg, model_version: str) -> pd.DataFrame:
     folder = Path(cfg.output_dir) / "embeddings" / model_version
     if not any(folder.glob("*.parquet")):
         raise FileNotFoundError(f"no embeddings for model_version {model_version!r} in {folder}")
-    emb = pq.read_table(folder).to_pandas()
+    emb = pq.ParquetDataset(sorted(str(p) for p in folder.glob("*.parquet"))).read().to_pandas()
     if emb[S.MODEL_VERSION].nunique() != 1 or emb[S.MODEL_VERSION].iloc[0] != model_version:
         raise ValueError(f"{folder}: model_version column {sorted(emb[S.MODEL_VERSION].unique())} does not match the folder")
     return pd.DataFrame({

@@ -9,7 +9,7 @@ Outputs, under cfg.output_dir (the layout the local pipeline writes and its read
 
     mels/*.parquet        song_id, n_frames, mel (float16 bytes)    htcl.schema.MELS_SCHEMA
     quarantine/*.parquet  song_id, audio_path, stage, error_type, message
-    mels/config.yaml      the resolved config
+    mels/_config.yaml     the resolved config ("_": Parquet dataset readers skip it)
 
 A file that cannot be used becomes one quarantine row with its reason (missing, empty, not_audio,
 unsupported, truncated, invalid from decoding; too_short, silent from validation; `unexpected`
@@ -203,7 +203,7 @@ def run(
         # Writing a shard is light I/O; it must not wait for a CPU the actors hold.
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     elapsed = time.perf_counter() - t0
-    save_resolved_config(cfg, mels_dir)
+    save_resolved_config(cfg, mels_dir, "_config.yaml")  # "_": Parquet readers of mels/ skip it
     return {
         "catalog": str(catalog),
         "skipped_already_done": len(df) - len(todo),

@@ -290,4 +290,4 @@ def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tm
     assert sorted(emb.song_id) == list(range(1, 13))
     vectors = np.stack(emb.embedding.to_numpy())
     assert vectors.shape == (12, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
-    assert (emb_dir / "config.yaml").is_file()
+    assert (emb_dir / "_config.yaml").is_file()

@@ -148,7 +148,7 @@ def test_bad_files_are_quarantined_with_reasons_and_good_files_processed(ray_loc
     row, _ = MelExtractor(cfg.audio).extract_one(good[0], path)
     shard = pq.read_table(sorted((out / "mels").glob("*.parquet"))).to_pandas().set_index("song_id")
     assert shard.mel[good[0]] == row["mel"]
-    assert (out / "mels" / "config.yaml").is_file()
+    assert (out / "mels" / "_config.yaml").is_file()
 
 
 def test_rerun_skips_done_songs_and_force_recomputes(ray_local, corpus, tmp_path, capsys):
@@ -252,7 +252,7 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt), "--batch-size", "2"]) == 0
     files = sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))
     assert files and all(f.name.startswith("part-") for f in files)
-    assert (files[0].parent / "config.yaml").is_file()
+    assert (files[0].parent / "_config.yaml").is_file()
     ours = pq.read_table(files).to_pandas().sort_values("song_id")
     assert pq.read_schema(files[0]).remove_metadata().equals(pq.read_schema(tmp_path / "local.parquet").remove_metadata())
     assert ours.song_id.tolist() == sorted(keep) == local.song_id.tolist()
