@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/htcl demo --config $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

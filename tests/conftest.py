@@ -1,6 +1,8 @@
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,40 @@ def tiny_config():
     from htcl.config import config_from_dict
 
     return config_from_dict({}, TINY_MODEL)
+
+
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+def write_tiny_world(root: Path, bad_file: bool = False) -> Path:
+    """A catalog of 12 three-second FLAC tones (genres "low"/"high"), 60 impressions and 3 sessions
+    of 8 plays; with bad_file, song 13 is text bytes named .wav (for the quarantine)."""
+    import soundfile as sf
+
+    (root / "audio").mkdir(parents=True)
+    rows, sr = [], 16000
+    for i in range(1, 13):
+        t = np.arange(3 * sr) / sr
+        wave = 0.3 * np.sin(2 * np.pi * (110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * i * t))
+        path = root / "audio" / f"{i}.flac"
+        sf.write(path, wave.astype(np.float32), sr)
+        rows.append({"song_id": i, "audio_path": str(path), "title": f"tone {i}", "artist": f"artist {i % 3}",
+                     "lyrics": "", "tags": "low" if i < 7 else "high", "genre": "low" if i < 7 else "high",
+                     "language": "instrumental", "updated_at": T0})
+    if bad_file:
+        bad = root / "audio" / "13.wav"
+        bad.write_bytes(b"this is not audio at all" * 10)
+        rows.append({**rows[0], "song_id": 13, "audio_path": str(bad), "title": "broken"})
+    pd.DataFrame(rows).to_parquet(root / "catalog.parquet")
+    rng = np.random.default_rng(0)
+    pd.DataFrame({
+        "user_id": rng.integers(1, 5, 60), "trigger_song_id": rng.integers(1, 13, 60),
+        "rec_song_id": rng.integers(1, 13, 60), "clicked": True, "favored": rng.random(60) < 0.7,
+        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(60)],
+    }).to_parquet(root / "interactions.parquet")
+    pd.DataFrame({
+        "user_id": np.repeat([1, 2, 3], 8), "session_id": np.repeat([1, 2, 3], 8),
+        "position": np.tile(np.arange(8), 3), "song_id": rng.integers(1, 13, 24),
+        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(24)],
+    }).to_parquet(root / "sessions.parquet")
+    return root

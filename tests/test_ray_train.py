@@ -17,13 +17,10 @@ import json
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
-import soundfile as sf
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, write_tiny_world
 
-T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
 
 def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
@@ -52,32 +49,6 @@ def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
         assert ids(next(resumed)) == single[start][2:]
     with pytest.raises(ValueError, match="divisible"):
         next(batch_stream(rows, Ids(), 4, seed=3, rank=0, world=3))
-
-
-def write_world(root):
-    """12 three-second tones, their catalog, 60 impressions and 3 sessions (as tests/test_pipeline.py)."""
-    (root / "audio").mkdir(parents=True)
-    rows, sr = [], 16000
-    for i in range(1, 13):
-        t = np.arange(3 * sr) / sr
-        wave = 0.3 * np.sin(2 * np.pi * (110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * i * t))
-        path = root / "audio" / f"{i}.flac"
-        sf.write(path, wave.astype(np.float32), sr)
-        rows.append({"song_id": i, "audio_path": str(path), "title": f"tone {i}", "artist": f"artist {i % 3}",
-                     "lyrics": "", "tags": "low" if i < 7 else "high", "genre": "low" if i < 7 else "high",
-                     "language": "instrumental", "updated_at": T0})
-    pd.DataFrame(rows).to_parquet(root / "catalog.parquet")
-    rng = np.random.default_rng(0)
-    pd.DataFrame({
-        "user_id": rng.integers(1, 5, 60), "trigger_song_id": rng.integers(1, 13, 60),
-        "rec_song_id": rng.integers(1, 13, 60), "clicked": True, "favored": rng.random(60) < 0.7,
-        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(60)],
-    }).to_parquet(root / "interactions.parquet")
-    pd.DataFrame({
-        "user_id": np.repeat([1, 2, 3], 8), "session_id": np.repeat([1, 2, 3], 8),
-        "position": np.tile(np.arange(8), 3), "song_id": rng.integers(1, 13, 24),
-        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(24)],
-    }).to_parquet(root / "sessions.parquet")
 
 
 def write_tiny_bert(path, dropout: float):
@@ -114,7 +85,7 @@ def base(tmp_path_factory):
     from htcl.pipeline import run_preprocess
 
     root = tmp_path_factory.mktemp("ray_train")
-    write_world(root / "world")
+    write_tiny_world(root / "world")
     cfg = config_from_dict({}, TINY_MODEL + [f"output_dir={root / 'pre'}", f"data.root={root / 'world'}",
                                              "audio.max_seconds=3"])
     summary = run_preprocess(cfg)
