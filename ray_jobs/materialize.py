@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from htcl import schema as S
-from htcl.features import global_rates, listener_stats, song_stats
+from htcl.features import listener_stats, song_stats
 from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
