@@ -25,11 +25,20 @@ def stage2_batch(
     rec_mels: Sequence[np.ndarray],
     rec_texts: Sequence[str],
     tokenizer,
+    trigger_ids: Sequence[int] | None = None,
+    rec_ids: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The stage-2 batch; with song ids, also trigger_ids (B,) and rec_ids (B,) int64 for
+    the loss's same-song mask."""
     t_mel, t_mask = mel_batch(list(trigger_mels))
     r_mel, r_mask = mel_batch(list(rec_mels))
     tok = tokenizer(list(rec_texts))
+    ids = {}
+    if trigger_ids is not None and rec_ids is not None:
+        ids = {"trigger_ids": torch.as_tensor(np.asarray(trigger_ids, dtype=np.int64)),
+               "rec_ids": torch.as_tensor(np.asarray(rec_ids, dtype=np.int64))}
     return {
+        **ids,
         "trigger_mel": torch.as_tensor(t_mel),
         "trigger_mask": torch.as_tensor(t_mask),
         "rec_mel": torch.as_tensor(r_mel),

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from htcl.config import ConfigError, load_config, save_config
+from htcl.config import ConfigError, load_config, replace, save_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,19 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("backfill", help="point-in-time training frame for the rankers (see `htcl backfill --help`)",
                    add_help=False)
+    sub.add_parser("train-rankers", help="XGBoost CTR/CVR rankers on Feast's point-in-time frame "
+                   "(see `htcl train-rankers --help`)", add_help=False)
 
-    p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune -> embed -> materialize")
+    p = sub.add_parser("evaluate", help="the comparison table of every embedding variant on held-out data")
+    _add_config_args(p)
+    p.add_argument("--local", action="store_true", help="point-in-time stats computed in this process, without Feast")
+
+    p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune (+ w_CF) -> embed -> "
+                       "materialize -> train-rankers -> evaluate")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="run every step in this process, without Ray or Feast")
     return parser
 
 
-JOBS = ("preprocess", "pretrain", "finetune", "embed", "materialize", "backfill")
+JOBS = ("preprocess", "pretrain", "finetune", "embed", "materialize", "backfill", "train-rankers", "evaluate")
 
 
 def run_job(step: str, argv: list[str]) -> int:
     """ray_jobs.<step>.main(argv): the same entry point `ray job submit` runs."""
-    result = importlib.import_module(f"ray_jobs.{step}").main(argv)
+    result = importlib.import_module(f"ray_jobs.{step.replace('-', '_')}").main(argv)
     return result if isinstance(result, int) else 0
 
 
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "embed":
         ckpt = args.checkpoint or pipeline.out_path(cfg, "finetune", "model.pt")
         print(f"embeddings: {pipeline.run_embed(cfg, ckpt)}")
+    elif args.command == "evaluate":
+        results = pipeline.run_evaluate(cfg)
+        print("\n" + Path(results["paths"]["markdown"]).read_text())
     elif args.command == "demo":
         return demo(cfg, args)
     return 0
@@ -152,11 +162,14 @@ def demo(cfg, args) -> int:
 
     world = step("sample-data", lambda: _sample_data(cfg))
     s1, s2 = pipeline.out_path(cfg, "pretrain", "model.pt"), pipeline.out_path(cfg, "finetune", "model.pt")
+    cf_cfg = replace(cfg, finetune=replace(cfg.finetune, variant="cf"))
     if args.local:
         print(json.dumps(step("preprocess", lambda: pipeline.run_preprocess(cfg)), indent=2))
         s1 = step("pretrain", lambda: pipeline.run_train(cfg, "pretrain"))
         s2 = step("finetune", lambda: pipeline.run_train(cfg, "finetune", s1))
+        step("finetune w_CF", lambda: pipeline.run_train(cf_cfg, "finetune", s1))
         emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
+        step("evaluate", lambda: pipeline.run_evaluate(cfg))
     else:
         common = importlib.import_module("ray_jobs.common")
         started = common.init_ray()  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
@@ -164,8 +177,11 @@ def demo(cfg, args) -> int:
             step("preprocess", lambda: job("preprocess"))
             step("pretrain", lambda: job("pretrain"))
             step("finetune", lambda: job("finetune", "--init-from", str(s1)))
+            step("finetune w_CF", lambda: job("finetune", "--init-from", str(s1), "--variant", "cf"))
             step("embed", lambda: job("embed", "--checkpoint", str(s2)))
             step("materialize", lambda: job("materialize"))
+            step("train-rankers", lambda: job("train-rankers"))
+            step("evaluate", lambda: job("evaluate"))
         finally:
             if started:
                 importlib.import_module("ray").shutdown()
@@ -175,12 +191,15 @@ def demo(cfg, args) -> int:
     print(f"mels               {pipeline.out_path(cfg, 'mels')}")
     print(f"stage-1 checkpoint {s1}  (curves: {Path(s1).parent / 'training_curves.png'})")
     print(f"stage-2 checkpoint {s2}  (curves: {Path(s2).parent / 'training_curves.png'})")
-    print(f"embeddings         {emb}")
+    print(f"embeddings         {emb}  (ANN index: {pipeline.out_path(cfg, 'index', Path(emb).parent.name)})")
     if not args.local:
         print(f"feature store      {pipeline.out_path(cfg, 'feast')}")
+        print(f"rankers            {pipeline.out_path(cfg, 'rankers', Path(emb).parent.name)}")
+    print(f"evaluation         {pipeline.out_path(cfg, 'evaluation', 'results.md')}  (+ results.json, cosine_histograms.png)")
     print("seconds per step   " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"total seconds      {round(sum(timings.values()), 1)}")
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
+    print("\n" + pipeline.out_path(cfg, "evaluation", "results.md").read_text())
     return 0
 
 

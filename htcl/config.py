@@ -90,6 +90,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    # The last holdout_fraction of the interaction log's time span (cut at a UTC midnight) is
+    # held out: stage 2 and the rankers train only on what came before, evaluation scores after.
+    holdout_fraction: float = 0.25
+    hit_rate_ks: tuple[int, ...] = (10, 100)
+    probe_folds: int = 5  # linear probes: cross-validated, whole artists held out per fold
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "outputs"
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -99,6 +109,7 @@ class Config:
     finetune: TrainConfig = field(
         default_factory=lambda: TrainConfig(batch_size=240, lr=1e-4, text_lr=3e-5)
     )
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):

@@ -36,6 +36,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
+def gather_ids(x: torch.Tensor) -> torch.Tensor:
+    """(B_local,) integer ids on each rank -> (world_size * B_local,), rank-ordered (no gradient)."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over ranks (metrics only; no gradient)."""
     if not is_distributed():

@@ -201,3 +201,25 @@ def listener_stats_columns(window: int = LISTENER_WINDOW) -> list[str]:
     w = window
     return [S.USER_ID, S.EVENT_TIMESTAMP, f"impressions_{w}d", f"clicks_{w}d", f"favors_{w}d", f"active_days_{w}d",
             f"ctr_{w}d", f"top_genre_{w}d", f"top_genre_share_{w}d", f"genre_entropy_{w}d"]
+
+
+def point_in_time_stats(interactions: pd.DataFrame, song_genre: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """Each impression with the candidate's song_stats and the listener's listener_stats as of its
+    timestamp (the latest snapshot at or before it), named as Feast's full feature names
+    (`song_stats__ctr_7d`, ...). In log order, with `song_id` = the candidate.
+
+    The in-process twin of the Feast `ranker_v1` backfill (ray_jobs/backfill.py), for `--local`
+    runs without a feature store; tests check the two agree.
+    """
+    log = interactions.reset_index(drop=True)
+    ts = pd.to_datetime(log[S.EVENT_TIMESTAMP], utc=True)
+    start, end, priors = ts.min(), ts.max(), global_rates(log)
+    songs = song_stats(log, start, end, priors)
+    users = listener_stats(log, start, end, song_genre, priors)
+    frame = log.rename(columns={S.REC_SONG_ID: S.SONG_ID}).assign(**{S.EVENT_TIMESTAMP: ts, "_row": np.arange(len(log))})
+    for table, key, view in ((songs, S.SONG_ID, "song_stats"), (users, S.USER_ID, "listener_stats")):
+        table = table.rename(columns={c: f"{view}__{c}" for c in table.columns if c not in (key, S.EVENT_TIMESTAMP)})
+        table = table.assign(**{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True)})
+        frame = pd.merge_asof(frame.sort_values(S.EVENT_TIMESTAMP), table.sort_values(S.EVENT_TIMESTAMP),
+                              on=S.EVENT_TIMESTAMP, by=key, direction="backward", allow_exact_matches=True)
+    return frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)

@@ -77,3 +77,26 @@ def stage2_pairs(variant: str, interactions: pd.DataFrame | None, sessions: pd.D
             raise PairsError("variant 'cf' needs the sessions table")
         return cooccurrence_pairs(sessions)
     raise PairsError(f"finetune.variant={variant!r}: expected 'favor' or 'cf'")
+
+
+def split_time(timestamps: pd.Series, holdout_fraction: float) -> pd.Timestamp:
+    """The UTC midnight that starts the held-out period: the last `holdout_fraction` of the span.
+
+    Everything before it trains (stage 2, rankers); everything at or after it evaluates. A
+    midnight, so the daily feature snapshots (htcl/features.py) of the two periods never mix.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise PairsError(f"eval.holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    ts = pd.to_datetime(timestamps, utc=True)
+    if ts.empty:
+        raise PairsError("no timestamps to split")
+    start, end = ts.min(), ts.max()
+    cut = (start + (end - start) * (1.0 - holdout_fraction)).ceil("D")
+    if cut <= start or cut > end:
+        raise PairsError(f"log from {start} to {end} is too short to hold out {holdout_fraction:.0%} at a midnight")
+    return cut
+
+
+def before(frame: pd.DataFrame, cut: pd.Timestamp) -> pd.DataFrame:
+    """Rows with event_timestamp < cut (the training period)."""
+    return frame[pd.to_datetime(frame[S.EVENT_TIMESTAMP], utc=True) < cut]

@@ -31,7 +31,7 @@ from htcl.batching import epoch_order, stage1_batch, stage2_batch
 from htcl.config import Config, save_config
 from htcl.mels import MelExtractor, read_catalog, read_mels, write_table
 from htcl.model import HTCLModel
-from htcl.pairs import stage2_pairs
+from htcl.pairs import before, split_time, stage2_pairs
 from htcl.text import SongTokenizer, song_text
 from htcl.training import (
     JsonlLogger,
@@ -148,13 +148,15 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
         ids = np.array(sorted(set(mels) & set(texts)))
         return TrainingRows(stage, mels, texts, ids)
     world = Path(cfg.data.root)
-    interactions = pd.read_parquet(world / "interactions.parquet") if tcfg.variant == "favor" else None
+    interactions = pd.read_parquet(world / "interactions.parquet")
     sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
-    pairs = stage2_pairs(tcfg.variant, interactions, sessions)
+    # Stage 2 sees only the training period: the held-out later days are what evaluation scores.
+    cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
+    pairs = before(stage2_pairs(tcfg.variant, interactions, sessions), cut)
     keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
     if verbose:
-        print(f"finetune ({tcfg.variant}): {len(trig)} pairs with mels for both songs")
+        print(f"finetune ({tcfg.variant}): {len(trig)} pairs before {cut:%Y-%m-%d} with mels for both songs")
     return TrainingRows(stage, mels, texts, trig, rec)
 
 
@@ -165,7 +167,7 @@ def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer) -> dict:
         return stage1_batch([rows.mels[i] for i in ids], [rows.texts[i] for i in ids], tokenizer)
     trig, rec = rows.trigger[idx], rows.rec[idx]
     return stage2_batch(
-        [rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec], tokenizer
+        [rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec], tokenizer, trig, rec
     )
 
 
@@ -280,4 +282,65 @@ def run_embed(cfg: Config, checkpoint: str | Path) -> Path:
     path = out_path(cfg, "embeddings", version, "part-0.parquet")
     write_table(rows, S.embeddings_schema(model.cfg.embed_dim), path)
     save_config(cfg, path.parent / "_config.yaml")  # "_": Parquet dataset readers skip it
+    build_index(cfg, path.parent)
     return path
+
+
+def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
+    """The matching index of one embeddings/<version>/ folder, at <output_dir>/index/<version>/."""
+    from htcl.retrieval import build_index_from_embeddings
+
+    return build_index_from_embeddings(embeddings_dir, out_path(cfg, "index"))
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+VARIANT_CHECKPOINTS = {"stage 1 (CLAP-style)": ("pretrain", "model.pt"), "HTCL": ("finetune", "model.pt"),
+                       "HTCL_w_CF": ("finetune_cf", "model.pt")}
+
+
+def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
+    """Every embedding variant the comparison can score from this run's outputs, by table name:
+    a random-init encoder (same architecture, seed eval.seed), mel statistics, and each trained
+    checkpoint found (stage 1, HTCL, HTCL_w_CF)."""
+    from htcl.evaluation import MEL_STATS, RANDOM_INIT, Embeddings, mel_statistics
+
+    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
+    ids = sorted(mels)
+    songs = [mels[i] for i in ids]
+    torch.manual_seed(cfg.eval.seed)
+    variants = {RANDOM_INIT: Embeddings(ids, embed_mels(HTCLModel(cfg.model, cfg.audio), songs)),
+                MEL_STATS: mel_statistics(mels)}
+    for name, parts in VARIANT_CHECKPOINTS.items():
+        ckpt = out_path(cfg, *parts)
+        if not ckpt.is_file():
+            if verbose:
+                print(f"evaluate: no {ckpt}; {name} left out")
+            continue
+        model, _, _ = model_from_checkpoint(ckpt)
+        variants[name] = Embeddings(ids, embed_mels(model, songs))
+    return variants
+
+
+def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir: str | Path | None = None) -> dict:
+    """The comparison table of every variant on the held-out period; writes results.json/.md and
+    plots to <output_dir>/evaluation/. ranker_frame None = the in-process point-in-time stats
+    (htcl.features.point_in_time_stats); the Ray/Feast job passes Feast's backfill instead."""
+    from htcl.evaluation import compare_variants, write_report
+    from htcl.features import point_in_time_stats
+
+    catalog = read_catalog(catalog_path(cfg))
+    interactions = pd.read_parquet(Path(cfg.data.root) / "interactions.parquet")
+    cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
+    if ranker_frame is None:
+        genre = dict(zip(catalog[S.SONG_ID], catalog[S.GENRE].fillna(""))) if S.GENRE in catalog else None
+        ranker_frame = point_in_time_stats(interactions, genre)
+    variants = variant_embeddings(cfg)
+    results = compare_variants(variants, catalog, interactions, ranker_frame, cut, cfg.eval.hit_rate_ks,
+                               cfg.eval.probe_folds, cfg.eval.seed)
+    out_dir = Path(out_dir or out_path(cfg, "evaluation"))
+    metric_files = [out_path(cfg, d, "metrics.jsonl") for d in ("pretrain", "finetune", "finetune_cf")]
+    paths = write_report(results, out_dir, metric_files)
+    save_config(cfg, out_dir / "config.yaml")
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results

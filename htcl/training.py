@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from htcl.config import Config, TrainConfig, config_from_dict, save_config, to_dict
-from htcl.distributed import all_reduce_mean, average_gradients, gather_with_grad, rank_and_world
+from htcl.distributed import all_reduce_mean, average_gradients, gather_ids, gather_with_grad, rank_and_world
 from htcl.losses import in_batch_top1, info_nce, stage2_loss
 from htcl.model import HTCLModel
 
@@ -116,8 +116,11 @@ def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: Train
     z_rt = model.encode_text(batch["rec_input_ids"], batch["rec_attention_mask"])  # (B, D)
     z_rf = model.fuse(z_ra, z_rt)  # (B, D)
     z_ta, z_ra, z_rt, z_rf = (gather_with_grad(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
+    ids = {}
+    if "trigger_ids" in batch:  # (B,) song ids: repeated songs are not negatives
+        ids = {"trigger_ids": gather_ids(batch["trigger_ids"]), "rec_ids": gather_ids(batch["rec_ids"])}
     loss, parts = stage2_loss(
-        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at
+        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, **ids
     )
     metrics = {k: v.detach() for k, v in parts.items()}
     metrics["top1_aa"] = in_batch_top1(z_ta, z_ra)

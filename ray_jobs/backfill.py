@@ -84,6 +84,27 @@ def historical_frame(store, entities: pd.DataFrame, service: str = "ranker_v1") 
     return frame.sort_values(IMPRESSION_ID, ignore_index=True)
 
 
+def whole_log_frame(cfg, online_store: str | None = None, model_version: str | None = None) -> tuple[pd.DataFrame, str]:
+    """Every impression of the log with its ranker_v1 features from Feast, and the model version.
+
+    What train-rankers and evaluate read; they split it in time themselves.
+    """
+    from feature_repo.store import open_store
+
+    data_dir = feast_dir(cfg)
+    version = model_version or read_current_version(data_dir, online_store)
+    if not version:
+        raise SystemExit(f"no current model version in {data_dir}; run `htcl materialize` first")
+    interactions = pd.read_parquet(Path(cfg.data.root) / "interactions.parquet")
+    ts = pd.to_datetime(interactions[S.EVENT_TIMESTAMP], utc=True)
+    entities = entity_frame(interactions, ts.min(), ts.max() + pd.Timedelta(microseconds=1), version)
+    t0 = time.perf_counter()
+    frame = historical_frame(open_store(data_dir, online_store), entities)
+    print(f"backfill: {len(frame)} impressions with ranker_v1 features from Feast in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return frame, version
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.backfill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -140,6 +140,10 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
     elapsed = time.perf_counter() - t0
     save_resolved_config(cfg, out_dir, "_config.yaml")  # "_": Parquet readers skip it
     rows = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("*.parquet"))
+    # The matching index of this version, beside the embeddings (serving loads it by version).
+    from htcl.pipeline import build_index
+
+    index_dir = build_index(cfg, out_dir)
     return {
         "checkpoint": str(checkpoint),
         "model_version": version,
@@ -149,6 +153,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
         "seconds": round(elapsed, 2),
         "songs_per_s": round(rows / elapsed, 2) if elapsed > 0 and rows else None,
         "embeddings": str(out_dir),
+        "index": str(index_dir),
     }
 
 

@@ -40,8 +40,8 @@ T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
 
 def write_tiny_world(root: Path, bad_file: bool = False) -> Path:
-    """A catalog of 12 three-second FLAC tones (genres "low"/"high"), 60 impressions and 3 sessions
-    of 8 plays; with bad_file, song 13 is text bytes named .wav (for the quarantine)."""
+    """A catalog of 12 three-second FLAC tones (genres "low"/"high"), 60 impressions over 20 days and 3
+    sessions of 8 plays; with bad_file, song 13 is text bytes named .wav (for the quarantine)."""
     import soundfile as sf
 
     (root / "audio").mkdir(parents=True)
@@ -63,11 +63,11 @@ def write_tiny_world(root: Path, bad_file: bool = False) -> Path:
     pd.DataFrame({
         "user_id": rng.integers(1, 5, 60), "trigger_song_id": rng.integers(1, 13, 60),
         "rec_song_id": rng.integers(1, 13, 60), "clicked": True, "favored": rng.random(60) < 0.7,
-        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(60)],
+        "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(60)],  # 20 days: a holdout split
     }).to_parquet(root / "interactions.parquet")
     pd.DataFrame({
         "user_id": np.repeat([1, 2, 3], 8), "session_id": np.repeat([1, 2, 3], 8),
         "position": np.tile(np.arange(8), 3), "song_id": rng.integers(1, 13, 24),
-        "event_timestamp": [T0 + pd.Timedelta(minutes=m) for m in range(24)],
+        "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(24)],
     }).to_parquet(root / "sessions.parquet")
     return root

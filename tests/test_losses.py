@@ -57,3 +57,28 @@ def test_in_batch_top1():
     a = unit(5, 5)
     assert in_batch_top1(a, a) == 1.0
     assert in_batch_top1(a, a.roll(1, dims=0)) < 1.0
+
+
+def test_same_song_mask_removes_repeats_from_the_negatives():
+    import torch.nn.functional as F
+
+    from htcl.losses import info_nce, same_song_mask
+
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(4, 8), dim=1)
+    b = F.normalize(torch.randn(4, 8), dim=1)
+    b[2] = b[0]  # row 2 recommends the same song as row 0
+    trig, rec = torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21, 20, 23])
+    mask = same_song_mask(trig, rec)
+    assert mask[0, 2] and mask[2, 0] and not mask[0, 1] and mask.diagonal().all()
+    scale = torch.tensor(10.0)
+    got = info_nce(a, b, scale, mask)
+    # by hand: each row's softmax over the columns that are not the same song
+    logits = scale * a @ b.T
+    keep = ~(mask & ~torch.eye(4, dtype=torch.bool))
+    rows = [-(logits[i, i] - torch.logsumexp(logits[i][keep[i]], 0)) for i in range(4)]
+    cols = [-(logits[i, i] - torch.logsumexp(logits[:, i][keep[:, i]], 0)) for i in range(4)]
+    assert torch.allclose(got, (torch.stack(rows).mean() + torch.stack(cols).mean()) / 2, atol=1e-6)
+    assert got < info_nce(a, b, scale)  # the duplicate no longer counts against either row
+    # trigger i against rec j where rec j IS trigger i's song: not a negative either
+    assert same_song_mask(torch.tensor([1, 2]), torch.tensor([2, 3]))[1, 0]

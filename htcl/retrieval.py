@@ -1,0 +1,193 @@
+"""Matching: an approximate nearest-neighbour index over song embeddings, by cosine.
+
+    index = AnnIndex.build(song_ids, embeddings, model_version="finetune-80-ab12cd34ef")
+    index.save("outputs/demo/index/finetune-80-ab12cd34ef")
+    index = AnnIndex.load("outputs/demo/index/finetune-80-ab12cd34ef")
+    ids, scores = index.search(queries, k=100)        # (Q, k) song ids and cosines
+    ids, scores = index.similar(song_id=42, k=100)    # the song itself left out
+
+Why faiss HNSW (IndexHNSWFlat, inner product on L2-normalized vectors = cosine): faiss is
+maintained by Meta, ships CPU wheels for every platform we pin, serializes an index to one file,
+releases the GIL while searching batches across threads, and has the exact index (IndexFlatIP)
+we measure recall against in the same library. hnswlib has the same algorithm but is barely
+maintained; usearch is fast too but would be one more native dependency.
+
+The index stores the vectors (HNSW "Flat" storage), so a song's own vector is read back by id
+without another lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "song_ids.npy"
+META_FILE = "index.json"
+
+
+class RetrievalError(ValueError):
+    pass
+
+
+class UnknownSong(KeyError):
+    """A song id the index does not hold."""
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = 32  # graph degree: recall vs memory (each vector keeps 2*m links on layer 0)
+    ef_construction: int = 200  # build-time beam width
+    ef_search: int = 256  # query-time beam width; raised to k when k is larger
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """(n, D) float32 rows scaled to unit L2 norm (a zero row stays zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class AnnIndex:
+    """HNSW over unit vectors; rows are addressed by position, song ids kept beside."""
+
+    def __init__(self, index, song_ids: np.ndarray, model_version: str, params: HnswParams, build_seconds: float = 0.0):
+        self.index = index
+        self.song_ids = np.asarray(song_ids, dtype=np.int64)
+        self.model_version = model_version
+        self.params = params
+        self.build_seconds = build_seconds
+        self._row = {int(s): i for i, s in enumerate(self.song_ids)}
+
+    # -- build / save / load -------------------------------------------------------------
+    @classmethod
+    def build(cls, song_ids, embeddings: np.ndarray, model_version: str, params: HnswParams = HnswParams()) -> "AnnIndex":
+        import faiss
+
+        song_ids = np.asarray(song_ids, dtype=np.int64)
+        x = normalize(embeddings)
+        if x.ndim != 2 or len(x) != len(song_ids):
+            raise RetrievalError(f"{len(song_ids)} song ids but embeddings of shape {tuple(np.shape(embeddings))}")
+        if len(np.unique(song_ids)) != len(song_ids):
+            raise RetrievalError("song ids must be unique: one vector per song")
+        t0 = time.perf_counter()
+        index = faiss.IndexHNSWFlat(x.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+        index.add(x)
+        return cls(index, song_ids, model_version, params, time.perf_counter() - t0)
+
+    def save(self, directory: str | Path) -> Path:
+        import faiss
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        np.save(directory / IDS_FILE, self.song_ids)
+        meta = {"model_version": self.model_version, "count": len(self), "dim": self.dim, "metric": "cosine",
+                "kind": "faiss.IndexHNSWFlat", "m": self.params.m, "ef_construction": self.params.ef_construction,
+                "ef_search": self.params.ef_search, "build_seconds": round(self.build_seconds, 3)}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model_version: str | None = None) -> "AnnIndex":
+        """Load a saved index; with model_version given, refuse an index of another version."""
+        import faiss
+
+        directory = Path(directory)
+        if not (directory / META_FILE).is_file():
+            raise FileNotFoundError(f"no ANN index in {directory} (missing {META_FILE}); run `htcl embed` first")
+        meta = json.loads((directory / META_FILE).read_text())
+        if model_version is not None and meta["model_version"] != model_version:
+            raise RetrievalError(f"{directory} holds model_version {meta['model_version']!r}, not {model_version!r}")
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        params = HnswParams(meta["m"], meta["ef_construction"], meta["ef_search"])
+        index.hnsw.efSearch = params.ef_search
+        return cls(index, np.load(directory / IDS_FILE), meta["model_version"], params, meta.get("build_seconds", 0.0))
+
+    # -- queries -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def __contains__(self, song_id) -> bool:
+        return int(song_id) in self._row
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def vector(self, song_id: int) -> np.ndarray:
+        """(D,) the song's unit vector."""
+        row = self._row.get(int(song_id))
+        if row is None:
+            raise UnknownSong(song_id)
+        return self.index.reconstruct(row)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine for each query row: song ids (Q, k) int64 and cosines (Q, k) float32.
+
+        Fewer than k hits (k > catalog) are padded with id -1 and score -inf.
+        """
+        q = normalize(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise RetrievalError(f"queries have {q.shape[1]} dims, the index {self.dim}")
+        if k < 1:
+            raise RetrievalError(f"k must be >= 1, got {k}")
+        self.index.hnsw.efSearch = max(self.params.ef_search, k)
+        scores, rows = self.index.search(q, k)
+        ids = np.where(rows >= 0, self.song_ids[np.maximum(rows, 0)], -1)
+        return ids, np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+
+    def similar(self, song_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k songs nearest to a catalog song, the song itself excluded: (k,) ids, (k,) cosines."""
+        ids, scores = self.search(self.vector(song_id)[None], k + 1)
+        keep = ids[0] != int(song_id)
+        return ids[0][keep][:k], scores[0][keep][:k]
+
+
+def exact_search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Row positions (Q, k) of the exact top-k by cosine (faiss IndexFlatIP): the recall reference."""
+    import faiss
+
+    x = normalize(corpus)
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    return flat.search(normalize(queries), k)[1]
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of the exact top-k found by the approximate top-k (both (Q, k))."""
+    hits = [len(np.intersect1d(a, e)) / len(e) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits))
+
+
+def read_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """song_ids (n,), embeddings (n, D) float32 and the model_version of embeddings/<version>/."""
+    import pyarrow.parquet as pq
+
+    from htcl import schema as S
+
+    directory = Path(directory)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no embeddings in {directory} (expected part-*.parquet)")
+    table = pq.ParquetDataset([str(f) for f in files]).read(columns=[S.SONG_ID, S.EMBEDDING, S.MODEL_VERSION])
+    ids = table.column(S.SONG_ID).to_numpy()
+    emb = np.stack(table.column(S.EMBEDDING).to_numpy(zero_copy_only=False)).astype(np.float32)
+    versions = set(table.column(S.MODEL_VERSION).to_pylist())
+    if len(versions) != 1:
+        raise RetrievalError(f"{directory} mixes model versions {sorted(versions)}")
+    order = np.argsort(ids, kind="stable")
+    return ids[order], emb[order], versions.pop()
+
+
+def build_index_from_embeddings(embeddings_dir: str | Path, index_root: str | Path,
+                                params: HnswParams = HnswParams()) -> Path:
+    """embeddings/<version>/ -> <index_root>/<version>/ (index.faiss, song_ids.npy, index.json)."""
+    ids, emb, version = read_embeddings(embeddings_dir)
+    return AnnIndex.build(ids, emb, version, params).save(Path(index_root) / version)

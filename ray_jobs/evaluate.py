@@ -1,0 +1,39 @@
+"""The comparison table: every embedding variant on the held-out (later) period.
+
+    python -m ray_jobs.evaluate --config configs/demo.yaml [k=v ...] [--online-store URL] [--out DIR]
+
+Variants: a random-init encoder, mel statistics, stage 1 (pretrain/), HTCL (finetune/) and
+HTCL_w_CF (finetune_cf/), whichever checkpoints exist. Semantics by linear probes, matching by
+hit-rate@K, ranking by CTR/CVR AUC of rankers trained on Feast's point-in-time frame (stats as of
+each impression; each variant's embeddings swapped in by song id). Writes results.json,
+results.md and the plots to <output_dir>/evaluation/ and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from htcl.pipeline import run_evaluate
+from ray_jobs.backfill import whole_log_frame
+from ray_jobs.common import add_config_args, parse_args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--online-store", default=None, help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)")
+    parser.add_argument("--out", help="report folder (default: <output_dir>/evaluation)")
+    args, cfg = parse_args(parser, argv)
+    t0 = time.perf_counter()
+    frame, _ = whole_log_frame(cfg, args.online_store)
+    results = run_evaluate(cfg, frame, args.out)
+    print()
+    print(open(results["paths"]["markdown"]).read())
+    print(f"evaluation: {results['paths']['markdown']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""ANN matching: HNSW recall against exact search, save/load with the model version, exclusions."""
+
+import numpy as np
+import pytest
+
+from htcl.retrieval import AnnIndex, RetrievalError, UnknownSong, exact_search, recall_at_k
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    """Embedding-like data: unit vectors around a few dozen directions."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim))
+    x = centers[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_recall_at_100_against_exact_search():
+    x = clustered(5000)
+    ids = np.arange(5000) + 1000
+    index = AnnIndex.build(ids, x, "v1")
+    queries = x[:200]
+    approx, _ = index.search(queries, 100)
+    exact = ids[exact_search(x, queries, 100)]
+    assert recall_at_k(approx, exact) >= 0.95
+
+
+def test_scores_are_cosines_and_sorted():
+    x = clustered(500, seed=1) * 3.0  # not unit: the index normalizes
+    index = AnnIndex.build(np.arange(500), x, "v1")
+    ids, scores = index.search(x[:5], 10)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = np.sum(unit[:5, None, :] * unit[ids], axis=2)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_similar_excludes_the_song_and_save_load_keeps_the_version(tmp_path):
+    x = clustered(300, seed=2)
+    ids = np.arange(300) * 7 + 3
+    index = AnnIndex.build(ids, x, "finetune-80-abc")
+    got, _ = index.similar(int(ids[10]), 20)
+    assert len(got) == 20 and int(ids[10]) not in got
+    index.save(tmp_path / "idx")
+    loaded = AnnIndex.load(tmp_path / "idx", model_version="finetune-80-abc")
+    assert loaded.model_version == "finetune-80-abc" and len(loaded) == 300
+    np.testing.assert_array_equal(loaded.similar(int(ids[10]), 20)[0], got)
+    np.testing.assert_allclose(loaded.vector(int(ids[3])), x[3], atol=1e-6)
+    with pytest.raises(RetrievalError, match="holds model_version"):
+        AnnIndex.load(tmp_path / "idx", model_version="other")
+    with pytest.raises(UnknownSong):
+        loaded.similar(999999, 5)
+    with pytest.raises(FileNotFoundError, match="htcl embed"):
+        AnnIndex.load(tmp_path / "nothing")
+
+
+def test_more_k_than_songs_pads_and_bad_input_is_named():
+    index = AnnIndex.build([1, 2, 3], clustered(3, seed=3), "v")
+    ids, scores = index.search(clustered(1, seed=4), 5)
+    assert sorted(ids[0][:3]) == [1, 2, 3] and list(ids[0][3:]) == [-1, -1] and np.isinf(scores[0][3:]).all()
+    with pytest.raises(RetrievalError, match="unique"):
+        AnnIndex.build([1, 1], clustered(2), "v")
+    with pytest.raises(RetrievalError, match="dims"):
+        index.search(np.ones((1, 7), np.float32), 2)
