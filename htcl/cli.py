@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-rankers", help="XGBoost CTR/CVR rankers on Feast's point-in-time frame "
                    "(see `htcl train-rankers --help`)", add_help=False)
 
+    sub.add_parser("serve", help="the Ray Serve app on 127.0.0.1 (see `htcl serve --help`)", add_help=False)
+
     p = sub.add_parser("evaluate", help="the comparison table of every embedding variant on held-out data")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="point-in-time stats computed in this process, without Feast")
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return sample_main(argv[1:])
     if argv and argv[0] in JOBS and "--local" not in argv:
         return run_job(argv[0], argv[1:])
+    if argv and argv[0] == "serve":  # Ray Serve, loaded by name like the jobs (no ray import in htcl)
+        return importlib.import_module("serving.run").main(argv[1:])
     args = build_parser().parse_args(argv)
     from htcl import pipeline
 

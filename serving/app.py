@@ -1,0 +1,452 @@
+"""Ray Serve deployments of htcl, composed by `build_app(args)`.
+
+    Ingress (FastAPI, serving/api.py) ──▶ EmbeddingLookup  Feast online `song_embedding` (song, version)
+                                      ├─▶ Matcher          HNSW index of the version (htcl.retrieval)
+                                      ├─▶ Ranker           XGBoost CTR/CVR + Feast online `ranker_v1`
+                                      └─▶ Encoder          optional: uploaded audio -> log-Mel -> model
+
+One model version per app: `build_app` resolves it once (the `model_version` argument, else the
+store's `current_model_version` pointer written by `htcl materialize`) and hands the same name to
+every deployment, which loads that version's index, rankers and checkpoint in its constructor.
+A new version is rolled out by deploying the app again with the new version (`serve deploy` /
+`serve run` / `htcl serve`): Serve starts the new replicas, routes to them once they are healthy
+and lets the old ones finish what they hold (graceful shutdown), so no in-flight request fails.
+
+Overload: every deployment bounds `max_ongoing_requests` (per replica) and `max_queued_requests`
+(per caller), so excess load is answered 503 at once instead of queueing without bound; the HTTP
+proxy's `request_timeout_s` and the ingress's own per-call deadline bound a request's time.
+The ingress retries a call once more when the replica it went to died (idempotent reads), so a
+killed replica costs latency, not answers, while Serve replaces it.
+
+Args (a dict: the `args:` of serving/config.yaml, or built by `htcl serve`):
+    config: htcl YAML config (default configs/demo.yaml)   overrides: [dotted k=v, ...]
+    model_version: default the store's current one          online_store: redis://... (default $HTCL_ONLINE_STORE, else SQLite)
+    encoder: auto | true | false (auto: when the checkpoint's version is the served one)
+    checkpoint: default <output_dir>/finetune/model.pt
+    api_key_env: the environment variable holding the API key (default HTCL_API_KEY; unset = no auth)
+    max_upload_mb (20), max_k (1000), max_candidates (1000), timeout_s (5)
+    replicas: {ingress: 1, lookup: 1, matcher: 1, ranker: 1, encoder: 1}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from serving.api import ApiError, ApiSettings, create_api, error_for_unknown, jsonable, key_digest
+
+log = logging.getLogger("ray.serve")
+REPO = Path(__file__).resolve().parents[1]
+APP_NAME = "htcl"
+API_KEY_ENV = "HTCL_API_KEY"
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _path(p: str | Path) -> Path:
+    """A relative path from the caller's folder, else from the repo (Serve's build task may run elsewhere)."""
+    p = Path(p).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO / p).resolve() if (REPO / p).exists() else p.resolve()
+
+
+@dataclass(frozen=True)
+class AppPlan:
+    """Everything the deployments need, resolved once in the driver / build task."""
+
+    model_version: str
+    feast_dir: Path
+    online_store: str
+    index_dir: Path
+    rankers_dir: Path
+    checkpoint: Path | None  # None: no cold-start encoder
+    api: ApiSettings
+    timeout_s: float = 5.0
+    replicas: dict = field(default_factory=dict)
+
+
+def plan(args: dict | None = None) -> AppPlan:
+    from htcl.config import load_config
+
+    args = dict(args or {})
+    cfg = load_config(str(_path(args.get("config") or "configs/demo.yaml")), list(args.get("overrides") or []))
+    out = _path(cfg.output_dir)
+    feast_dir = out / "feast"
+    online_store = args.get("online_store")
+    online_store = os.environ.get("HTCL_ONLINE_STORE", "") if online_store is None else str(online_store)
+    version = args.get("model_version")
+    if not version:
+        from ray_jobs.materialize import read_current_version
+
+        version = read_current_version(feast_dir, online_store)
+        if not version:
+            raise FileNotFoundError(f"no current model version in {feast_dir}: run `htcl materialize` first "
+                                    f"(or pass model_version)")
+    index_dir = out / "index" / version
+    if not (index_dir / "index.json").is_file():
+        emb = out / "embeddings" / version
+        if not any(emb.glob("part-*.parquet")):
+            raise FileNotFoundError(f"no ANN index in {index_dir} and no embeddings in {emb}: run `htcl embed` first")
+        from htcl.retrieval import build_index_from_embeddings
+
+        log.info("no ANN index for %s: building it from %s", version, emb)
+        build_index_from_embeddings(emb, out / "index")
+    rankers_dir = out / "rankers" / version
+    if not (rankers_dir / "rankers.json").is_file():
+        raise FileNotFoundError(f"no rankers for model version {version} in {rankers_dir}: run `htcl train-rankers` first")
+
+    encoder = str(args.get("encoder", "auto")).lower()
+    checkpoint = _path(args.get("checkpoint") or out / "finetune" / "model.pt")
+    if encoder in ("false", "0", "no", "off"):
+        checkpoint = None
+    else:
+        from htcl.pipeline import model_version as version_of
+
+        found = version_of(checkpoint) if checkpoint.is_file() else None
+        if found != version:
+            if encoder != "auto":
+                raise ValueError(f"encoder: checkpoint {checkpoint} is model version {found}, the app serves {version}")
+            log.info("cold-start encoder off: %s is version %s, the app serves %s", checkpoint, found, version)
+            checkpoint = None
+    key = os.environ.get(args.get("api_key_env") or API_KEY_ENV) or None
+    api = ApiSettings(
+        api_key_sha256=key_digest(key) if key else None,
+        max_k=int(args.get("max_k", 1000)),
+        max_candidates=int(args.get("max_candidates", 1000)),
+        max_upload_bytes=int(float(args.get("max_upload_mb", 20)) * 1024 * 1024),
+        encoder=checkpoint is not None,
+        model_version=version,
+    )
+    return AppPlan(version, feast_dir, online_store, index_dir, rankers_dir, checkpoint, api,
+                   float(args.get("timeout_s", 5.0)), dict(args.get("replicas") or {}))
+
+
+# --- deployments -------------------------------------------------------------------------------
+
+# Shared by every deployment: bounded queues (503 beyond them), health checks, graceful drains.
+COMMON = dict(health_check_period_s=10, health_check_timeout_s=30,
+              graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=15,
+              max_surge_percent=100)  # a new version: old replicas serve until the new ones are ready
+
+
+class _Worker:
+    """One thread per replica for blocking work (Feast's SQLite connection, faiss, XGBoost, torch),
+    so the replica's event loop stays free to collect batches and answer health checks."""
+
+    def _init_worker(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+class EmbeddingLookup(_Worker):
+    """song id -> its embedding of the served version, from the Feast online store.
+
+    Batched: concurrent lookups become one `get_online_features` call (Feast's per-call overhead,
+    not the per-row cost, dominates a one-song read)."""
+
+    def __init__(self, feast_dir: str, online_store: str, model_version: str):
+        from feature_repo.store import open_store
+
+        self._init_worker()
+        self.version = model_version
+        self.store = open_store(feast_dir, online_store)
+        self._read([0])  # load the registry and open the connection now, not on the first request
+
+    def _read(self, song_ids: list[int]) -> list:
+        rows = [{"song_id": int(s), "model_version": self.version} for s in song_ids]
+        return self.store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()["embedding"]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def _lookup(self, song_ids: list[int]) -> list:
+        return await self._run(self._read, song_ids)
+
+    async def get(self, song_id: int) -> dict | None:
+        vec = await self._lookup(int(song_id))
+        return None if vec is None else {"song_id": int(song_id), "model_version": self.version, "embedding": vec}
+
+    async def ping(self) -> dict:
+        return {"model_version": self.version}
+
+    async def check_health(self):
+        await asyncio.wait_for(self._run(self._read, [0]), 20)
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+class Matcher(_Worker):
+    """Nearest songs by cosine in the version's HNSW index. Batched: one faiss search per batch."""
+
+    def __init__(self, index_dir: str, model_version: str, threads: int = 1):
+        import faiss
+
+        from htcl.retrieval import AnnIndex
+
+        self._init_worker()
+        faiss.omp_set_num_threads(threads)  # one core per replica: no OpenMP fan-out per query
+        self.index = AnnIndex.load(index_dir, model_version)
+        self.version = model_version
+
+    def _search(self, queries: np.ndarray, k: int):
+        return self.index.search(queries, k)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _batch(self, items: list[tuple[np.ndarray, int]]) -> list:
+        k = max(kk for _, kk in items)
+        ids, scores = await self._run(self._search, np.stack([q for q, _ in items]), k)
+        return [(ids[i, :kk], scores[i, :kk]) for i, (_, kk) in enumerate(items)]
+
+    async def similar(self, song_id: int, k: int) -> dict | None:
+        """The k nearest songs, the song itself left out; None for a song the index lacks."""
+        if int(song_id) not in self.index:
+            return None
+        ids, scores = await self._batch((self.index.vector(song_id), int(k) + 1))
+        keep = (ids != int(song_id)) & np.isfinite(scores)
+        return {"model_version": self.version, "ids": ids[keep][:k], "scores": scores[keep][:k]}
+
+    async def search(self, vector: np.ndarray, k: int) -> dict:
+        ids, scores = await self._batch((np.asarray(vector, dtype=np.float32), int(k)))
+        keep = np.isfinite(scores)
+        return {"model_version": self.version, "ids": ids[keep], "scores": scores[keep]}
+
+    async def ping(self) -> dict:
+        return {"model_version": self.version, "songs": len(self.index), "dim": self.index.dim}
+
+    def check_health(self):
+        if len(self.index) == 0:
+            raise RuntimeError("empty index")
+
+
+@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+class Ranker(_Worker):
+    """CTR/CVR of each candidate for (listener, trigger), on the `ranker_v1` features read online:
+    the same feature service and column names the rankers were trained on offline.
+
+    Not batched across requests: a request already brings its ~100 rows, and Feast's and XGBoost's
+    cost is per row, so merging requests would add waiting and save little."""
+
+    def __init__(self, feast_dir: str, online_store: str, rankers_dir: str, model_version: str):
+        from feature_repo.store import open_store
+        from htcl.ranking import Rankers
+
+        self._init_worker()
+        self.rankers = Rankers.load(rankers_dir)
+        if self.rankers.model_version not in (None, model_version):
+            raise ValueError(f"{rankers_dir} holds rankers of {self.rankers.model_version}, not {model_version}")
+        for booster in (self.rankers.ctr, self.rankers.cvr):
+            booster.set_param({"nthread": 1})
+        self.version = model_version
+        self.store = open_store(feast_dir, online_store)
+        self.service = self.store.get_feature_service("ranker_v1")
+        self._features(0, 0, [0])  # warm the registry and connection
+
+    def _features(self, user_id: int, trigger: int, candidates: list[int]):
+        import pandas as pd
+
+        rows = [{"song_id": int(c), "trigger_song_id": int(trigger), "user_id": int(user_id),
+                 "model_version": self.version} for c in candidates]
+        got = self.store.get_online_features(features=self.service, entity_rows=rows, full_feature_names=True)
+        return pd.DataFrame(got.to_dict())
+
+    def _rank(self, user_id: int, trigger: int, candidates: list[int]) -> dict:
+        from htcl.ranking import CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING
+
+        frame = self._features(user_id, trigger, candidates)
+        if frame[TRIGGER_EMBEDDING].isna().all():
+            return {"unknown": "trigger_song_id", "ids": [int(trigger)]}
+        missing = frame[CANDIDATE_EMBEDDING].isna().to_numpy()
+        if missing.any():
+            return {"unknown": "candidates", "ids": [int(c) for c, m in zip(candidates, missing) if m]}
+        ctr, cvr = self.rankers.predict(frame)
+        return {"model_version": self.version, "ctr": ctr, "cvr": cvr}
+
+    async def rank(self, user_id: int, trigger: int, candidates: list[int]) -> dict:
+        return await self._run(self._rank, user_id, trigger, list(candidates))
+
+    async def ping(self) -> dict:
+        return {"model_version": self.version, "features": len(self.rankers.feature_names)}
+
+    async def check_health(self):
+        await asyncio.wait_for(self._run(self._features, 0, 0, [0]), 20)
+
+
+@serve.deployment(max_ongoing_requests=2, max_queued_requests=8, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+class Encoder(_Worker):
+    """Cold start: an audio file's bytes -> log-Mel (as preprocessing makes it) -> audio embedding."""
+
+    def __init__(self, checkpoint: str, model_version: str):
+        import torch
+
+        from htcl.mels import MelExtractor
+        from htcl.training import model_from_checkpoint
+
+        self._init_worker()
+        torch.set_num_threads(1)
+        self.model, cfg, _ = model_from_checkpoint(checkpoint)
+        self.extractor = MelExtractor(cfg.audio)
+        self.n_mels = cfg.audio.n_mels
+        self.version = model_version
+
+    def _encode(self, data: bytes) -> dict:
+        from htcl.audio import mel_from_bytes
+        from htcl.pipeline import embed_mels
+
+        with tempfile.NamedTemporaryFile(prefix="htcl_upload_") as f:
+            f.write(data)
+            f.flush()
+            row, bad = self.extractor.extract_one(0, f.name)
+        if row is None:
+            return {"error": bad["error_type"], "message": bad["message"].replace(f.name, "upload")}
+        mel = mel_from_bytes(row["mel"], self.n_mels, row["n_frames"])
+        vec = embed_mels(self.model, [mel])[0]
+        return {"model_version": self.version, "embedding": vec, "frames": row["n_frames"]}
+
+    async def encode(self, data: bytes) -> dict:
+        return await self._run(self._encode, data)
+
+    async def ping(self) -> dict:
+        return {"model_version": self.version}
+
+
+# --- ingress -----------------------------------------------------------------------------------
+
+
+class ServeBackend:
+    """The API's backend inside the ingress replica: calls to the other deployments' handles."""
+
+    def __init__(self, lookup, matcher, ranker, encoder, timeout_s: float):
+        self.lookup, self.matcher, self.ranker, self.encoder = lookup, matcher, ranker, encoder
+        self.timeout_s = timeout_s
+
+    async def _call(self, handle, method: str, *args):
+        """One deployment call with a deadline; retried once when its replica died under it."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        for attempt in range(3):
+            response = getattr(handle, method).remote(*args)
+            try:
+                return await asyncio.wait_for(_wait(response), self.timeout_s)
+            except BackPressureError:
+                raise ApiError(503, None, "overloaded: retry later", {"Retry-After": "1"}) from None
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, None, f"no answer within {self.timeout_s} s") from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
+                if attempt == 2:
+                    raise ApiError(503, None, "a replica is restarting: retry", {"Retry-After": "1"}) from None
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def embedding(self, song_id: int) -> dict:
+        got = await self._call(self.lookup, "get", song_id)
+        if got is None:
+            raise error_for_unknown("song_id", [song_id])
+        return got
+
+    async def similar(self, song_id: int, k: int) -> dict:
+        got = await self._call(self.matcher, "similar", song_id, k)
+        if got is None:
+            raise error_for_unknown("song_id", [song_id])
+        return {"song_id": song_id, "model_version": got["model_version"], "k": k,
+                "similar": [{"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(got["ids"], got["scores"])]}
+
+    async def _scores(self, user_id: int, trigger: int, candidates: list[int]) -> dict:
+        got = await self._call(self.ranker, "rank", user_id, trigger, candidates)
+        if "unknown" in got:
+            raise error_for_unknown(got["unknown"], got["ids"])
+        return got
+
+    async def rank(self, user_id: int, trigger_song_id: int, candidates: list[int]) -> dict:
+        got = await self._scores(user_id, trigger_song_id, candidates)
+        results = [{"song_id": int(c), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
+                   for c, a, b in zip(candidates, got["ctr"], got["cvr"])]
+        results.sort(key=lambda r: -r["score"])
+        return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": got["model_version"],
+                "results": results}
+
+    async def recommend(self, user_id: int, trigger_song_id: int, k: int, candidates: int) -> dict:
+        """Matching (the trigger's `candidates` nearest songs), then ranking by CTR x CVR; top k."""
+        matched = await self._call(self.matcher, "similar", trigger_song_id, candidates)
+        if matched is None:
+            raise error_for_unknown("trigger_song_id", [trigger_song_id])
+        ids = [int(i) for i in matched["ids"]]
+        if not ids:
+            return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": matched["model_version"],
+                    "recommendations": []}
+        got = await self._scores(user_id, trigger_song_id, ids)
+        recs = [{"song_id": i, "similarity": round(float(s), 6), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
+                for i, s, a, b in zip(ids, matched["scores"], got["ctr"], got["cvr"])]
+        recs.sort(key=lambda r: -r["score"])
+        return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": got["model_version"],
+                "matching_model_version": matched["model_version"], "candidates": len(ids),
+                "recommendations": recs[:k]}
+
+    async def embed_audio(self, data: bytes, k: int) -> dict:
+        got = await self._call(self.encoder, "encode", data)
+        if "error" in got:
+            status = 415 if got["error"] in ("not_audio", "unsupported") else 422
+            raise ApiError(status, "body", f"{got['error']}: {got['message']}")
+        out = {"model_version": got["model_version"], "embedding": jsonable(got["embedding"])}
+        if k:
+            near = await self._call(self.matcher, "search", got["embedding"], k)
+            out["similar"] = [{"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(near["ids"], near["scores"])]
+        return out
+
+    async def health(self) -> dict:
+        parts = {"lookup": self.lookup, "matcher": self.matcher, "ranker": self.ranker}
+        if self.encoder is not None:
+            parts["encoder"] = self.encoder
+        got = {name: await self._call(h, "ping") for name, h in parts.items()}
+        return {"status": "ok", "model_version": got["matcher"]["model_version"], "deployments": jsonable(got)}
+
+
+async def _wait(response):
+    return await response
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+@serve.ingress()
+class Ingress:
+    """The HTTP front (serving/api.py) over the other deployments."""
+
+    def __init__(self, lookup, matcher, ranker, encoder, api: ApiSettings, timeout_s: float = 5.0):
+        self.api = api
+        self.backend = ServeBackend(lookup, matcher, ranker, encoder, timeout_s)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.backend, self.api)
+
+    async def check_health(self):
+        return None
+
+
+def _options(p: AppPlan, name: str) -> dict[str, Any]:
+    n = int(p.replicas.get(name, 1))
+    return {"num_replicas": n}
+
+
+def build_app(args: dict | None = None):
+    """The htcl Serve application: `serve.run(build_app({...}))`, or `import_path: serving.app:build_app`."""
+    p = plan(args)
+    lookup = EmbeddingLookup.options(**_options(p, "lookup")).bind(str(p.feast_dir), p.online_store, p.model_version)
+    matcher = Matcher.options(**_options(p, "matcher")).bind(str(p.index_dir), p.model_version)
+    ranker = Ranker.options(**_options(p, "ranker")).bind(str(p.feast_dir), p.online_store, str(p.rankers_dir),
+                                                          p.model_version)
+    encoder = None
+    if p.checkpoint is not None:
+        encoder = Encoder.options(**_options(p, "encoder")).bind(str(p.checkpoint), p.model_version)
+    log.info("htcl app: model_version %s, encoder %s, auth %s", p.model_version, "on" if encoder else "off",
+             "on" if p.api.api_key_sha256 else "off")
+    return Ingress.options(**_options(p, "ingress")).bind(lookup, matcher, ranker, encoder, p.api, p.timeout_s)

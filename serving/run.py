@@ -1,0 +1,178 @@
+"""`htcl serve`: the Serve app on 127.0.0.1, and the demo's one recommendation.
+
+    htcl serve --config configs/demo.yaml [k=v ...] [--port 8000] [--model-version V]
+    python -m serving.run ...                       (the same)
+    serve run serving/config.yaml                   (Ray's CLI, the same app from its YAML)
+
+Ray: RAY_ADDRESS's cluster, else a local instance bound to 127.0.0.1 with token authentication
+(ray_jobs.common.init_ray). HTTP: Serve's proxy on --host (127.0.0.1) and --port. With the
+environment variable HTCL_API_KEY set, every route but /healthz wants `Authorization: Bearer <key>`.
+Rolling out another model version: run the command again with --model-version (or
+`serve deploy` / `serve run` with the new `model_version` arg); in-flight requests finish on the
+old replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from serving.app import API_KEY_ENV, APP_NAME
+
+REQUEST_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
+         timeout: float = 30.0) -> tuple[int, dict]:
+    """A small JSON client on the standard library: (status, parsed body)."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"} if isinstance(body, dict) else {}
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        hdrs["Authorization"] = f"Bearer {key}"
+    hdrs.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, {"raw": raw.decode(errors="replace")}
+
+
+def dashboard_url() -> str | None:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+        return f"http://{url}" if url and not url.startswith("http") else url
+    except Exception:  # an old/new Ray without it: the URL is only printed
+        return None
+
+
+def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
+          request_timeout_s: float = REQUEST_TIMEOUT_S, wait_s: float = 120.0) -> dict:
+    """Ray (joined or started), Serve's proxy on host:port, the htcl app; returns once /healthz answers."""
+    from ray import serve
+
+    from ray_jobs.common import init_ray
+    from serving.app import build_app
+
+    started = init_ray(num_cpus, quiet=True)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            status, body = http("GET", f"{url}/healthz", timeout=10)
+            if status == 200:
+                break
+        except OSError:
+            status, body = None, None
+        if time.time() > deadline:
+            raise TimeoutError(f"{url}/healthz did not answer 200 within {wait_s} s (last: {status} {body})")
+        time.sleep(0.5)
+    return {"url": url, "dashboard": dashboard_url(), "started_ray": started, "health": body}
+
+
+def stop(started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    if started_ray:
+        ray.shutdown()
+
+
+def app_args(config: str, overrides: list[str], model_version: str | None = None, online_store: str | None = None,
+             encoder: str = "auto") -> dict:
+    args = {"config": config, "overrides": list(overrides), "encoder": encoder}
+    if model_version:
+        args["model_version"] = model_version
+    if online_store is not None:
+        args["online_store"] = online_store
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="htcl serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-version", help="default: the store's current_model_version")
+    parser.add_argument("--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)")
+    parser.add_argument("--encoder", choices=["auto", "true", "false"], default="auto",
+                        help="cold-start encoder (auto: when the checkpoint is the served version)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        info = start(app_args(args.config, args.overrides, args.model_version, args.online_store, args.encoder),
+                     args.host, args.port, args.num_cpus)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"htcl serve: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"serving": info["url"], "model_version": info["health"].get("model_version"),
+                      "ray_dashboard": info["dashboard"], "auth": bool(os.environ.get(API_KEY_ENV))}, indent=2),
+          flush=True)
+    print(f"try: curl {info['url']}/v1/songs/<song_id>/similar?k=10   (Ctrl-C stops)", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(info["started_ray"])
+    return 0
+
+
+def demo_recommend(config_path: str, overrides: list[str] | tuple = (), port: int | None = None) -> dict:
+    """The end of `htcl demo`: serve the demo's outputs, send one /v1/recommend, print it, shut down."""
+    import numpy as np
+    import pandas as pd
+
+    from htcl.config import load_config
+    from serving.app import plan
+
+    p = plan(app_args(config_path, list(overrides)))
+    songs = np.load(p.index_dir / "song_ids.npy")
+    cfg = load_config(config_path, list(overrides))
+    log = os.path.join(cfg.data.root, "interactions.parquet")
+    user = int(pd.read_parquet(log, columns=["user_id"])["user_id"].iloc[0]) if os.path.exists(log) else 1
+    request = {"user_id": user, "trigger_song_id": int(songs[0]), "k": 10, "candidates": min(100, len(songs) - 1)}
+    info = start(app_args(config_path, list(overrides)), port=port or free_port())
+    try:
+        t0 = time.perf_counter()
+        status, answer = http("POST", f"{info['url']}/v1/recommend", request)
+        ms = (time.perf_counter() - t0) * 1000
+    finally:
+        stop(info["started_ray"])
+    print(f"POST /v1/recommend {json.dumps(request)} -> {status} in {ms:.0f} ms")
+    print(json.dumps(answer, indent=2))
+    if status != 200:
+        raise RuntimeError(f"/v1/recommend answered {status}: {answer}")
+    return answer
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
