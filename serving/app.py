@@ -134,7 +134,13 @@ def plan(args: dict | None = None) -> AppPlan:
 
 # --- deployments -------------------------------------------------------------------------------
 
-# Shared by every deployment: bounded queues (503 beyond them), health checks, graceful drains.
+# Queue bounds: a replica holds max_ongoing_requests, each caller queues at most
+# max_queued_requests more, then answers 503 (BackPressureError). They are sized to the work:
+# the single-threaded Ranker (~30 ms a request with Feast's 100-row read) holds 4 and queues 16,
+# i.e. about half a second of work, not an unbounded backlog that would time out anyway.
+# Batches (lookup, matcher) start at once with what is queued (batch_wait_timeout_s=0): under
+# load the next batch fills while one runs, so waiting would only add latency at low load.
+# Shared by every deployment: health checks, graceful drains, surge during rollouts.
 COMMON = dict(health_check_period_s=10, health_check_timeout_s=30,
               graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=15,
               max_surge_percent=100)  # a new version: old replicas serve until the new ones are ready
@@ -151,7 +157,7 @@ class _Worker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=64, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 class EmbeddingLookup(_Worker):
     """song id -> its embedding of the served version, from the Feast online store.
 
@@ -170,7 +176,7 @@ class EmbeddingLookup(_Worker):
         rows = [{"song_id": int(s), "model_version": self.version} for s in song_ids]
         return self.store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()["embedding"]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _lookup(self, song_ids: list[int]) -> list:
         return await self._run(self._read, song_ids)
 
@@ -185,7 +191,7 @@ class EmbeddingLookup(_Worker):
         await asyncio.wait_for(self._run(self._read, [0]), 20)
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=32, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 class Matcher(_Worker):
     """Nearest songs by cosine in the version's HNSW index. Batched: one faiss search per batch."""
 
@@ -202,7 +208,7 @@ class Matcher(_Worker):
     def _search(self, queries: np.ndarray, k: int):
         return self.index.search(queries, k)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batch(self, items: list[tuple[np.ndarray, int]]) -> list:
         k = max(kk for _, kk in items)
         ids, scores = await self._run(self._search, np.stack([q for q, _ in items]), k)
@@ -229,7 +235,7 @@ class Matcher(_Worker):
             raise RuntimeError("empty index")
 
 
-@serve.deployment(max_ongoing_requests=16, max_queued_requests=64, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+@serve.deployment(max_ongoing_requests=4, max_queued_requests=16, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 class Ranker(_Worker):
     """CTR/CVR of each candidate for (listener, trigger), on the `ranker_v1` features read online:
     the same feature service and column names the rankers were trained on offline.
@@ -416,7 +422,7 @@ async def _wait(response):
     return await response
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=128, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=32, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 @serve.ingress()
 class Ingress:
     """The HTTP front (serving/api.py) over the other deployments."""
