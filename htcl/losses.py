@@ -55,6 +55,7 @@ def stage2_loss(
     w_at: float = 1.0,
     trigger_ids: torch.Tensor | None = None,
     rec_ids: torch.Tensor | None = None,
+    pref_logit_scale: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = w_aa·L_aa(z_Ta, z_Ra) + w_af·L_af(z_Ta, z_Rf) + w_at·L_at(z_Ra, z_Rt).
 
@@ -63,14 +64,19 @@ def stage2_loss(
     With the song ids given, repeated songs in the batch are not negatives (`same_song_mask`):
     in a small catalog a batch of favor pairs repeats songs often, and each repeat would
     otherwise push a song away from its own copy.
+    pref_logit_scale: the scale of the two preference losses (L_aa, L_af); None = logit_scale.
+    Favor pairs are noisy positives: at stage 1's sharp scale (~1/0.07) the audio geometry
+    stage 1 leaves scores far worse than a collapsed, uniform one, so training first collapses
+    the space (see TrainConfig.pref_logit_scale).
     Returns the weighted total and each unweighted part.
     """
+    pref = logit_scale if pref_logit_scale is None else pref_logit_scale
     pair_mask = rec_mask = None
     if trigger_ids is not None and rec_ids is not None:
         pair_mask, rec_mask = same_song_mask(trigger_ids, rec_ids), same_song_mask(rec_ids)
     parts = {
-        "loss_aa": info_nce(trigger_audio, rec_audio, logit_scale, pair_mask),
-        "loss_af": info_nce(trigger_audio, rec_fused, logit_scale, pair_mask),
+        "loss_aa": info_nce(trigger_audio, rec_audio, pref, pair_mask),
+        "loss_af": info_nce(trigger_audio, rec_fused, pref, pair_mask),
         "loss_at": info_nce(rec_audio, rec_text, logit_scale, rec_mask),
     }
     total = w_aa * parts["loss_aa"] + w_af * parts["loss_af"] + w_at * parts["loss_at"]

@@ -119,8 +119,9 @@ def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: Train
     ids = {}
     if "trigger_ids" in batch:  # (B,) song ids: repeated songs are not negatives
         ids = {"trigger_ids": gather_ids(batch["trigger_ids"]), "rec_ids": gather_ids(batch["rec_ids"])}
+    pref = tcfg.pref_logit_scale if tcfg.pref_logit_scale > 0 else None
     loss, parts = stage2_loss(
-        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, **ids
+        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, pref_logit_scale=pref, **ids
     )
     metrics = {k: v.detach() for k, v in parts.items()}
     metrics["top1_aa"] = in_batch_top1(z_ta, z_ra)

@@ -82,3 +82,13 @@ def test_same_song_mask_removes_repeats_from_the_negatives():
     assert got < info_nce(a, b, scale)  # the duplicate no longer counts against either row
     # trigger i against rec j where rec j IS trigger i's song: not a negative either
     assert same_song_mask(torch.tensor([1, 2]), torch.tensor([2, 3]))[1, 0]
+
+
+def test_stage2_preference_losses_can_have_their_own_scale():
+    torch.manual_seed(1)
+    z = [F.normalize(torch.randn(6, 4), dim=1) for _ in range(4)]
+    shared, parts = stage2_loss(*z, torch.tensor(14.0))
+    own, own_parts = stage2_loss(*z, torch.tensor(14.0), pref_logit_scale=3.0)
+    assert torch.allclose(own_parts["loss_at"], parts["loss_at"])  # L_at keeps the model's scale
+    assert torch.allclose(own_parts["loss_aa"], info_nce(z[0], z[1], torch.tensor(3.0)))
+    assert torch.allclose(own_parts["loss_af"], info_nce(z[0], z[2], torch.tensor(3.0)))
