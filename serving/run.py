@@ -124,6 +124,11 @@ def main(argv=None) -> int:
                         help="cold-start encoder (auto: when the checkpoint is the served version)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    stopping = []
+    # Both set explicitly (a shell's background job starts Python with SIGINT ignored), before the
+    # start, so a stop asked for while the app deploys is honoured once it is up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(1))
     try:
         info = start(app_args(args.config, args.overrides, args.model_version, args.online_store, args.encoder),
                      args.host, args.port, args.num_cpus)
@@ -134,13 +139,9 @@ def main(argv=None) -> int:
                       "ray_dashboard": info["dashboard"], "auth": bool(os.environ.get(API_KEY_ENV))}, indent=2),
           flush=True)
     print(f"try: curl {info['url']}/v1/songs/<song_id>/similar?k=10   (Ctrl-C stops)", flush=True)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:
         while not stopping:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+            time.sleep(0.5)
     finally:
         stop(info["started_ray"])
     return 0

@@ -324,3 +324,11 @@ def test_serve_config_yaml_names_the_builder():
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app" and schema.http_options.host == "127.0.0.1"
     assert json.dumps(app.args)  # plain data
+
+
+def test_htcl_serve_is_dispatched_to_serving_run(capsys):
+    from htcl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--model-version" in capsys.readouterr().out
