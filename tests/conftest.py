@@ -71,3 +71,24 @@ def write_tiny_world(root: Path, bad_file: bool = False) -> Path:
         "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(24)],
     }).to_parquet(root / "sessions.parquet")
     return root
+
+
+def write_tiny_bert(path: Path, dropout: float = 0.0) -> Path:
+    """A 1-layer, 32-wide random BertModel with the bundled MiniLM tokenizer files: a cheap
+    model.text_model for tests of the jobs' plumbing (MiniLM's weights are 88 MB per checkpoint)."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from htcl.model import default_text_model_dir
+
+    src = default_text_model_dir()
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                attention_probs_dropout_prob=dropout))
+    bert.save_pretrained(path)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / f, path / f)
+    return path
