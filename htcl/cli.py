@@ -190,6 +190,9 @@ def demo(cfg, args) -> int:
             if started:
                 importlib.import_module("ray").shutdown()
         emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime)
+        # Ray Serve on the current model version: one /v1/recommend over HTTP, printed, then down.
+        serving = importlib.import_module("serving.run")
+        step("serve", lambda: serving.demo_recommend(args.config, list(args.overrides)))
     print("\n=== done ===")
     print(f"sample world       {world}")
     print(f"mels               {pipeline.out_path(cfg, 'mels')}")

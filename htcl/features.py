@@ -212,14 +212,14 @@ def point_in_time_stats(interactions: pd.DataFrame, song_genre: Mapping[int, str
     runs without a feature store; tests check the two agree.
     """
     log = interactions.reset_index(drop=True)
-    ts = pd.to_datetime(log[S.EVENT_TIMESTAMP], utc=True)
+    ts = pd.to_datetime(log[S.EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")  # one unit for the as-of join
     start, end, priors = ts.min(), ts.max(), global_rates(log)
     songs = song_stats(log, start, end, priors)
     users = listener_stats(log, start, end, song_genre, priors)
     frame = log.rename(columns={S.REC_SONG_ID: S.SONG_ID}).assign(**{S.EVENT_TIMESTAMP: ts, "_row": np.arange(len(log))})
     for table, key, view in ((songs, S.SONG_ID, "song_stats"), (users, S.USER_ID, "listener_stats")):
         table = table.rename(columns={c: f"{view}__{c}" for c in table.columns if c not in (key, S.EVENT_TIMESTAMP)})
-        table = table.assign(**{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True)})
+        table = table.assign(**{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")})
         frame = pd.merge_asof(frame.sort_values(S.EVENT_TIMESTAMP), table.sort_values(S.EVENT_TIMESTAMP),
                               on=S.EVENT_TIMESTAMP, by=key, direction="backward", allow_exact_matches=True)
     return frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)
