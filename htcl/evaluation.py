@@ -207,13 +207,16 @@ def with_variant_embeddings(frame: pd.DataFrame, emb: Embeddings) -> pd.DataFram
 
 def ranking_aucs(frame: pd.DataFrame, cut: pd.Timestamp, emb: Embeddings | None, seed: int = 0) -> dict:
     """Train CTR/CVR rankers before the cut, AUC at or after it. emb None = stats only."""
-    from htcl.ranking import RankerParams, ranker_auc, train_rankers
+    from htcl.ranking import RankerParams, RankingError, ranker_auc, train_rankers
 
     ts = pd.to_datetime(frame[S.EVENT_TIMESTAMP], utc=True)
     if emb is not None:
         frame = with_variant_embeddings(frame, emb)
     train, test = frame[ts < cut], frame[ts >= cut]
-    rankers = train_rankers(train, emb.vectors if emb is not None else None, None, RankerParams(seed=seed))
+    try:
+        rankers = train_rankers(train, emb.vectors if emb is not None else None, None, RankerParams(seed=seed))
+    except RankingError as e:  # e.g. a log with no negative: report it, score the other columns
+        return {"ctr_auc": float("nan"), "cvr_auc": float("nan"), "error": str(e)}
     return ranker_auc(rankers, test)
 
 

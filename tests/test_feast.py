@@ -14,6 +14,8 @@ from htcl import schema as S
 from htcl.features import listener_stats, song_stats
 
 T0 = pd.Timestamp("2026-03-02 10:00", tz="UTC")
+# the module world's model is conftest's tiny one; evaluate builds a random-init model from the config
+from conftest import TINY_MODEL as TINY_OVERRIDES  # noqa: E402
 N_SONGS, N_USERS = 120, 12
 
 
@@ -221,6 +223,19 @@ def _check_backfill(world, capsys):
     assert len(mine["candidate_embedding__embedding"].iloc[0]) == world["embed_dim"]
     assert mine["trigger_embedding__embedding"].notna().all() and mine["listener_stats__ctr_30d"].notna().all()
 
+    # Feast's point-in-time join equals the in-process one that `--local` evaluation uses
+    # (htcl.features.point_in_time_stats), on every row the planted values do not touch.
+    from htcl.features import point_in_time_stats
+
+    catalog = pd.read_parquet(world["world"] / "catalog.parquet")
+    local = point_in_time_stats(log, dict(zip(catalog[S.SONG_ID], catalog[S.GENRE])))
+    rows = frame[(frame["impression_id"] < len(log)) & (frame[S.SONG_ID] != song)]
+    theirs = local.iloc[rows["impression_id"].to_numpy()]
+    numeric = [c for c in frame.columns if c.startswith(("song_stats__", "listener_stats__")) and c != "listener_stats__top_genre_30d"]
+    assert len(rows) > 100 and len(numeric) == 17
+    np.testing.assert_allclose(rows[numeric].to_numpy(float), theirs[numeric].to_numpy(float), rtol=1e-6)
+    assert (rows["listener_stats__top_genre_30d"].to_numpy() == theirs["listener_stats__top_genre_30d"].to_numpy()).all()
+
 
 def redis_reachable(host="127.0.0.1", port=6379) -> bool:
     try:
@@ -256,3 +271,34 @@ def test_online_lookup_of_1_and_100_songs(world, ray_instance, capsys, backend):
     expected = pq.read_table(world["out"] / "embeddings" / "v1").to_pandas().sort_values(S.SONG_ID)
     np.testing.assert_allclose(np.array(hundred), np.stack(expected[S.EMBEDDING])[:100], rtol=1e-6)
     assert online_embeddings(store, [N_SONGS + 50], "v1") == [None]  # an unknown song is absent, not an error
+
+
+@pytest.mark.slow
+def test_train_rankers_and_evaluate_jobs_on_the_feast_frame(world, ray_instance, capsys):
+    """`htcl train-rankers` and `htcl evaluate` (the Ray/Feast edges) on the module's store."""
+    from htcl.audio import mel_to_bytes
+    from htcl.mels import write_table
+    from htcl.ranking import Rankers
+    from ray_jobs import evaluate, train_rankers
+
+    if not (world["out"] / "feast" / "online" / "sqlite" / "current_model_version").is_file():
+        materialize(world, capsys, "--model-version", "v1")
+    capsys.readouterr()
+    assert train_rankers.main(["--config", "configs/demo.yaml", *world["overrides"]]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rankers = Rankers.load(summary["rankers"])
+    assert rankers.model_version == "v1" and rankers.feature_names[0] == "emb_cosine"
+    assert summary["train_rows"] + summary["heldout_rows"] == 1500 and 0 <= summary["heldout_ctr_auc"] <= 1
+
+    # evaluate scores every variant it finds: here no checkpoints, so random-init and mel statistics
+    rng = np.random.default_rng(1)
+    mels = [{S.SONG_ID: i, S.N_FRAMES: 40, S.MEL: mel_to_bytes(rng.normal(-6, 3, (128, 40)).astype(np.float32))}
+            for i in range(1, N_SONGS + 1)]
+    write_table(mels, S.MELS_SCHEMA, world["out"] / "mels" / "part-00000.parquet")
+    capsys.readouterr()
+    assert evaluate.main(["--config", "configs/demo.yaml", *world["overrides"], *TINY_OVERRIDES]) == 0
+    out = capsys.readouterr().out
+    assert "| random-init encoder |" in out and "| no embedding (stats only) |" in out
+    results = json.loads((world["out"] / "evaluation" / "results.json").read_text())
+    assert set(results["variants"]) == {"random-init encoder", "mel statistics", "no embedding (stats only)"}
+    assert (world["out"] / "evaluation" / "cosine_histograms.png").stat().st_size > 1000

@@ -61,6 +61,18 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
     assert vectors.shape == (12, 32)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert emb.model_version.nunique() == 1 and emb.model_version.iloc[0].startswith("finetune-2-")
+    index = json.loads((out / "index" / emb.model_version.iloc[0] / "index.json").read_text())
+    assert index["count"] == 12 and index["model_version"] == emb.model_version.iloc[0]
+
+    # the comparison table: every variant, in-process point-in-time stats (no Feast)
+    assert main(["evaluate", "--local", "--config", "configs/demo.yaml", *ov]) == 0
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    assert list(results["variants"]) == ["random-init encoder", "mel statistics", "stage 1 (CLAP-style)", "HTCL",
+                                         "HTCL_w_CF", "no embedding (stats only)"]
+    assert results["heldout_favor_pairs"] > 0 and 0 <= results["variants"]["HTCL"]["matching"]["hit_rate@10"] <= 1
+    # every impression of the tiny log is a click: no CTR ranker can train, and the report says so
+    assert "both classes" in results["variants"]["HTCL"]["ranking"]["error"]
+    assert (out / "evaluation" / "results.md").read_text().count("|") > 50
 
 
 def test_bad_config_override_is_a_clear_error(capsys):
