@@ -94,7 +94,7 @@ class Head:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(2)
+            time.sleep(0.5)
         raise TimeoutError(f"dashboard not up at {self.url} after {timeout} s; see {self.log.name}")
 
     @property
@@ -139,12 +139,18 @@ class Head:
                     os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
                     break
-                time.sleep(2)
+                deadline = time.time() + 2  # up to 2 s for the group to go, not 2 s whatever
+                while time.time() < deadline:
+                    try:
+                        os.killpg(self.proc.pid, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.1)
             if self.proc.poll() is None:
                 self.proc.wait(timeout=10)
         deadline = time.time() + 20
         while self.ours() and time.time() < deadline:  # give children time to follow
-            time.sleep(1)
+            time.sleep(0.5)
         strays = self.ours()
         for p in strays:
             try:
@@ -180,7 +186,7 @@ class Head:
                     print(f"{submission_id}: {status} in {(info['end_time'] - info['start_time']) / 1000:.1f} s "
                           f"(submit to done {time.time() - t_submit:.1f} s)")
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         logs = requests.get(f"{self.url}/api/jobs/{submission_id}/logs", headers=self.auth, timeout=10).json()["logs"]
         return status, logs, cli.stdout + cli.stderr
 
