@@ -285,7 +285,8 @@ def test_train_rankers_and_evaluate_jobs_on_the_feast_frame(world, ray_instance,
         materialize(world, capsys, "--model-version", "v1")
     capsys.readouterr()
     assert train_rankers.main(["--config", "configs/demo.yaml", *world["overrides"]]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])  # after the backfill's progress line
     rankers = Rankers.load(summary["rankers"])
     assert rankers.model_version == "v1" and rankers.feature_names[0] == "emb_cosine"
     assert summary["train_rows"] + summary["heldout_rows"] == 1500 and 0 <= summary["heldout_ctr_auc"] <= 1
