@@ -34,6 +34,17 @@ NO_EMBEDDING = "no embedding (stats only)"
 INSTRUMENTAL = "instrumental"
 
 
+def _save_figure(fig, png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def plot_training_curves(metric_files: Sequence[str | Path], png: str | Path) -> Path:
     """Loss parts, in-batch top-1 and logit scale against step, one line per run and metric."""
     import matplotlib
@@ -61,12 +72,7 @@ def plot_training_curves(metric_files: Sequence[str | Path], png: str | Path) ->
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
 
 
 @dataclass
@@ -365,12 +371,7 @@ def plot_cosine_histograms(cosines: Mapping[str, tuple[np.ndarray, np.ndarray]],
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("cosine similarity")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return _save_figure(fig, png)
 
 
 def write_report(results: dict, out_dir: str | Path, metric_files: Sequence[str | Path] = (), title: str = "HTCL evaluation") -> dict[str, Path]:
