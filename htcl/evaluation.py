@@ -175,10 +175,26 @@ def hit_rate_at_k(emb: Embeddings, triggers, targets, ks: Sequence[int]) -> dict
     sims[np.arange(len(t_rows)), t_rows] = -np.inf  # never recommend the trigger itself
     target_sim = sims[np.arange(len(t_rows)), g_rows]
     rank = (sims > target_sim[:, None]).sum(axis=1)  # 0 = the target is the nearest song
-    out = {f"hit_rate@{k}": float((rank < k).mean()) if len(rank) else float("nan") for k in ks}
+    out: dict = {}
+    for k in ks:
+        hits = (rank < k).astype(np.float64)
+        out[f"hit_rate@{k}"] = float(hits.mean()) if len(rank) else float("nan")
+        out[f"hit_rate@{k}_ci95"] = bootstrap_ci(hits)
     out["pairs"] = int(len(rank))
     out["median_rank"] = float(np.median(rank) + 1) if len(rank) else float("nan")
     return out
+
+
+def bootstrap_ci(values: np.ndarray, statistic=np.mean, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of a statistic over the rows (held-out pairs or
+    impressions): how far the figure moves with the test sample alone, not with training seeds."""
+    n = len(values)
+    if n < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    stats = [statistic(values[rng.integers(0, n, n)]) for _ in range(resamples)]
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def pair_cosines(emb: Embeddings, triggers, targets, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -323,8 +339,18 @@ def check_claims(rows: dict, ks: Sequence[int]) -> dict[str, bool | None]:
 # --- the report -----------------------------------------------------------------------------
 
 
-def _pct(v: float) -> str:
-    return "–" if v is None or np.isnan(v) else f"{100 * v:.2f}"
+def _pct(v: float, ci: list | None = None) -> str:
+    if v is None or np.isnan(v):
+        return "–"
+    if ci is None or any(c is None or np.isnan(c) for c in ci):
+        return f"{100 * v:.2f}"
+    return f"{100 * v:.2f} ±{50 * (ci[1] - ci[0]):.1f}"
+
+
+def _ci(row: dict, *path) -> list | None:
+    for p in path[:-1]:
+        row = row.get(p, {}) if isinstance(row, dict) else {}
+    return row.get(path[-1] + "_ci95") if isinstance(row, dict) else None
 
 
 def results_markdown(results: dict, title: str = "HTCL evaluation") -> str:
@@ -333,13 +359,14 @@ def results_markdown(results: dict, title: str = "HTCL evaluation") -> str:
     head = ["Method", "Genre acc.", "Language acc."] + [f"Hit-rate@{k}" for k in ks] + ["CTR AUC", "CVR AUC", "cos gap"]
     lines = [f"# {title}", "",
              f"Held out: events from {results['split_time']} on ({results['heldout_favor_pairs']} distinct favor pairs); "
-             f"catalog {results['catalog_songs']} songs. All figures in %; `cos gap` = mean cosine trigger-favored minus "
-             "trigger-random.", "",
+             f"catalog {results['catalog_songs']} songs. All figures in %; ± is half the 95% bootstrap interval over the "
+             "held-out pairs or impressions (the test sample's noise, not the training seed's); `cos gap` = mean "
+             "cosine trigger-favored minus trigger-random.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results["variants"].items():
         cells = [name, _pct(_get(row, "semantics", "genre", "accuracy")), _pct(_get(row, "semantics", "language", "accuracy"))]
-        cells += [_pct(_get(row, "matching", f"hit_rate@{k}")) for k in ks]
-        cells += [_pct(_get(row, "ranking", "ctr_auc")), _pct(_get(row, "ranking", "cvr_auc"))]
+        cells += [_pct(_get(row, "matching", f"hit_rate@{k}"), _ci(row, "matching", f"hit_rate@{k}")) for k in ks]
+        cells += [_pct(_get(row, "ranking", m), _ci(row, "ranking", m)) for m in ("ctr_auc", "cvr_auc")]
         gap = _get(row, "cosine", "gap")
         cells.append("–" if np.isnan(gap) else f"{gap:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -26,6 +26,8 @@ def test_hit_rate_counts_rank_over_catalog_minus_trigger():
     assert got["pairs"] == 5
     assert got["hit_rate@1"] == pytest.approx(2 / 5)  # 1 -> 2, 3 -> 2
     assert got["hit_rate@2"] == pytest.approx(3 / 5)  # and 1 -> 3 at rank 2
+    lo, hi = got["hit_rate@2_ci95"]  # bootstrap over the 5 pairs
+    assert 0 <= lo <= 3 / 5 <= hi <= 1 and hi - lo > 0.2
 
 
 def test_linear_probe_separable_vs_noise_with_artists_held_out():
