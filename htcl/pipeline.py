@@ -295,15 +295,11 @@ def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
 
 # --- evaluation ----------------------------------------------------------------------------
 
-VARIANT_CHECKPOINTS = {"stage 1 (CLAP-style)": ("pretrain", "model.pt"), "HTCL": ("finetune", "model.pt"),
-                       "HTCL_w_CF": ("finetune_cf", "model.pt")}
-
-
 def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
     """Every embedding variant the comparison can score from this run's outputs, by table name:
     a random-init encoder (same architecture, seed eval.seed), mel statistics, and each trained
     checkpoint found (stage 1, HTCL, HTCL_w_CF)."""
-    from htcl.evaluation import MEL_STATS, RANDOM_INIT, Embeddings, mel_statistics
+    from htcl.evaluation import HTCL, HTCL_CF, MEL_STATS, RANDOM_INIT, STAGE1, Embeddings, mel_statistics
 
     mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
     ids = sorted(mels)
@@ -311,8 +307,8 @@ def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
     torch.manual_seed(cfg.eval.seed)
     variants = {RANDOM_INIT: Embeddings(ids, embed_mels(HTCLModel(cfg.model, cfg.audio), songs)),
                 MEL_STATS: mel_statistics(mels)}
-    for name, parts in VARIANT_CHECKPOINTS.items():
-        ckpt = out_path(cfg, *parts)
+    for name, run in ((STAGE1, "pretrain"), (HTCL, "finetune"), (HTCL_CF, "finetune_cf")):
+        ckpt = out_path(cfg, run, "model.pt")
         if not ckpt.is_file():
             if verbose:
                 print(f"evaluate: no {ckpt}; {name} left out")

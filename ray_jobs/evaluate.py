@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from htcl.pipeline import run_evaluate
 from ray_jobs.backfill import whole_log_frame
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     frame, _ = whole_log_frame(cfg, args.online_store)
     results = run_evaluate(cfg, frame, args.out)
     print()
-    print(open(results["paths"]["markdown"]).read())
+    print(Path(results["paths"]["markdown"]).read_text())
     print(f"evaluation: {results['paths']['markdown']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 
