@@ -83,8 +83,9 @@ def plan(args: dict | None = None) -> AppPlan:
     cfg = load_config(str(_path(args.get("config") or "configs/demo.yaml")), list(args.get("overrides") or []))
     out = _path(cfg.output_dir)
     feast_dir = out / "feast"
-    online_store = args.get("online_store")
-    online_store = os.environ.get("HTCL_ONLINE_STORE", "") if online_store is None else str(online_store)
+    from feature_repo.store import online_store_url  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
+
+    online_store = online_store_url(None if args.get("online_store") is None else str(args["online_store"]))
     version = args.get("model_version")
     if not version:
         from ray_jobs.materialize import read_current_version
