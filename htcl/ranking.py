@@ -219,22 +219,22 @@ def ranker_auc(rankers: Rankers, frame: pd.DataFrame) -> dict[str, float]:
     out = {"ctr_auc": float("nan"), "cvr_auc": float("nan"), "rows": len(frame), "clicked": int(clicked.sum())}
     if len(np.unique(clicked)) == 2:
         out["ctr_auc"] = float(roc_auc_score(clicked, ctr))
-        out["ctr_auc_ci95"] = _bootstrap_auc(clicked, ctr)
+        out["ctr_auc_ci95"] = _auc_interval(clicked, ctr)
     if len(np.unique(favored[clicked])) == 2:
         out["cvr_auc"] = float(roc_auc_score(favored[clicked], cvr[clicked]))
-        out["cvr_auc_ci95"] = _bootstrap_auc(favored[clicked], cvr[clicked])
+        out["cvr_auc_ci95"] = _auc_interval(favored[clicked], cvr[clicked])
     return out
 
 
-def _bootstrap_auc(labels: np.ndarray, scores: np.ndarray, resamples: int = 200, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap interval of the AUC over the scored rows."""
+def _auc_interval(labels: np.ndarray, scores: np.ndarray) -> list[float]:
+    """95% bootstrap interval of the AUC over the scored rows (a one-class resample is skipped)."""
     from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(labels), len(labels))
-        if labels[idx].min() != labels[idx].max():
-            aucs.append(roc_auc_score(labels[idx], scores[idx]))
-    lo, hi = np.percentile(aucs, [2.5, 97.5]) if aucs else (float("nan"), float("nan"))
-    return [float(lo), float(hi)]
+    from htcl.evaluation import bootstrap_ci
+
+    def auc(rows: np.ndarray) -> float:
+        y = labels[rows]
+        return float(roc_auc_score(y, scores[rows])) if y.min() != y.max() else float("nan")
+
+    return bootstrap_ci(np.arange(len(labels)), auc, resamples=200)
+
