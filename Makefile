@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_system_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps musicnn==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
