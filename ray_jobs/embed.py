@@ -1,4 +1,4 @@
-"""Ray Data batch inference: mels/ + a checkpoint -> embeddings/<model_version>/.
+"""Ray Data batch inference: mels/ (or a backbone's cached features) + a checkpoint -> embeddings/<model_version>/.
 
     python -m ray_jobs.embed --config configs/demo.yaml [key=value ...] [--checkpoint P]
     ray job submit --working-dir . -- python -m ray_jobs.embed --config configs/demo.yaml
@@ -74,9 +74,13 @@ class EmbedUDF:
         import torch
 
         from htcl.audio import mel_batch, mel_from_bytes
+        from htcl.towers import FEATURE, SHAPE, feature_from_row
 
         ids = [int(i) for i in batch[S.SONG_ID]]
-        mels = [mel_from_bytes(b, self.n_mels, int(n)) for b, n in zip(batch[S.MEL], batch[S.N_FRAMES])]
+        if FEATURE in batch:  # a backbone model: the locked tagger's cached patch features (C, P)
+            mels = [feature_from_row(shape, b) for shape, b in zip(batch[SHAPE], batch[FEATURE])]
+        else:
+            mels = [mel_from_bytes(b, self.n_mels, int(n)) for b, n in zip(batch[S.MEL], batch[S.N_FRAMES])]
         mel, mask = mel_batch(mels)  # (B, M, F), (B, F)
         with torch.no_grad():
             emb = self.model.encode_audio(torch.as_tensor(mel, device=self.device),
@@ -108,13 +112,24 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
 
     from htcl.pipeline import model_version
 
-    checkpoint = Path(checkpoint or out_path(cfg, "finetune", "model.pt")).resolve()
+    from htcl.pipeline import run_dir_name
+
+    checkpoint = Path(checkpoint or out_path(cfg, run_dir_name(cfg, "finetune"), "model.pt")).resolve()
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    mels_dir = out_path(cfg, "mels")
-    shards = sorted(str(p.resolve()) for p in mels_dir.glob("*.parquet"))
+    from htcl.config import config_from_dict
+    from htcl.towers import FEATURE, SHAPE, audio_tower_spec, tower_dir
+    from htcl.training import load_checkpoint
+
+    ckpt_cfg = config_from_dict(load_checkpoint(checkpoint)["config"])
+    if ckpt_cfg.model.audio_backbone == "none":
+        inputs_dir, columns = out_path(cfg, "mels"), [S.SONG_ID, S.N_FRAMES, S.MEL]
+    else:  # the same tower's cached features that training read
+        inputs_dir = tower_dir(cfg.output_dir, audio_tower_spec(ckpt_cfg.model, ckpt_cfg.audio))
+        columns = [S.SONG_ID, SHAPE, FEATURE]
+    shards = sorted(str(p.resolve()) for p in inputs_dir.glob("*.parquet"))
     if not shards:
-        raise FileNotFoundError(f"no mel shards (*.parquet) in {mels_dir}; run preprocess first")
+        raise FileNotFoundError(f"no input shards (*.parquet) in {inputs_dir}; run preprocess (and features) first")
     version = model_version(checkpoint)
     out_dir = out_path(cfg, "embeddings", version)
     for f in out_dir.glob("*.parquet"):  # a rerun replaces this version, never duplicates it
@@ -124,7 +139,7 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
     now = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     # Reading is light: it must not wait for a CPU the actors hold.
-    ds = ray.data.read_parquet(shards, ray_remote_args={"num_cpus": 0}).select_columns([S.SONG_ID, S.N_FRAMES, S.MEL])
+    ds = ray.data.read_parquet(shards, ray_remote_args={"num_cpus": 0}).select_columns(columns)
     ds = ds.map_batches(
         EmbedUDF,
         fn_constructor_kwargs={"checkpoint": str(checkpoint), "version": version, "event_timestamp": now,
@@ -161,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--checkpoint", help="default: <output_dir>/finetune/model.pt")
+    p.add_argument("--checkpoint", help="default: the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)")
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="songs per forward pass (default: %(default)s)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
-from htcl.pipeline import batch_stream, init_model, out_path, stage_config, stage_dir_name, training_rows
+from htcl.pipeline import batch_stream, init_model, out_path, run_dir_name, stage_config, training_rows
 from htcl.text import SongTokenizer
 from htcl.training import (
     JsonlLogger,
@@ -256,10 +256,10 @@ def fit(
 
     cfg = absolute_paths(cfg)
     tcfg = stage_config(cfg, stage)
-    run_dir = out_path(cfg, stage_dir_name(stage, tcfg.variant))
+    run_dir = out_path(cfg, run_dir_name(cfg, stage))
     run_dir.mkdir(parents=True, exist_ok=True)
     if stage == "finetune":
-        init_from = Path(init_from or out_path(cfg, "pretrain", "model.pt")).expanduser().resolve()
+        init_from = Path(init_from or out_path(cfg, run_dir_name(cfg, "pretrain"), "model.pt")).expanduser().resolve()
         if not init_from.is_file():
             raise FileNotFoundError(f"stage-1 checkpoint not found: {init_from} (run pretrain first or pass --init-from)")
     if tcfg.batch_size % tcfg.num_workers:

@@ -22,7 +22,7 @@ Args (a dict: the `args:` of serving/config.yaml, or built by `htcl serve`):
     config: htcl YAML config (default configs/demo.yaml)   overrides: [dotted k=v, ...]
     model_version: default the store's current one          online_store: redis://... (default $HTCL_ONLINE_STORE, else SQLite)
     encoder: auto | true | false (auto: when the checkpoint's version is the served one)
-    checkpoint: default <output_dir>/finetune/model.pt
+    checkpoint: default the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)
     api_key_env: the environment variable holding the API key (default HTCL_API_KEY; unset = no auth)
     max_upload_mb (20), max_k (1000), max_candidates (1000), timeout_s (5)
     replicas: {ingress: 1, lookup: 1, matcher: 1, ranker: 1, encoder: 1}
@@ -108,7 +108,9 @@ def plan(args: dict | None = None) -> AppPlan:
         raise FileNotFoundError(f"no rankers for model version {version} in {rankers_dir}: run `htcl train-rankers` first")
 
     encoder = str(args.get("encoder", "auto")).lower()
-    checkpoint = _path(args.get("checkpoint") or out / "finetune" / "model.pt")
+    from htcl.pipeline import run_dir_name
+
+    checkpoint = _path(args.get("checkpoint") or out / run_dir_name(cfg, "finetune") / "model.pt")
     if encoder in ("false", "0", "no", "off"):
         checkpoint = None
     else:
@@ -308,7 +310,8 @@ class Ranker(_Worker):
 
 @serve.deployment(max_ongoing_requests=2, max_queued_requests=8, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 class Encoder(_Worker):
-    """Cold start: an audio file's bytes -> log-Mel (as preprocessing makes it) -> audio embedding."""
+    """Cold start: an audio file's bytes -> log-Mel (as preprocessing makes it), or a backbone
+    model's patch features (as `htcl features` makes them) -> audio embedding."""
 
     def __init__(self, checkpoint: str, model_version: str):
         import torch
@@ -319,22 +322,29 @@ class Encoder(_Worker):
         self._init_worker()
         torch.set_num_threads(1)
         self.model, cfg, _ = model_from_checkpoint(checkpoint)
+        self.cfg = cfg
         self.extractor = MelExtractor(cfg.audio)
         self.n_mels = cfg.audio.n_mels
         self.version = model_version
 
     def _encode(self, data: bytes) -> dict:
-        from htcl.audio import mel_from_bytes
+        from htcl.audio import load_audio, mel_from_bytes
         from htcl.pipeline import embed_mels
+        from htcl.towers import audio_input
 
         with tempfile.NamedTemporaryFile(prefix="htcl_upload_") as f:
             f.write(data)
             f.flush()
-            row, bad = self.extractor.extract_one(0, f.name)
+            row, bad = self.extractor.extract_one(0, f.name)  # decodes and validates the upload
+            if row is not None and self.model.audio.backbone is not None:
+                # a backbone model reads the locked tagger's patch features, computed as training's cache was
+                wave = load_audio(f.name, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
+                x = audio_input(self.model, self.cfg.audio, wave)
         if row is None:
             return {"error": bad["error_type"], "message": bad["message"].replace(f.name, "upload")}
-        mel = mel_from_bytes(row["mel"], self.n_mels, row["n_frames"])
-        vec = embed_mels(self.model, [mel])[0]
+        if self.model.audio.backbone is None:
+            x = mel_from_bytes(row["mel"], self.n_mels, row["n_frames"])
+        vec = embed_mels(self.model, [x])[0]
         return {"model_version": self.version, "embedding": vec, "frames": row["n_frames"]}
 
     async def encode(self, data: bytes) -> dict:

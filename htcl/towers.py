@@ -1,0 +1,348 @@
+"""Locked towers and their cached features.
+
+A locked tower never changes during training, so its output for a song is a feature: computed
+once, stored, and read by training instead of running the tower. Two towers can be locked:
+
+  text      the BERT's pooled output before the projection, (H,) per song (model.text_trainable false)
+  musicnn_* the pretrained tagger's pooled features of each 3 s patch, (C, P) per song
+            (model.audio_backbone; C = htcl.musicnn.POOLED_DIM, P patches of the first
+            audio.max_seconds)
+
+Cache layout, under <output_dir>/features/<tower>-<tower hash, 16 hex>/:
+    part-*.parquet   song_id int64, input_hash str, shape list<int32>, feature (float32 bytes, C order)
+    _tower.json      the tower spec the hash was taken of (weights hash, config)
+
+The tower hash covers the tower's weights, its config and the feature format: a change to any of
+them is a new folder, recomputed from scratch, never a silent reuse. The input hash covers what
+the tower reads (the song's text, or the audio file's bytes): a rerun recomputes exactly the songs
+whose input changed or that are new, and keeps the rest. The class UDFs (`TextFeatures`,
+`BackboneFeatures`) have Ray Data's shape; ray_jobs/features.py maps them over the catalog, and
+`htcl.pipeline.run_features` runs them in a loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from htcl import schema as S
+from htcl.config import AudioConfig, Config, ModelConfig
+
+FEATURES_DIR = "features"
+TEXT_TOWER = "text"
+FEATURE_FORMAT = 1  # bump when what a tower's feature means changes
+TOWER_FILE = "_tower.json"  # "_": Parquet dataset readers skip it
+INPUT_HASH, SHAPE, FEATURE, TEXT = "input_hash", "shape", "feature", "text"
+FEATURES_SCHEMA = pa.schema([
+    pa.field(S.SONG_ID, pa.int64(), nullable=False),
+    pa.field(INPUT_HASH, pa.string(), nullable=False),
+    pa.field(SHAPE, pa.list_(pa.int32()), nullable=False),
+    pa.field(FEATURE, pa.binary(), nullable=False),
+])
+
+
+class StaleFeaturesError(RuntimeError):
+    """Cached features that do not belong to the current tower or input."""
+
+
+# --- hashes --------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, h=None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def audio_file_hash(path: str) -> str:
+    """sha256 of an audio file's bytes (local path, file:// or a pyarrow.fs URI)."""
+    if "://" in path and not path.startswith("file://"):
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        h = hashlib.sha256()
+        with filesystem.open_input_stream(inner) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    return sha256_file(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def state_dict_hash(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors in name order: its weights, wherever they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _model_dir_hash(model_dir: str) -> str:
+    """sha256 over a Hugging Face model directory's files (weights, config, tokenizer)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            h.update(f.name.encode())
+            sha256_file(f, h)
+    return h.hexdigest()
+
+
+# --- tower specs ---------------------------------------------------------------------------
+
+
+def text_tower_spec(model_cfg: ModelConfig) -> dict:
+    from htcl.model import resolve_text_model
+
+    model_dir = resolve_text_model(model_cfg.text_model)
+    return {"tower": TEXT_TOWER, "format": FEATURE_FORMAT, "weights": _model_dir_hash(str(model_dir)),
+            "max_length": model_cfg.text_max_length, "pooling": model_cfg.text_pooling}
+
+
+@functools.lru_cache(maxsize=4)
+def _backbone_weights_hash(name: str) -> str:
+    from htcl.musicnn import Musicnn
+
+    return state_dict_hash(Musicnn(name, pretrained=True))
+
+
+def audio_tower_spec(model_cfg: ModelConfig, audio_cfg: AudioConfig) -> dict:
+    name = model_cfg.audio_backbone
+    if name == "none":
+        raise ValueError("model.audio_backbone is 'none': the paper's audio encoder trains, it has no cached features")
+    return {"tower": name, "format": FEATURE_FORMAT, "weights": _backbone_weights_hash(name),
+            "max_seconds": audio_cfg.max_seconds}
+
+
+def tower_hash(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(spec), sort_keys=True).encode()).hexdigest()
+
+
+def tower_dir(output_dir: str | Path, spec: Mapping[str, Any]) -> Path:
+    return Path(output_dir, FEATURES_DIR, f"{spec['tower']}-{tower_hash(spec)[:16]}")
+
+
+def locked_tower_specs(cfg: Config) -> dict[str, dict]:
+    """The towers this config locks: {"text": spec, "audio": spec}, each present when locked."""
+    specs = {}
+    if cfg.model.audio_backbone != "none":
+        specs["audio"] = audio_tower_spec(cfg.model, cfg.audio)
+    if not cfg.model.text_trainable:
+        specs["text"] = text_tower_spec(cfg.model)
+    return specs
+
+
+# --- rows and the cache folder ------------------------------------------------------------
+
+
+def feature_row(song_id: int, input_hash: str, feature: np.ndarray) -> dict:
+    feature = np.ascontiguousarray(feature, dtype=np.float32)
+    return {S.SONG_ID: int(song_id), INPUT_HASH: input_hash, SHAPE: list(feature.shape), FEATURE: feature.tobytes()}
+
+
+def feature_from_row(shape, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.float32).reshape(tuple(shape)).copy()
+
+
+def write_tower_spec(directory: Path, spec: Mapping[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / TOWER_FILE
+    if not path.is_file():
+        tmp = path.with_name(f"{TOWER_FILE}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({**spec, "hash": tower_hash(spec)}, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def check_tower(directory: Path, spec: Mapping[str, Any]) -> None:
+    """The folder's recorded spec must be this spec (a folder named by a hash prefix could collide)."""
+    path = directory / TOWER_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text()).get("hash")
+        if recorded != tower_hash(spec):
+            raise StaleFeaturesError(f"{directory}: cached for tower hash {recorded}, not {tower_hash(spec)}")
+
+
+def cached_inputs(directory: Path) -> dict[int, str]:
+    """song_id -> input_hash of every cached row."""
+    out: dict[int, str] = {}
+    for f in sorted(Path(directory).glob("*.parquet")):
+        t = pq.read_table(f, columns=[S.SONG_ID, INPUT_HASH]).to_pydict()
+        out.update(zip(t[S.SONG_ID], t[INPUT_HASH]))
+    return out
+
+
+def songs_to_compute(directory: Path, inputs: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `inputs` (song_id, input_hash, ...) whose features are missing or stale."""
+    have = cached_inputs(directory)
+    stale = [have.get(int(s)) != h for s, h in zip(inputs[S.SONG_ID], inputs[INPUT_HASH])]
+    return inputs[np.array(stale, dtype=bool)] if len(inputs) else inputs
+
+
+def drop_rows(directory: Path, keep: Mapping[int, str]) -> int:
+    """Rewrite the shards without rows whose (song_id, input_hash) is not in `keep`: features
+    of changed inputs are replaced, never kept beside the new ones. Returns rows dropped."""
+    dropped = 0
+    for f in sorted(Path(directory).glob("*.parquet")):
+        t = pq.read_table(f)
+        ids, hashes = t.column(S.SONG_ID).to_pylist(), t.column(INPUT_HASH).to_pylist()
+        mask = [keep.get(int(s)) == h for s, h in zip(ids, hashes)]
+        if all(mask):
+            continue
+        dropped += len(mask) - sum(mask)
+        tmp = f.with_name(f"{f.name}.{uuid.uuid4().hex}.tmp")
+        pq.write_table(t.filter(pa.array(mask)), tmp)
+        os.replace(tmp, f)
+    return dropped
+
+
+def write_features(rows: list[dict], directory: Path) -> Path | None:
+    if not rows:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"part-{uuid.uuid4().hex[:12]}.parquet"
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_features(directory: str | Path, expected: Mapping[int, str] | None = None) -> dict[int, np.ndarray]:
+    """{song_id: feature} from a tower's cache folder.
+
+    With `expected` (song_id -> current input hash), a cached row whose input hash differs is an
+    error naming the song (rerun `htcl features`); songs missing from the cache are left out.
+    """
+    directory = Path(directory)
+    files = sorted(directory.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no cached features (*.parquet) in {directory}; run `htcl features` first")
+    out: dict[int, np.ndarray] = {}
+    for f in files:
+        t = pq.read_table(f).to_pydict()
+        for sid, h, shape, data in zip(t[S.SONG_ID], t[INPUT_HASH], t[SHAPE], t[FEATURE]):
+            if expected is not None and int(sid) in expected and expected[int(sid)] != h:
+                raise StaleFeaturesError(
+                    f"{f}: song {sid}'s cached features are of another input (hash {h[:12]}, now "
+                    f"{expected[int(sid)][:12]}); run `htcl features` to recompute them")
+            out[int(sid)] = feature_from_row(shape, data)
+    return out
+
+
+# --- the towers as Ray-Data-shaped class UDFs ------------------------------------------------
+
+
+class TextFeatures:
+    """{song_id, text, input_hash} columns -> feature rows: the locked BERT's pooled output (H,)."""
+
+    def __init__(self, model_cfg: ModelConfig, batch_size: int = 32):
+        from htcl.model import TextEncoder
+        from htcl.text import SongTokenizer
+
+        self.tokenizer = SongTokenizer(model_cfg)
+        self.encoder = TextEncoder(model_cfg).eval()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def pooled(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tok = self.tokenizer(texts[i : i + self.batch_size])
+            out.append(self.encoder.pooled(tok["input_ids"], tok["attention_mask"]).float().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.encoder.bert.config.hidden_size), np.float32)
+
+    def __call__(self, batch: dict) -> dict[str, list]:
+        feats = self.pooled([str(t) for t in batch[TEXT]])
+        rows = [feature_row(s, h, f) for s, h, f in zip(batch[S.SONG_ID], batch[INPUT_HASH], feats)]
+        return {"features": rows, "quarantine": []}
+
+
+def backbone_features(net, wave: np.ndarray) -> np.ndarray:
+    """The tagger's pooled features of each 3 s patch of a 16 kHz waveform (T,): (C, P) float32."""
+    from htcl.musicnn import log_mel, patches
+
+    with torch.no_grad():
+        mel = log_mel(torch.as_tensor(wave, dtype=torch.float32))  # (1, F, 96)
+        x, mask = patches(mel)  # (1, P, 187, 96), (1, P)
+        pooled = net.pooled(x[0][mask[0]])  # (P, C)
+    return pooled.float().numpy().T.copy()
+
+
+class BackboneFeatures:
+    """{song_id, audio_path, input_hash} columns -> feature rows: the tagger's pooled features of
+    every 3 s patch of the song's first audio.max_seconds, (C, P). A file that cannot be decoded
+    becomes a quarantine row (stage "features") and the batch goes on."""
+
+    def __init__(self, model_cfg: ModelConfig, audio_cfg: AudioConfig, net=None):
+        from htcl.musicnn import SAMPLE_RATE, Musicnn
+
+        self.net = net if net is not None else Musicnn(model_cfg.audio_backbone, pretrained=True).eval()
+        self.sample_rate, self.max_seconds = SAMPLE_RATE, audio_cfg.max_seconds
+
+    def waveform_features(self, wave: np.ndarray) -> np.ndarray:
+        return backbone_features(self.net, wave)
+
+    def __call__(self, batch: dict) -> dict[str, list]:
+        from htcl.audio import AudioDecodeError, load_audio
+        from htcl.mels import MelExtractor
+
+        rows, quarantine = [], []
+        for sid, path, h in zip(batch[S.SONG_ID], batch[S.AUDIO_PATH], batch[INPUT_HASH]):
+            try:
+                wave = load_audio(path, self.sample_rate, self.max_seconds)
+            except AudioDecodeError as e:
+                quarantine.append(MelExtractor.quarantine_row(sid, path, "features", e.reason, str(e)))
+                continue
+            rows.append(feature_row(sid, h, self.waveform_features(wave)))
+        return {"features": rows, "quarantine": quarantine}
+
+
+def tower_inputs(cfg: Config, catalog: pd.DataFrame, tower: str) -> pd.DataFrame:
+    """The rows a tower reads, with their input hashes: (song_id, text, input_hash) for the text
+    tower, (song_id, audio_path, input_hash) for an audio backbone."""
+    if tower == "text":
+        from htcl.pipeline import song_texts
+
+        texts = song_texts(catalog)
+        ids = sorted(texts)
+        return pd.DataFrame({S.SONG_ID: ids, TEXT: [texts[i] for i in ids],
+                             INPUT_HASH: [text_hash(texts[i]) for i in ids]})
+    paths = [str(p) for p in catalog[S.AUDIO_PATH]]
+    hashes = []
+    for p in paths:
+        try:
+            hashes.append(audio_file_hash(p))
+        except OSError:  # missing or unreadable: the tower's decode quarantines it
+            hashes.append("unreadable")
+    return pd.DataFrame({S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths,
+                         INPUT_HASH: hashes})
+
+
+def audio_input(model, audio_cfg: AudioConfig, wave: np.ndarray) -> np.ndarray:
+    """What a model's audio encoder reads for one 16 kHz waveform: the log-Mel (M, F) for the
+    paper family, the backbone's pooled patch features (C, P) (through the checkpoint's own copy
+    of the tagger, so it equals the cached features) for a backbone model."""
+    backbone = model.audio.backbone
+    if backbone is not None:
+        return backbone_features(backbone, wave)
+    from htcl.audio import LogMel
+
+    logmel = LogMel(audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.win_ms, audio_cfg.hop_ms)
+    with torch.no_grad():
+        return logmel(torch.as_tensor(wave, dtype=torch.float32))[0].numpy()
