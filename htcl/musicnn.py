@@ -49,6 +49,7 @@ N_MIDEND = 64
 POOLED_DIM = 2 * (N_FRONTEND + 3 * N_MIDEND)  # 1506: max and mean of 753 channels, interleaved
 PENULTIMATE_DIM = 200
 BN_EPS = 1e-3  # TF's default batch-norm epsilon
+_CHUNK = 256  # frames per block of the log-Mel
 _DEAD = 1e-20  # a filter whose weights are all below this in magnitude is dead (they are ~1e-31)
 
 # musicnn.configuration, copied so the tag names need no import of the package
@@ -260,10 +261,15 @@ def mel_power(waveform) -> Tensor:
         x = x[None]
     x = x.to(torch.float32)
     window, fb, lo, hi = _frontend_consts()
-    frames = F.pad(x, (N_FFT // 2, N_FFT // 2)).unfold(-1, N_FFT, HOP)  # (B, F, 512) float32
-    spec = torch.fft.rfft(frames.double() * window, dim=-1)[..., lo:hi].to(torch.complex64)
-    power = spec.abs().square()
-    return power @ fb
+    frames = F.pad(x, (N_FFT // 2, N_FFT // 2)).unfold(-1, N_FFT, HOP)  # (B, F, 512) float32 view
+    out = x.new_empty(frames.shape[0], frames.shape[1], N_MELS)
+    # blocks of _CHUNK frames keep the float64 intermediates in cache, so that a batch costs the
+    # same per song as one song
+    for i in range(frames.shape[0]):
+        for s in range(0, frames.shape[1], _CHUNK):
+            spec = torch.fft.rfft(frames[i, s:s + _CHUNK].double() * window, dim=-1)[..., lo:hi]
+            torch.matmul(spec.to(torch.complex64).abs().square(), fb, out=out[i, s:s + _CHUNK])
+    return out
 
 
 def log_mel(waveform) -> Tensor:

@@ -88,16 +88,18 @@ def wave_checksum(y: np.ndarray) -> np.ndarray:
     return np.array([y.sum(), (y * y).sum(), y.size], dtype=np.float64)
 
 
-def real_clips() -> dict[str, np.ndarray]:
+def real_clips_one(name: str) -> np.ndarray:
+    """Real clip `name` as musicnn reads it: librosa.load(sr=16000), cropped to REAL_SECONDS."""
     import librosa
 
-    out = {}
+    y, _ = librosa.load(str(REAL_DIR / REAL_CLIPS[name]), sr=SR)
+    return y[: REAL_SECONDS * SR]
+
+
+def real_clips() -> dict[str, np.ndarray]:
     if not REAL_DIR.is_dir():
-        return out
-    for name, fname in REAL_CLIPS.items():
-        y, _ = librosa.load(str(REAL_DIR / fname), sr=SR)
-        out[name] = y[: REAL_SECONDS * SR]
-    return out
+        return {}
+    return {name: real_clips_one(name) for name in REAL_CLIPS}
 
 
 def main(argv=None) -> int:
