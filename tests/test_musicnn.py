@@ -24,6 +24,16 @@ TOL = 1e-4
 ERRS: dict[str, list[float]] = {}  # worst errors seen, printed by test_report_errors (pytest -s)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The network runs patch by patch; one thread is fastest for these small tests and does not
+    suffer from other processes on the machine (OpenMP barriers under contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ref():
     return np.load(REF_PATH)
