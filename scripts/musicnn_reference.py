@@ -22,8 +22,9 @@ clips from /work/shared/data/real_clips when that folder exists; the audio itsel
   wave/<clip>                a checksum of the waveform (sum, sum of squares, length)
 
 The network outputs come from running the graph tensors ourselves on the non-overlapping 187-frame
-patches of musicnn's own batch_data() (not from extractor()'s 'penultimate' field, which is stale
-after the first batch: its loop overwrites cnn1/cnn2/cnn3 from the first batch and appends them).
+patches of musicnn's own batch_data() (not from extractor()'s 'penultimate' field, which is stale:
+for every batch after the first its loop unpacks the new values into other names (backend_,
+midend1_, ...) and appends the FIRST batch's penultimate_/cnn1_/cnn2_/cnn3_ again).
 
 This module imports only numpy at the top so the test can reuse `synthetic_clips()`.
 """
