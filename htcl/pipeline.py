@@ -203,6 +203,7 @@ class TowerPlan:
     inputs: pd.DataFrame  # every catalog song's input: song_id, input_hash, text or audio_path
     todo: pd.DataFrame  # the rows of inputs to compute
     dropped: int  # cached rows of changed inputs removed
+    skipped_quarantined: int = 0  # songs in quarantine/ (a file that did not decode): not retried
 
 
 def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> list[TowerPlan]:
@@ -221,9 +222,15 @@ def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = 
         check_tower(directory, spec)
         inputs = tower_inputs(cfg, catalog_df, tower)
         todo = songs_to_compute(directory, inputs).reset_index(drop=True)
+        skipped = 0
+        if tower == "audio":  # as preprocess: a quarantined file is not retried (--force retries it)
+            q_dir = out_path(cfg, "quarantine")
+            quarantined = done_song_ids(q_dir, q_dir) if not force else set()
+            skipped = int(todo[S.SONG_ID].isin(quarantined).sum())
+            todo = todo[~todo[S.SONG_ID].isin(quarantined)].reset_index(drop=True)
         current = {**(cached_inputs(directory) if directory.is_dir() else {}),
                    **dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))}
-        plans.append(TowerPlan(tower, spec, directory, inputs, todo, drop_rows(directory, current)))
+        plans.append(TowerPlan(tower, spec, directory, inputs, todo, drop_rows(directory, current), skipped))
     return plans
 
 
@@ -243,8 +250,9 @@ def finish_features(cfg: Config, plan: TowerPlan, rows: list[dict], quarantine: 
         name = f"features-{plan.spec['tower']}-{time.strftime('%Y%m%d%H%M%S')}.parquet"
         write_table(quarantine, S.QUARANTINE_SCHEMA, out_path(cfg, "quarantine", name))
     return {"tower": plan.spec["tower"], "dir": str(plan.directory), "computed": len(rows),
-            "kept": len(plan.inputs) - len(plan.todo), "replaced_stale": plan.dropped,
-            "quarantined": len(quarantine), "seconds": round(seconds, 2)}
+            "kept": len(plan.inputs) - len(plan.todo) - plan.skipped_quarantined, "replaced_stale": plan.dropped,
+            "skipped_quarantined": plan.skipped_quarantined, "quarantined": len(quarantine),
+            "seconds": round(seconds, 2)}
 
 
 def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = False, batch_size: int = 8) -> dict:

@@ -10,6 +10,8 @@ SHARED_DATA = Path(os.environ.get("HTCL_SHARED_DATA", REPO.parent / "shared" / "
 
 # Tiny model sizes for CPU tests; the text encoder is the real bundled MiniLM.
 TINY_MODEL = [
+    "model.audio_backbone=none",  # the paper's encoder, trainable text (tests/test_towers.py covers the rest)
+    "model.text_trainable=true",
     "model.embed_dim=32",
     "model.conv_channels=32",
     "model.d_model=32",

@@ -27,8 +27,34 @@ def test_paper_config_builds_and_reports_its_size():
     assert torch.allclose(z.norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
-def test_demo_config_forward_and_backward():
+def test_demo_config_backbone_family_forward_and_backward():
+    """The demo's served family: cached musicnn patch features -> the tagger's top -> Transformer;
+    the tagger and the BERT are locked, their projections and the Transformer train."""
+    from htcl.musicnn import POOLED_DIM
+
     cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.model.audio_backbone == "musicnn_msd" and not cfg.model.text_trainable
+    model = HTCLModel(cfg.model, cfg.audio).train()
+    feats = torch.randn(2, POOLED_DIM, 10).abs()
+    mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    z_audio = model.encode_audio(feats, mask)
+    z_text = model.encode_text_features(torch.randn(2, model.text.bert.config.hidden_size))
+    (-(z_audio * z_text).sum() * model.scale()).backward()
+    assert z_audio.shape == z_text.shape == (2, cfg.model.embed_dim)
+    assert model.audio.out_proj.weight.grad is not None and model.audio.in_proj.weight.grad is not None
+    assert model.text.proj.weight.grad is not None
+    assert all(p.grad is None for p in model.audio.backbone.parameters())
+    assert all(p.grad is None for p in model.text.bert.parameters())
+    # padded patches never change an embedding
+    model.eval()
+    with torch.no_grad():
+        short = model.encode_audio(feats[1:, :, :6])
+        padded = model.encode_audio(feats[1:], mask[1:])
+    assert torch.allclose(short, padded, atol=1e-5)
+
+
+def test_demo_config_paper_family_forward_and_backward():
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.audio_backbone=none", "model.text_trainable=true"])
     model = HTCLModel(cfg.model, cfg.audio)
     tok = SongTokenizer(cfg.model)
     frames = 313  # 30 s

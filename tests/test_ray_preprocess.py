@@ -267,3 +267,53 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt)]) == 0
     again = pq.read_table(sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))).to_pandas()
     assert sorted(again.song_id) == sorted(keep)
+
+
+def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_local, tmp_path, capsys):
+    """The Ray Data features job caches what the local run caches (both towers; a bad file
+    quarantined, the rest kept); a rerun computes nothing; the embed job reads that cache for a
+    backbone checkpoint and equals the local run_embed."""
+    import torch
+
+    from conftest import write_tiny_world
+    from htcl.model import HTCLModel
+    from htcl.pipeline import run_embed, run_features
+    from htcl.towers import audio_tower_spec, read_features, text_tower_spec, tower_dir
+    from htcl.training import TrainState, build_optimizer, save_checkpoint
+    from ray_jobs.embed import main as embed_main
+    from ray_jobs.features import main as features_main
+
+    world = write_tiny_world(tmp_path / "world", bad_file=True)
+    bert = write_tiny_bert(tmp_path / "bert")
+    ov = [*TINY_MODEL, f"data.root={world}", f"model.text_model={bert}", "model.audio_backbone=musicnn_msd",
+          "model.text_trainable=false", "audio.max_seconds=4"]
+    local_cfg = config_from_dict({}, [*ov, f"output_dir={tmp_path / 'local'}"])
+    run_features(local_cfg)
+    out = tmp_path / "ray"
+    cfg = config_from_dict({}, [*ov, f"output_dir={out}"])
+    capsys.readouterr()
+    assert features_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}"]) == 0
+    summary = json.loads((lambda s: s[s.index("{"): s.rindex("}") + 1])(capsys.readouterr().out))
+    assert summary["audio"]["computed"] == 12 and summary["audio"]["quarantined"] == 1
+    assert summary["text"]["computed"] == 13
+    q = pq.read_table(out / "quarantine").to_pandas()
+    assert q.song_id.tolist() == [13] and q.stage.tolist() == ["features"]
+    for spec in (audio_tower_spec(cfg.model, cfg.audio), text_tower_spec(cfg.model)):
+        ours, local = read_features(tower_dir(out, spec)), read_features(tower_dir(local_cfg.output_dir, spec))
+        assert sorted(ours) == sorted(local)
+        for k in ours:
+            np.testing.assert_allclose(ours[k], local[k], rtol=0, atol=1e-5)
+    assert features_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}"]) == 0
+    again = json.loads((lambda s: s[s.index("{"): s.rindex("}") + 1])(capsys.readouterr().out))
+    assert again["audio"]["computed"] == 0 and again["text"]["computed"] == 0 and again["audio"]["kept"] == 12
+    assert again["audio"]["skipped_quarantined"] == 1 and len(list((out / "quarantine").glob("*.parquet"))) == 1
+
+    torch.manual_seed(0)
+    model = HTCLModel(cfg.model, cfg.audio)
+    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    local = pd.read_parquet(run_embed(cfg, ckpt)).sort_values("song_id")
+    assert embed_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}", "--checkpoint", str(ckpt)]) == 0
+    files = sorted(p for p in (out / "embeddings").glob("*/*.parquet") if p.name != "part-0.parquet")
+    ours = pq.read_table(files).to_pandas().sort_values("song_id")
+    assert ours.song_id.tolist() == local.song_id.tolist() == list(range(1, 13))
+    np.testing.assert_allclose(np.stack(ours.embedding), np.stack(local.embedding), rtol=0, atol=1e-5)
