@@ -8,6 +8,11 @@ Rows, all in the same run on the same waveforms:
             power, no Mel, no log; no log-Mel can be cheaper than this
 Goals (issue 2): LogMel >= 2x librosa and <= 1.5x the floor.
 
+Batch section: LogMel on (B, T) batches of the same songs, ms per song at B = 1, 2, 4, 8 (best
+of the repeats of one call each), next to the same module with its CPU frame blocks switched off
+(CPU_BLOCK_FRAMES huge: whole batches per step, as LogMel did before; shows why blocks exist).
+Goal: per-song cost flat in the batch, batch 8 <= 1.2x batch 1.
+
     python benchmarks/bench_mel.py [--songs 4] [--repeats 7] [--out benchmarks/results/bench_mel.json]
 """
 
@@ -32,9 +37,12 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import htcl.audio  # noqa: E402
 from htcl.audio import LogMel  # noqa: E402
 
 SR, SECONDS, N_FFT, HOP, N_MELS = 16000, 120, 2048, 1536, 128
+BATCHES = (1, 2, 4, 8)
+BATCH_GOAL = 1.2  # LogMel ms/song at batch 8 over batch 1
 
 
 def songs(n: int) -> list[np.ndarray]:
@@ -62,6 +70,30 @@ def best_ms_per_song(fn, waves, repeats: int) -> float:
     return best * 1000
 
 
+def best_ms_per_song_batched(fn, batch: torch.Tensor, repeats: int) -> float:
+    """Best of `repeats` calls on one (B, T) batch, divided by B."""
+    fn(batch)  # warm-up: plans, allocator, scratch buffers
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(batch)
+        best = min(best, time.perf_counter() - t0)
+    return best / batch.shape[0] * 1000
+
+
+def batch_rows(logmel: LogMel, waves: list[np.ndarray], repeats: int) -> dict[str, list[float]]:
+    """ms per song at each of BATCHES for LogMel as is and with its CPU blocks switched off."""
+    stacked = torch.from_numpy(np.stack(waves[: max(BATCHES)]))
+    out = {}
+    for name, block in (("LogMel", htcl.audio.CPU_BLOCK_FRAMES), ("LogMel, no CPU blocks", 1 << 30)):
+        saved, htcl.audio.CPU_BLOCK_FRAMES = htcl.audio.CPU_BLOCK_FRAMES, block
+        try:
+            out[name] = [best_ms_per_song_batched(logmel, stacked[:b], repeats) for b in BATCHES]
+        finally:
+            htcl.audio.CPU_BLOCK_FRAMES = saved
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--songs", type=int, default=4)
@@ -72,7 +104,8 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
-    waves = songs(args.songs)
+    all_waves = songs(max(args.songs, max(BATCHES)))  # the batch section needs 8; the first ones are the same
+    waves = all_waves[: args.songs]
     tensors = [torch.from_numpy(w) for w in waves]
     logmel = LogMel()
     window = torch.hann_window(N_FFT)
@@ -97,24 +130,37 @@ def main(argv=None) -> int:
             "floor: rfft of framed signal": best_ms_per_song(torch.fft.rfft, framed, args.repeats),
         }
         assert logmel(tensors[0]).shape == (1, N_MELS, 1251)
+        batched = batch_rows(logmel, all_waves, args.repeats)
     ref, floor = results["librosa"], results["floor: rfft of framed signal"]
     rows = [{"method": k, "ms_per_song": round(v, 2), "speedup_vs_librosa": round(ref / v, 2),
              "x_floor": round(v / floor, 2)} for k, v in results.items()]
     ours = results["LogMel"]
-    goals = {"LogMel >= 2x librosa": ref / ours >= 2.0, "LogMel <= 1.5x floor": ours / floor <= 1.5}
+    batch_table = [{"method": k, **{f"batch_{b}": round(v, 2) for b, v in zip(BATCHES, ms)},
+                    "batch_8_over_1": round(ms[-1] / ms[0], 2)} for k, ms in batched.items()]
+    ratio = batched["LogMel"][-1] / batched["LogMel"][0]
+    goals = {"LogMel >= 2x librosa": ref / ours >= 2.0, "LogMel <= 1.5x floor": ours / floor <= 1.5,
+             f"LogMel batch 8 <= {BATCH_GOAL}x batch 1 (ms/song)": ratio <= BATCH_GOAL}
 
     print(f"log-Mel of {SECONDS} s at {SR} Hz ({N_MELS} bins, n_fft {N_FFT}, hop {HOP}), 1 thread, "
           f"best of {args.repeats} over {args.songs} songs")
     print(f"{'method':<32}{'ms/song':>10}{'vs librosa':>12}{'x floor':>9}")
     for r in rows:
         print(f"{r['method']:<32}{r['ms_per_song']:>10}{r['speedup_vs_librosa']:>11}x{r['x_floor']:>9}")
+    print(f"\nLogMel on (B, T) batches of the same songs, ms per song, best of {args.repeats} calls")
+    print(f"{'method':<32}" + "".join(f"{'B=' + str(b):>9}" for b in BATCHES) + f"{'B8/B1':>8}")
+    for r in batch_table:
+        print(f"{r['method']:<32}" + "".join(f"{r[f'batch_{b}']:>9}" for b in BATCHES) + f"{r['batch_8_over_1']:>7}x")
+    print(f"(goal: B8/B1 <= {BATCH_GOAL}x)")
     for goal, ok in goals.items():
         print(f"goal {goal}: {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "bench_mel", "torch": torch.__version__, "librosa": librosa.__version__,
                                "machine": platform.machine(), "threads": 1, "songs": args.songs,
-                               "repeats": args.repeats, "rows": rows, "goals": goals}, indent=2))
+                               "repeats": args.repeats, "rows": rows,
+                               "batch": {"songs_per_batch": list(BATCHES), "cpu_block_frames": htcl.audio.CPU_BLOCK_FRAMES,
+                                         "goal_batch_8_over_1": BATCH_GOAL, "rows": batch_table},
+                               "goals": goals}, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 LOG_FLOOR = 1e-10  # power floor before the log, as in the paper's librosa recipe
-MAX_WORK_BYTES = 64 << 20  # LogMel's frame buffer per chunk of songs (about six 120 s songs)
+MAX_WORK_BYTES = 64 << 20  # LogMel's frame buffer per block (about six 120 s songs)
+CPU_BLOCK_FRAMES = 256  # LogMel's frames per block on CPU: 2 MB of frames, 2 MB of spectrum (cache-sized)
 
 # First bytes of the containers libsndfile reads; a file that starts like one but fails to open
 # is a broken or unsupported audio file, anything else is not audio at all.
@@ -177,10 +178,22 @@ class LogMel(nn.Module):
     hop = 1536, and 120 s (1,920,000 samples) give 1 + T // hop = 1251 centered frames.
 
     Not differentiable (a fixed front end). Written out rather than through torch.stft so every
-    step runs on a contiguous (B, F, K) layout in scratch buffers reused between calls, and the Mel projection skips the zeros of the filterbank: each frequency bin feeds at
-    most two neighbouring triangles, so the (K, M) matrix is ~98% zeros. Groups of
-    `group` consecutive filters touch one short contiguous band of bins each; one small dense
-    matmul per group does ~8x fewer multiply-adds than the full matrix (benchmarks/bench_mel.py).
+    step runs on a contiguous (B, F, K) layout in scratch buffers reused between calls, and the
+    Mel projection skips the zeros of the filterbank: each frequency bin feeds at most two
+    neighbouring triangles, so the (K, M) matrix is ~98% zeros. Groups of `group` consecutive
+    filters touch one short contiguous band of bins each; one small dense matmul per group does
+    ~8x fewer multiply-adds than the full matrix (benchmarks/bench_mel.py).
+
+    Work goes block by block, each block a few songs times a few frames (`_plan`). On CPU a
+    block is at most CPU_BLOCK_FRAMES frames (one song's part, or several short songs), so the
+    frames, the spectrum and the power of a block stay in cache and the spectrum (the one
+    buffer torch.fft allocates itself) stays below glibc's 32 MiB mmap threshold. Whole batches
+    at once cost 2-3x per song at batch 8: every rfft output over 32 MiB (batch >= 4) is a
+    fresh mmap that page-faults in on each call, and 80 MB buffers stream through DRAM at every
+    step (benchmarks/bench_mel.py, "batch" rows). Interior blocks frame the waveform in place;
+    only the first and last blocks of a song go through a zero-padded copy (center=True).
+    A long song goes through the same blocks whatever the batch, so batched output equals one
+    song at a time bit for bit; short songs share blocks and may differ in the last float bit.
     """
 
     def __init__(self, sample_rate: int = 16000, n_mels: int = 128, win_ms: float = 128.0, hop_ms: float = 96.0,
@@ -222,32 +235,48 @@ class LogMel(nn.Module):
         return torch.arange(n_frames, device=lengths.device)[None, :] < valid[:, None]
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A scratch tensor kept between calls: fresh 10 MB allocations per song cost more in page
-        faults than the FFT itself (measured: ~9,000 minor faults and 3x the time per 120 s song)."""
+        """A scratch tensor kept between calls, grown when too small: fresh 10 MB allocations per
+        song cost more in page faults than the FFT itself (measured: ~9,000 minor faults and 3x
+        the time per 120 s song)."""
         work = self._work.__dict__
+        n = math.prod(shape)
         buf = work.get(name)
-        if buf is None or buf.shape != shape or buf.device != like.device:
-            buf = work[name] = torch.empty(shape, dtype=torch.float32, device=like.device)
-        return buf
+        if buf is None or buf.numel() < n or buf.device != like.device:
+            buf = work[name] = torch.empty(n, dtype=torch.float32, device=like.device)
+        return buf[:n].view(shape)
 
-    def _chunk(self, wave: torch.Tensor) -> torch.Tensor:
-        """(b, T) -> (b, F, M) log-Mel, through the per-thread scratch buffers."""
-        b, n_samples = wave.shape
+    def _plan(self, n_songs: int, n_frames: int, device: torch.device) -> tuple[int, int]:
+        """(songs, frames) per block: at most MAX_WORK_BYTES of frames, and on CPU at most
+        CPU_BLOCK_FRAMES frames (cache-sized); a GPU wants few, large launches instead."""
+        rows = max(1, MAX_WORK_BYTES // (self.n_fft * 4))
+        if device.type == "cpu":
+            rows = min(rows, CPU_BLOCK_FRAMES)
+        if rows >= n_frames:
+            return min(n_songs, rows // n_frames), n_frames
+        return 1, rows
+
+    def _block(self, wave: torch.Tensor, f0: int, f1: int, out: torch.Tensor) -> None:
+        """Frames f0:f1 of the songs wave (s, T) -> their log-Mel into out (s, M, f1 - f0)."""
+        s, n_samples = wave.shape
         half = self.n_fft // 2
-        # center=True with zero padding, as librosa >= 0.10
-        padded = self._buffer("padded", (b, n_samples + self.n_fft), wave)
-        padded[:, :half] = 0
-        padded[:, n_samples + half :] = 0
-        padded[:, half : n_samples + half] = wave
-        view = padded.unfold(-1, self.n_fft, self.hop)  # (b, F, n_fft), overlapping views
+        a, b = f0 * self.hop - half, (f1 - 1) * self.hop + half  # the block's samples, [a, b) of the song
+        if a >= 0 and b <= n_samples:
+            src = wave[:, a:b]  # inside the song: frame the waveform itself
+        else:  # center=True with zero padding, as librosa >= 0.10
+            src = self._buffer("padded", (s, b - a), wave)
+            lo, hi = max(a, 0), min(b, n_samples)
+            src[:, : lo - a] = 0
+            src[:, hi - a :] = 0
+            src[:, lo - a : hi - a] = wave[:, lo:hi]
+        view = src.unfold(-1, self.n_fft, self.hop)  # (s, f, n_fft), overlapping views
         frames = torch.mul(view, self.window, out=self._buffer("frames", tuple(view.shape), wave))
-        spec = torch.view_as_real(torch.fft.rfft(frames))  # (b, F, K, 2)
+        spec = torch.view_as_real(torch.fft.rfft(frames))  # (s, f, K, 2)
         spec.square_()
         power = torch.add(spec[..., 0], spec[..., 1], out=self._buffer("power", tuple(spec.shape[:-1]), wave))
         mel = torch.cat(
             [power[..., lo:hi] @ getattr(self, f"block{i}") for i, (lo, hi) in enumerate(self.bands)], dim=-1
-        )  # (b, F, M): |X|^2 projected band by band
-        return torch.log(mel.clamp_(min=LOG_FLOOR))
+        )  # (s, f, M): |X|^2 projected band by band
+        out.copy_(torch.log_(mel.clamp_(min=LOG_FLOOR)).transpose(1, 2))
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
@@ -258,15 +287,12 @@ class LogMel(nn.Module):
         wave = wave.float()
         B, n_samples = wave.shape
         n_frames = self.n_frames(n_samples)
-        # Songs go through in chunks whose frame buffer stays under MAX_WORK_BYTES, which bounds
-        # the scratch memory kept between calls (a 120 s song needs ~10 MB).
-        per_song = n_frames * self.n_fft * 4
-        rows = max(1, MAX_WORK_BYTES // per_song)
-        if rows >= B:
-            return self._chunk(wave).transpose(1, 2).contiguous()  # (B, M, F)
+        songs, frames = self._plan(B, n_frames, wave.device)
         out = torch.empty(B, self.n_mels, n_frames, device=wave.device)
-        for i in range(0, B, rows):
-            out[i : i + rows] = self._chunk(wave[i : i + rows]).transpose(1, 2)
+        for i in range(0, B, songs):
+            for f0 in range(0, n_frames, frames):
+                f1 = min(f0 + frames, n_frames)
+                self._block(wave[i : i + songs], f0, f1, out[i : i + songs, :, f0:f1])
         return out
 
 

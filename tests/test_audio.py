@@ -79,6 +79,24 @@ def test_logmel_batch_equals_one_by_one():
         torch.testing.assert_close(batched[i], logmel(waves[i])[0], rtol=1e-5, atol=1e-4)
 
 
+def test_logmel_blocks_give_the_whole_song_result(monkeypatch):
+    """Songs go through in blocks of frames (CPU_BLOCK_FRAMES); small blocks here, so the first,
+    interior and last (zero-padded) blocks and a ragged tail all occur on 2 s songs."""
+    import htcl.audio
+
+    rng = np.random.default_rng(4)
+    waves = torch.from_numpy(rng.standard_normal((3, 2 * SR + 700)).astype(np.float32))
+    logmel = LogMel()
+    monkeypatch.setattr(htcl.audio, "CPU_BLOCK_FRAMES", 10 ** 6)  # whole songs at once
+    whole = logmel(waves)
+    assert whole.shape == (3, 128, 22)
+    monkeypatch.setattr(htcl.audio, "CPU_BLOCK_FRAMES", 4)  # 22 frames -> 5 blocks of 4 and one of 2
+    blocked = logmel(waves)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+    for i in range(3):  # one song per block: a batch is exactly its songs one at a time
+        torch.testing.assert_close(blocked[i], logmel(waves[i])[0], rtol=0, atol=0)
+
+
 def test_logmel_chunks_large_batches_and_pickles(monkeypatch):
     import pickle
 
@@ -88,7 +106,7 @@ def test_logmel_chunks_large_batches_and_pickles(monkeypatch):
     waves = torch.from_numpy(rng.standard_normal((5, 2 * SR)).astype(np.float32))
     logmel = LogMel()
     whole = logmel(waves)
-    # A frame buffer that holds two songs: the batch goes through in chunks of 2, 2, 1.
+    # A frame buffer that holds two songs: the batch goes through in blocks of 2, 2, 1 songs.
     monkeypatch.setattr(htcl.audio, "MAX_WORK_BYTES", 2 * logmel.n_frames(2 * SR) * logmel.n_fft * 4)
     torch.testing.assert_close(logmel(waves), whole, rtol=0, atol=0)
     # Scratch buffers stay behind when the module is pickled (Ray ships UDF state between processes).
