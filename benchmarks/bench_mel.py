@@ -9,7 +9,7 @@ Rows, all in the same run on the same waveforms:
 Goals (issue 2): LogMel >= 2x librosa and <= 1.5x the floor.
 
 Batch section: LogMel on (B, T) batches of the same songs, ms per song at B = 1, 2, 4, 8 (best
-of the repeats of one call each), next to the same module with its CPU frame blocks switched off
+of the repeats of one call each, the batch sizes taking turns), next to the same module with its CPU frame blocks switched off
 (CPU_BLOCK_FRAMES huge: whole batches per step, as LogMel did before; shows why blocks exist).
 Goal: per-song cost flat in the batch, batch 8 <= 1.2x batch 1.
 
@@ -70,25 +70,24 @@ def best_ms_per_song(fn, waves, repeats: int) -> float:
     return best * 1000
 
 
-def best_ms_per_song_batched(fn, batch: torch.Tensor, repeats: int) -> float:
-    """Best of `repeats` calls on one (B, T) batch, divided by B."""
-    fn(batch)  # warm-up: plans, allocator, scratch buffers
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(batch)
-        best = min(best, time.perf_counter() - t0)
-    return best / batch.shape[0] * 1000
-
-
 def batch_rows(logmel: LogMel, waves: list[np.ndarray], repeats: int) -> dict[str, list[float]]:
-    """ms per song at each of BATCHES for LogMel as is and with its CPU blocks switched off."""
+    """ms per song at each of BATCHES (best of `repeats` calls on one (B, T) batch, over B), for
+    LogMel as is and with its CPU blocks switched off. The batch sizes take turns within each
+    repeat, so a busy spell on the machine hits all of them alike."""
     stacked = torch.from_numpy(np.stack(waves[: max(BATCHES)]))
     out = {}
     for name, block in (("LogMel", htcl.audio.CPU_BLOCK_FRAMES), ("LogMel, no CPU blocks", 1 << 30)):
         saved, htcl.audio.CPU_BLOCK_FRAMES = htcl.audio.CPU_BLOCK_FRAMES, block
         try:
-            out[name] = [best_ms_per_song_batched(logmel, stacked[:b], repeats) for b in BATCHES]
+            best = {b: float("inf") for b in BATCHES}
+            for b in BATCHES:
+                logmel(stacked[:b])  # warm-up: plans, allocator, scratch buffers
+            for _ in range(repeats):
+                for b in BATCHES:
+                    t0 = time.perf_counter()
+                    logmel(stacked[:b])
+                    best[b] = min(best[b], (time.perf_counter() - t0) / b * 1000)
+            out[name] = [best[b] for b in BATCHES]
         finally:
             htcl.audio.CPU_BLOCK_FRAMES = saved
     return out
