@@ -508,7 +508,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
         with torch.no_grad():
             return [logmel(torch.as_tensor(w))[0].numpy() for w in waves]
     spec = audio_tower_spec(model_cfg, cfg.audio)
-    directory = tower_dir(out_path(cfg, "features", "real_audio"), spec)
+    directory = out_path(cfg, "features", "real_audio", tower_dir("", spec).name)
     hashes = [audio_file_hash(p) for p in manifest["path"]]
     inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
     todo = songs_to_compute(directory, inputs) if directory.is_dir() else inputs
