@@ -1,4 +1,31 @@
-"""Ray Train stage-1 throughput: samples/s of the whole training step with 1 and 2 workers.
+"""Training step throughput on CPU, two modes.
+
+--mode towers (default): locked towers with cached features, in ONE process, torch threads = 2.
+htcl.training.train over htcl.pipeline.batch_stream (data building included) at configs/demo.yaml
+sizes (batch 32, 30 s songs) on a synthetic world (random-word texts, random log-Mel), for:
+
+  paper+text   model.audio_backbone=none model.text_trainable=true: today's demo step (the paper's
+               audio encoder on log-Mel (128, 313), the MiniLM text tower trained at text_lr)
+  paper+cached model.text_trainable=false: the BERT locked, its pooled output cached with
+               htcl.pipeline.run_features (the real BERT, once); only the text projection trains
+  backbone     model.audio_backbone=musicnn_msd model.text_trainable=false: random (1506, 10)
+               cached musicnn patch features per song written into the tower folder (the tagger's
+               lower layers never run in training), the same cached text features
+
+and stage 2 (finetune, random <trigger, rec> pairs) for paper+text vs backbone. Configs are
+interleaved and their order alternated over --repeats; each timing runs
+max(--steps, --min-seconds / warmup step time) steps after --warmup untimed ones; samples/s is
+the best repeat. Ratios: paper+cached / paper+text (goal >= 4x), backbone / paper+text (goal >=
+10x). Also a per-step split (data, audio fwd/bwd, text fwd/bwd, loss and optimizer; manual timing,
+median of --split-reps) per config and a torch.profiler top-ops table of the cached configs' steps.
+Writes the "towers" key of --out (the Ray mode's keys are kept).
+
+    python benchmarks/bench_train.py [--mode towers] [--steps 10] [--min-seconds 8] [--repeats 2]
+        [--split-reps 5] [--no-stage2] [--threads 2]
+
+--mode ray: Ray Train stage-1 throughput: samples/s of the whole training step with 1 and 2
+workers (model.audio_backbone=none, model.text_trainable=true pinned: the step the Ray results
+were measured on).
 
 The real job (ray_jobs.train_loop.fit: TorchTrainer, gloo, gather-with-grad, gradient
 all-reduce, batches built from mels and texts by each worker) on a synthetic world: random
@@ -13,7 +40,7 @@ each), so the ratio says what data parallelism over gloo costs or gains on one m
 GPU (when torch.cuda.is_available()) it also measures the paper config in bf16 on all visible
 GPUs, one worker each.
 
-    python benchmarks/bench_train.py [--steps 8] [--warmup 2] [--workers 1 2] [--repeats 2]
+    python benchmarks/bench_train.py --mode ray [--steps 8] [--warmup 2] [--workers 1 2] [--repeats 2]
         [--out benchmarks/results/bench_train.json]
 """
 
@@ -40,6 +67,7 @@ from htcl import schema as S  # noqa: E402
 from htcl.audio import mel_to_bytes  # noqa: E402
 from htcl.config import load_config  # noqa: E402
 from htcl.mels import write_table  # noqa: E402
+from htcl.model import HTCLModel  # noqa: E402
 
 WORDS = ("amber river night dance golden echo silver rain heart city fire ocean dream light shadow "
          "storm velvet midnight summer winter neon forest crystal thunder").split()
@@ -77,7 +105,8 @@ def measure(root: Path, config: str, workers: int, steps: int, warmup: int, use_
     cfg = load_config(REPO / "configs" / f"{config}.yaml", [
         f"output_dir={root / 'out'}", f"data.root={root / 'world'}",
         f"pretrain.max_steps={warmup + steps}", "pretrain.log_every=1", "pretrain.checkpoint_every=0",
-        "pretrain.warmup_steps=1", f"pretrain.num_workers={workers}", f"pretrain.use_gpu={use_gpu}", *extra,
+        "pretrain.warmup_steps=1", f"pretrain.num_workers={workers}", f"pretrain.use_gpu={use_gpu}",
+        "model.audio_backbone=none", "model.text_trainable=true", *extra,
     ])
     if use_gpu:
         resources = None  # one GPU per worker; Ray's default CPU share
@@ -108,17 +137,284 @@ def measure(root: Path, config: str, workers: int, steps: int, warmup: int, use_
     }
 
 
+# --- towers mode: in-process steps of the paper / locked-text / backbone configs ---------------
+
+TOWER_CONFIGS = {
+    # name: (model.audio_backbone, model.text_trainable)
+    "paper+text": ("none", True),
+    "paper+cached": ("none", False),
+    "backbone": ("musicnn_msd", False),
+}
+GOALS = {"paper+cached": 4.0, "backbone": 10.0}  # x over paper+text
+
+
+def tower_config(root: Path, name: str):
+    backbone, text_trainable = TOWER_CONFIGS[name]
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"output_dir={root / 'out'}", f"data.root={root / 'world'}",
+        f"model.audio_backbone={backbone}", f"model.text_trainable={str(text_trainable).lower()}",
+        "pretrain.checkpoint_every=0", "finetune.checkpoint_every=0",
+    ])
+
+
+def write_tower_caches(root: Path, songs: int, seed: int = 1) -> dict:
+    """The text cache through the real BERT (run_features), the musicnn cache as random
+    (POOLED_DIM, patches) features per song (only the tagger's top runs in training)."""
+    from htcl.musicnn import PATCH_FRAMES, POOLED_DIM
+    from htcl.pipeline import run_features
+    from htcl.towers import audio_tower_spec, feature_row, tower_dir, write_features, write_tower_spec
+
+    t0 = time.perf_counter()
+    run_features(tower_config(root, "paper+cached"))
+    text_s = time.perf_counter() - t0
+    cfg = tower_config(root, "backbone")
+    # musicnn: 16 kHz, hop 256 -> 62.5 frames/s; one patch = PATCH_FRAMES frames
+    n_patches = max(1, int(cfg.audio.max_seconds * 16000 / 256) // PATCH_FRAMES)
+    spec = audio_tower_spec(cfg.model, cfg.audio)
+    directory = tower_dir(cfg.output_dir, spec)
+    rng = np.random.default_rng(seed)
+    write_features([feature_row(i, "synthetic", rng.standard_normal((POOLED_DIM, n_patches)).astype(np.float32))
+                    for i in range(1, songs + 1)], directory)
+    write_tower_spec(directory, spec)
+    return {"text_cache_seconds": round(text_s, 1), "audio_patches": n_patches, "audio_feature_dim": POOLED_DIM}
+
+
+class Bench:
+    """One config's model, optimizer and endless batch stream for a stage."""
+
+    def __init__(self, root: Path, name: str, stage: str, songs: int):
+        from htcl.pipeline import TrainingRows, batch_stream, stage_config, training_rows
+        from htcl.text import SongTokenizer
+        from htcl.training import TrainState, build_optimizer, seed_everything
+
+        self.name, self.stage = name, stage
+        self.cfg = cfg = tower_config(root, name)
+        self.tcfg = stage_config(cfg, stage)
+        seed_everything(0)
+        rows = training_rows(cfg, "pretrain", verbose=False)
+        if stage == "finetune":  # random <trigger, rec> pairs: the step's cost, not its data
+            rng = np.random.default_rng(0)
+            ids = rows.trigger
+            rows = TrainingRows("finetune", rows.mels, rows.texts, rng.choice(ids, 4 * len(ids)),
+                                rng.choice(ids, 4 * len(ids)), text_features=rows.text_features)
+        self.rows = rows
+        self.tokenizer = SongTokenizer(cfg.model)
+        self.model = HTCLModel(cfg.model, cfg.audio)
+        self.state = TrainState(self.model, build_optimizer(self.model, self.tcfg))
+        self.stream = batch_stream(rows, self.tokenizer, self.tcfg.batch_size, self.tcfg.seed)
+        self.batch = self.tcfg.batch_size
+        self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.step_s = None  # from the warmup
+
+    def run(self, n: int) -> float:
+        """n training steps through htcl.training.train; returns the seconds they took."""
+        import dataclasses
+        import itertools
+
+        from htcl.training import train
+
+        tcfg = dataclasses.replace(self.tcfg, max_steps=10**9, log_every=10**9, checkpoint_every=0)
+        t0 = time.perf_counter()
+        train(self.state, itertools.islice(self.stream, n), tcfg, self.stage)
+        return time.perf_counter() - t0
+
+
+def median_time(fn, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def step_split(b: Bench, reps: int = 3) -> dict:
+    """Seconds per part of one stage-1 step (median of reps): batch building, the audio
+    encoder's forward / backward, the text path's forward / backward (a fixed random direction
+    as the loss, so each backward is its own tower's), the whole step, and the remainder."""
+    from htcl.pipeline import make_batch
+    from htcl.training import encode_text, stage1_forward
+
+    model, rows = b.model, b.rows
+    model.train()
+    idx = np.arange(b.batch)
+    batch = make_batch(rows, idx, b.tokenizer)
+    data_s = median_time(lambda: make_batch(rows, idx, b.tokenizer), reps)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(b.batch, b.cfg.model.embed_dim, generator=g)
+
+    def fwd_bwd(f):
+        fwd, bwd = [], []
+        for _ in range(reps):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            z = f()
+            t1 = time.perf_counter()
+            (z * w).sum().backward()
+            t2 = time.perf_counter()
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        return float(np.median(fwd)), float(np.median(bwd))
+
+    a_f, a_b = fwd_bwd(lambda: model.encode_audio(batch["mel"], batch["mel_mask"]))
+    t_f, t_b = fwd_bwd(lambda: encode_text(model, batch))
+
+    def whole():
+        loss, _ = stage1_forward(model, batch, b.tcfg)
+        b.state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), b.tcfg.grad_clip)
+        b.state.optimizer.step()
+
+    opt_s = median_time(b.state.optimizer.step, reps)  # grads of the last whole() / fwd_bwd
+    step_s = median_time(whole, reps)
+    model.zero_grad(set_to_none=True)
+    r = lambda x: round(x, 4)  # noqa: E731
+    return {"data_s": r(data_s), "audio_fwd_s": r(a_f), "audio_bwd_s": r(a_b), "text_fwd_s": r(t_f),
+            "text_bwd_s": r(t_b), "optimizer_step_s": r(opt_s), "fwd_bwd_opt_step_s": r(step_s),
+            "rest_s": r(step_s - a_f - a_b - t_f - t_b - opt_s)}
+
+
+def profile_top(b: Bench, steps: int = 5, top: int = 8) -> list[dict]:
+    """torch.profiler over `steps` training steps: the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        total = b.run(steps)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    spent = sum(e.self_cpu_time_total for e in events) or 1
+    rows = [{"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+             "share": round(e.self_cpu_time_total / spent, 3), "calls_per_step": round(e.count / steps, 1)}
+            for e in events[:top]]
+    # the optimizer's own label (AdamW over per-parameter tensors): its total, children included
+    rows += [{"op": f"(total) {e.key}", "self_cpu_ms_per_step": round(e.cpu_time_total / 1000 / steps, 2),
+              "share": round(e.cpu_time_total / spent, 3), "calls_per_step": round(e.count / steps, 1)}
+             for e in events if e.key.startswith("Optimizer.step")]
+    return rows + [{"op": "(wall per step, profiled)", "self_cpu_ms_per_step": round(total / steps * 1000, 2),
+                    "share": None, "calls_per_step": None}]
+
+
+def main_towers(args) -> int:
+    torch.set_num_threads(args.threads)
+    min_steps = args.steps or 10
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_train_towers_") as tmp:
+        root = Path(tmp)
+        write_synthetic_world(root, tower_config(root, "paper+text"), args.songs)
+        cache = write_tower_caches(root, args.songs)
+        plan = [(n, "pretrain") for n in TOWER_CONFIGS]
+        if not args.no_stage2:
+            plan += [("paper+text", "finetune"), ("backbone", "finetune")]
+        benches = {key: Bench(root, key[0], key[1], args.songs) for key in plan}
+        for b in benches.values():  # warmup; its step time sizes the timed runs
+            b.step_s = b.run(args.warmup) / args.warmup
+            b.n = int(min(args.max_timed_steps, max(min_steps, np.ceil(args.min_seconds / b.step_s))))
+            print(f"warmup {b.name:<13}{b.stage:<9} {b.step_s:.3f} s/step -> {b.n} timed steps", flush=True)
+        runs = []
+        for rep in range(args.repeats):
+            for key in (plan if rep % 2 == 0 else plan[::-1]):
+                b = benches[key]
+                seconds = b.run(b.n)
+                runs.append({"config": b.name, "stage": b.stage, "repeat": rep, "steps": b.n,
+                             "samples_per_s": round(b.n * b.batch / seconds, 3),
+                             "step_s": round(seconds / b.n, 4), "load_1min": round(os.getloadavg()[0], 2)})
+                print(f"  {b.name:<13}{b.stage:<9} rep {rep}: {runs[-1]['samples_per_s']:>9.2f} samples/s "
+                      f"({runs[-1]['step_s']:.3f} s/step, load {runs[-1]['load_1min']})", flush=True)
+        splits = {f"{n}/pretrain": step_split(benches[(n, "pretrain")], reps=args.split_reps) for n in TOWER_CONFIGS}
+        profiles = {f"{n}/pretrain": profile_top(benches[(n, "pretrain")], steps=5)
+                    for n in ("paper+cached", "backbone")}
+    load_after = os.getloadavg()
+
+    rows = []
+    for key in plan:
+        b = benches[key]
+        mine = [r for r in runs if (r["config"], r["stage"]) == key]
+        best = max(r["samples_per_s"] for r in mine)
+        rows.append({"config": b.name, "stage": b.stage, "audio_backbone": b.cfg.model.audio_backbone,
+                     "text_trainable": b.cfg.model.text_trainable,
+                     "backbone_train_top": b.cfg.model.backbone_train_top, "batch": b.batch,
+                     "trainable_params": b.trainable, "steps_timed": b.n, "samples_per_s": best,
+                     "step_s": round(b.batch / best, 4), "runs_samples_per_s": [r["samples_per_s"] for r in mine]})
+    for stage in ("pretrain", "finetune"):
+        base = next((r for r in rows if r["stage"] == stage and r["config"] == "paper+text"), None)
+        for r in rows:
+            if base is not None and r["stage"] == stage:
+                r["ratio_vs_paper+text"] = round(r["samples_per_s"] / base["samples_per_s"], 2)
+                goal = GOALS.get(r["config"]) if stage == "pretrain" else None
+                r["goal"] = goal
+                r["goal_met"] = None if goal is None else bool(r["ratio_vs_paper+text"] >= goal)
+
+    header = (f"{'config':<14}{'stage':<10}{'backbone':<13}{'text':<11}{'trainable':>11}{'steps':>6}"
+              f"{'s/step':>8}{'samples/s':>11}{'ratio':>8}{'goal':>7}  met")
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        goal = f">={r['goal']:g}x" if r.get("goal") else ""
+        met = "" if r.get("goal_met") is None else ("yes" if r["goal_met"] else "NO")
+        print(f"{r['config']:<14}{r['stage']:<10}{r['audio_backbone']:<13}"
+              f"{'trainable' if r['text_trainable'] else 'cached':<11}{r['trainable_params']:>11,}{r['steps_timed']:>6}"
+              f"{r['step_s']:>8.3f}{r['samples_per_s']:>11.2f}{str(r.get('ratio_vs_paper+text', '')):>8}{goal:>7}  {met}")
+    print(f"samples/s: best of {args.repeats} (order alternated), batch 32, torch threads {args.threads}; "
+          "ratio: over paper+text of the same stage")
+    print(f"\nper-step split, stage 1 (s, median of {args.split_reps}; audio/text bwd = that tower's backward alone):")
+    cols = ["data_s", "audio_fwd_s", "audio_bwd_s", "text_fwd_s", "text_bwd_s", "optimizer_step_s",
+            "fwd_bwd_opt_step_s", "rest_s"]
+    names = ["data", "audio fwd", "audio bwd", "text fwd", "text bwd", "optim", "whole step", "rest"]
+    print(f"{'config':<24}" + "".join(f"{c:>11}" for c in names))
+    for k, sp in splits.items():
+        print(f"{k:<24}" + "".join(f"{sp[c]:>11.4f}" for c in cols))
+    for k, prof in profiles.items():
+        print(f"\ntop ops by self CPU time, {k} (torch.profiler, 5 steps):")
+        for e in prof:
+            share = "" if e["share"] is None else f"{e['share']:.1%}"
+            calls = "" if e["calls_per_step"] is None else e["calls_per_step"]
+            print(f"  {e['op'][:44]:<45}{e['self_cpu_ms_per_step']:>9.2f} ms/step {share:>7} {calls:>7}")
+    print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores; "
+          f"{time.perf_counter() - t_start:.0f} s in all")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous["towers"] = {
+        "mode": "towers", "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads, "songs": args.songs, "frames": frames_for(tower_config(Path(tmp), "paper+text")),
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "note": ("in-process htcl.training.train over htcl.pipeline.batch_stream (batch building, forward, "
+                 "backward, clipping, AdamW); samples/s = best of the repeats; stage 2 on random pairs"),
+        "cache": cache, "rows": rows, "runs": runs, "step_split_s": splits, "profile_top_ops": profiles,
+    }
+    out.write_text(json.dumps(previous, indent=2))
+    print(f"wrote {out} (key 'towers')")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    ap.add_argument("--mode", choices=("towers", "ray"), default="towers")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per run (ray: 8; towers: at least this many, default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2, help="runs per worker count, order alternated")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ray: worker counts")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per worker count / config, order alternated")
     ap.add_argument("--songs", type=int, default=128, help="synthetic songs (demo: 4 batches of 32)")
-    ap.add_argument("--gpu-batch", type=int, default=64, help="paper-config global batch on GPU")
+    ap.add_argument("--gpu-batch", type=int, default=64, help="ray: paper-config global batch on GPU")
+    ap.add_argument("--min-seconds", type=float, default=8.0, help="towers: each timing runs at least this long")
+    ap.add_argument("--max-timed-steps", type=int, default=400, help="towers: cap on steps per timing")
+    ap.add_argument("--threads", type=int, default=2, help="towers: torch.set_num_threads")
+    ap.add_argument("--no-stage2", action="store_true", help="towers: skip the finetune rows")
+    ap.add_argument("--split-reps", type=int, default=5, help="towers: repeats of each part of the per-step split")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_train.json"))
     args = ap.parse_args(argv)
+    if args.mode == "towers":
+        return main_towers(args)
+    args.steps = args.steps or 8
+    return main_ray(args)
 
+
+def main_ray(args) -> int:
     import ray
 
     load_before = os.getloadavg()
@@ -171,7 +467,9 @@ def main(argv=None) -> int:
     print(f"load average (1 min) before {load_before[0]:.1f}, after {load_after[0]:.1f} on {os.cpu_count()} cores")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
     out.write_text(json.dumps({
+        **({"towers": previous["towers"]} if "towers" in previous else {}),
         "benchmark": "bench_train", "torch": torch.__version__, "ray": ray.__version__,
         "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
