@@ -23,6 +23,39 @@ from pathlib import Path
 from htcl.config import ConfigError, load_config, replace, save_config
 
 
+def embeddings_arg(text: str) -> tuple[str, str]:
+    """argparse type of `--embeddings NAME=PATH`: (NAME, PATH), both non-empty."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. item2vec=vectors.parquet), got {text!r}")
+    return name.strip(), path.strip()
+
+
+EMBEDDINGS_HELP = ("score an external embedding table as a row of its own, with the same probes, hit-rates, "
+                   "rankers and plots (repeatable): Parquet or CSV with song_id and a fixed-length embedding "
+                   "(a list of floats; in CSV \"[0.1, 0.2]\" or \"0.1 0.2\")")
+
+
+def add_embeddings_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", action="append", type=embeddings_arg, default=[], metavar="NAME=PATH",
+                   help=EMBEDDINGS_HELP)
+
+
+def external_embeddings(parser: argparse.ArgumentParser, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """--embeddings' (NAME, PATH) pairs as a dict; a repeated name or a built-in variant's name is
+    a usage error (exit status 2)."""
+    from htcl.evaluation import BUILTIN_VARIANTS
+
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        if name in out:
+            parser.error(f"argument --embeddings: name {name!r} given twice")
+        if name in BUILTIN_VARIANTS:
+            parser.error(f"argument --embeddings: {name!r} is the name of one of htcl's own variants")
+        out[name] = path
+    return out
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
@@ -75,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="the comparison table of every embedding variant on held-out data")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="point-in-time stats computed in this process, without Feast")
+    add_embeddings_arg(p)
 
     p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune (+ w_CF) -> embed -> "
                        "materialize -> train-rankers -> evaluate")
@@ -120,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(argv[0], argv[1:])
     if argv and argv[0] == "serve":  # Ray Serve, loaded by name like the jobs (no ray import in htcl)
         return importlib.import_module("serving.run").main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from htcl import pipeline
 
     try:
@@ -140,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = args.checkpoint or pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
         print(f"embeddings: {pipeline.run_embed(cfg, ckpt)}")
     elif args.command == "evaluate":
-        results = pipeline.run_evaluate(cfg)
+        external = external_embeddings(parser, args.embeddings)
+        results = pipeline.run_evaluate(cfg, external=external)
         print("\n" + Path(results["paths"]["markdown"]).read_text())
     elif args.command == "demo":
         return demo(cfg, args)

@@ -138,9 +138,39 @@ class TrainingRows:
     trigger: np.ndarray
     rec: np.ndarray | None = None
     text_features: dict[int, np.ndarray] | None = None
+    # the held-out rows (same mels and texts; never in `trigger`/`rec`): see training_rows
+    validation: "TrainingRows | None" = None
 
     def __len__(self) -> int:
         return len(self.trigger)
+
+
+# --- the held-out artists ------------------------------------------------------------------
+
+
+def heldout_artists(artists, share: float, seed: int) -> set[str]:
+    """The round(share x n) artists (at least 1, at most n - 1, when share > 0) with the lowest
+    sha256(seed, artist): deterministic, and stable as the catalog grows (a new artist only
+    enters or not; the others keep their place). Missing artists count as one artist ""."""
+    names = sorted({"" if a is None or a != a else str(a) for a in artists})
+    if share <= 0 or len(names) < 2:
+        return set()
+    k = min(len(names) - 1, max(1, round(share * len(names))))
+    key = lambda a: hashlib.sha256(f"{seed}\x00{a}".encode()).hexdigest()  # noqa: E731
+    return set(sorted(names, key=key)[:k])
+
+
+def heldout_song_ids(cfg: Config, catalog: pd.DataFrame | None = None) -> set[int]:
+    """Songs by the eval.retrieval_holdout_artists share of artists (seed eval.seed): no training
+    stage trains on them; they are the validation split and the zero-shot retrieval test set."""
+    catalog = read_catalog(catalog_path(cfg)) if catalog is None else catalog
+    artists = catalog[S.ARTIST].astype(object).where(catalog[S.ARTIST].notna(), "").astype(str)
+    held = heldout_artists(artists, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
+    return set(catalog.loc[artists.isin(held), S.SONG_ID].astype(int).tolist())
+
+
+def _seeded_order(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 1]).permutation(n)
 
 
 def stage_config(cfg: Config, stage: str):
@@ -150,9 +180,14 @@ def stage_config(cfg: Config, stage: str):
 
 
 def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows:
-    """Load mels, song texts and the stage's rows (songs, favor triplets or co-occurrence pairs)."""
+    """Load mels, song texts and the stage's rows (songs, favor triplets or co-occurrence pairs).
+
+    The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
+    form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
+    is one of them (so no stage ever trains on a held-out song), in an eval.seed order."""
     tcfg = stage_config(cfg, stage)
     catalog = read_catalog(catalog_path(cfg))
+    held = heldout_song_ids(cfg, catalog)
     mels = audio_inputs(cfg)
     texts = song_texts(catalog)
     text_features = None
@@ -164,7 +199,12 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
         texts = {i: t for i, t in texts.items() if i in text_features}
     if stage == "pretrain":
         ids = np.array(sorted(set(mels) & set(texts)))
-        return TrainingRows(stage, mels, texts, ids, text_features=text_features)
+        is_val = np.isin(ids, sorted(held))
+        val = ids[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]
+        if verbose and len(val):
+            print(f"pretrain: {len(ids) - len(val)} training songs, {len(val)} held out (validation)")
+        return TrainingRows(stage, mels, texts, ids[~is_val], text_features=text_features,
+                            validation=TrainingRows(stage, mels, texts, val, text_features=text_features))
     world = Path(cfg.data.root)
     interactions = pd.read_parquet(world / "interactions.parquet")
     sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
@@ -173,9 +213,14 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
     pairs = before(stage2_pairs(tcfg.variant, interactions, sessions), cut)
     keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
+    is_val = np.isin(trig, sorted(held)) | np.isin(rec, sorted(held))
+    order = _seeded_order(int(is_val.sum()), cfg.eval.seed)
+    validation = TrainingRows(stage, mels, texts, trig[is_val][order], rec[is_val][order], text_features=text_features)
     if verbose:
-        print(f"finetune ({tcfg.variant}): {len(trig)} pairs before {cut:%Y-%m-%d} with mels for both songs")
-    return TrainingRows(stage, mels, texts, trig, rec, text_features=text_features)
+        print(f"finetune ({tcfg.variant}): {int((~is_val).sum())} pairs before {cut:%Y-%m-%d} with mels for both "
+              f"songs, {int(is_val.sum())} more touching a held-out artist (validation)")
+    return TrainingRows(stage, mels, texts, trig[~is_val], rec[~is_val], text_features=text_features,
+                        validation=validation)
 
 
 def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.ndarray]:
@@ -323,6 +368,18 @@ def batch_stream(
         epoch, skip = epoch + 1, 0
 
 
+def validation_batches(rows: TrainingRows, tokenizer, batch_size: int, max_rows: int) -> list[dict]:
+    """The fixed validation batches: the first max_rows of rows.validation in full batches of
+    min(batch_size, those rows) (the in-batch top-1 of a full training batch, where there are
+    enough). Every rank builds all of them: validation needs no collective."""
+    val = rows.validation
+    n = min(len(val), max_rows) if val is not None and max_rows > 0 else 0
+    if n < 2:
+        return []
+    size = min(batch_size, n)
+    return [make_batch(val, np.arange(i, i + size), tokenizer) for i in range(0, n - size + 1, size)]
+
+
 def init_model(cfg: Config, stage: str, init_from: str | Path | None = None) -> HTCLModel:
     """A fresh model (stage 1) or one initialised from the stage-1 checkpoint (stage 2)."""
     model = HTCLModel(cfg.model, cfg.audio)
@@ -347,6 +404,7 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
     model = init_model(cfg, stage, init_from)
     state = TrainState(model, build_optimizer(model, tcfg))
     ckpt_path = run_dir / "model.pt"
+    (run_dir / "best.pt").unlink(missing_ok=True)
     logger = JsonlLogger(run_dir / "metrics.jsonl")
     train(
         state,
@@ -355,6 +413,8 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
         stage,
         on_log=logger,
         on_checkpoint=lambda s: save_checkpoint(ckpt_path, s, cfg, stage),
+        val_batches=validation_batches(rows, tokenizer, tcfg.batch_size, tcfg.val_max_rows),
+        on_best=(lambda s: save_checkpoint(run_dir / "best.pt", s, cfg, stage)) if tcfg.save_best else None,
     )
     from htcl.evaluation import plot_training_curves
 
@@ -550,31 +610,112 @@ def real_audio_results(cfg: Config, verbose: bool = True) -> dict | None:
             x = backbone_as_is(inputs, key)[1]
         else:
             x = embed_mels(v.model, [inputs[i] for i in range(len(inputs))])
-        out[v.name] = real_audio_probe(x, manifest["label"], groups, cfg.eval.probe_folds, cfg.eval.seed)
+        out[v.name] = real_audio_probe(x, manifest["label"], groups, cfg.eval.probe_folds, cfg.eval.seed,
+                                       return_correct=True)
         if verbose:
             print(f"evaluate: {v.name}: real-audio genre {out[v.name]['accuracy']:.3f}", flush=True)
     return out
 
 
-def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir: str | Path | None = None) -> dict:
+@torch.no_grad()
+def embed_song_texts(cfg: Config, model: HTCLModel, texts: dict[int, str], ids: list[int],
+                     batch_size: int = 64) -> np.ndarray:
+    """(n, D) text embeddings of songs `ids`: a locked text tower's cached features through the
+    text projection when the cache holds them all (equal to the BERT's output), else the BERT."""
+    model.eval()
+    if not ids:
+        return np.zeros((0, model.cfg.embed_dim), np.float32)
+    if not model.cfg.text_trainable:
+        from htcl.towers import read_features, text_hash, text_tower_spec, tower_dir
+
+        try:
+            feats = read_features(tower_dir(cfg.output_dir, text_tower_spec(model.cfg)),
+                                  {i: text_hash(texts[i]) for i in ids})
+        except Exception:  # noqa: BLE001 - no cache, or a stale one: the BERT gives the same
+            feats = {}
+        if all(i in feats for i in ids):
+            return model.encode_text_features(torch.as_tensor(np.stack([feats[i] for i in ids]))).float().numpy()
+    tokenizer = SongTokenizer(model.cfg)
+    out = [model.encode_text(**tokenizer([texts[i] for i in ids[k : k + batch_size]])).float().numpy()
+           for k in range(0, len(ids), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+def retrieval_results(cfg: Config, verbose: bool = True) -> tuple[dict[str, dict], dict] | None:
+    """Zero-shot audio<->text retrieval (htcl.evaluation.zero_shot_retrieval) of every variant with
+    a text tower (the random-init encoder and the trained checkpoints) among the songs of the
+    held-out artists (`heldout_song_ids`, which no training stage saw). Returns (variant name ->
+    figures, {"artists", "songs", "share", "seed"}), or None when no artist is held out."""
+    from htcl.evaluation import zero_shot_retrieval
+
+    catalog = read_catalog(catalog_path(cfg))
+    held = heldout_song_ids(cfg, catalog)
+    if not held:
+        return None
+    texts = song_texts(catalog)
+    out: dict[str, dict] = {}
+    for v in variant_models(cfg, verbose=False):
+        if v.model is None:
+            continue
+        try:
+            inputs = audio_inputs(cfg, v.model_cfg, v.audio_cfg)
+        except FileNotFoundError:
+            continue
+        ids = sorted(held & set(inputs) & set(texts))
+        audio = embed_mels(v.model, [inputs[i] for i in ids])
+        out[v.name] = zero_shot_retrieval(audio, embed_song_texts(cfg, v.model, texts, ids))
+        if verbose:
+            r = out[v.name]
+            print(f"evaluate: {v.name}: zero-shot retrieval on {r['n']} held-out songs, A->T R@1 "
+                  f"{r['audio_to_text']['r@1']:.3f} R@10 {r['audio_to_text']['r@10']:.3f}, T->A R@1 "
+                  f"{r['text_to_audio']['r@1']:.3f} R@10 {r['text_to_audio']['r@10']:.3f}", flush=True)
+    artists = catalog.loc[catalog[S.SONG_ID].isin(held), S.ARTIST].fillna("").astype(str).nunique()
+    return out, {"artists": int(artists), "songs": len(held), "share": cfg.eval.retrieval_holdout_artists,
+                 "seed": cfg.eval.seed}
+
+
+def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir: str | Path | None = None,
+                 external: dict[str, str] | None = None) -> dict:
     """The comparison table of every variant on the held-out period; writes results.json/.md and
     plots to <output_dir>/evaluation/. ranker_frame None = the in-process point-in-time stats
-    (htcl.features.point_in_time_stats); the Ray/Feast job passes Feast's backfill instead."""
-    from htcl.evaluation import compare_variants, write_report
+    (htcl.features.point_in_time_stats); the Ray/Feast job passes Feast's backfill instead.
+    external: row name -> an embedding table (`htcl evaluate --embeddings NAME=PATH`, read by
+    htcl.evaluation.read_external_embeddings over the catalog), scored as rows of their own after
+    htcl's variants; its coverage goes to results["coverage"]. A name may not be a built-in one."""
+    from htcl.evaluation import BUILTIN_VARIANTS, compare_variants, read_external_embeddings, write_report
     from htcl.features import point_in_time_stats
 
     catalog = read_catalog(catalog_path(cfg))
     interactions = pd.read_parquet(Path(cfg.data.root) / "interactions.parquet")
     cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
+    taken = sorted(set(external or {}) & set(BUILTIN_VARIANTS))
+    if taken:
+        raise ValueError(f"--embeddings: {taken} name(s) of htcl's own variants; choose other names")
+    outside, coverage = {}, {}
+    for name, table in (external or {}).items():  # read first: a bad file fails before the long part
+        outside[name], coverage[name] = read_external_embeddings(table, catalog[S.SONG_ID])
+        print(f"evaluate: {name}: {coverage[name]['covered']} of {coverage[name]['catalog_songs']} catalog songs "
+              f"have a vector in {table}", flush=True)
     if ranker_frame is None:
         genre = dict(zip(catalog[S.SONG_ID], catalog[S.GENRE].fillna(""))) if S.GENRE in catalog else None
         ranker_frame = point_in_time_stats(interactions, genre)
-    variants = variant_embeddings(cfg)
+    variants = {**variant_embeddings(cfg), **outside}
     results = compare_variants(variants, catalog, interactions, ranker_frame, cut, cfg.eval.hit_rate_ks,
-                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg))
+                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg),
+                               coverage=coverage)
     out_dir = Path(out_dir or out_path(cfg, "evaluation"))
     metric_files = [out_path(cfg, d, "metrics.jsonl") for runs in family_runs(cfg).values() for d in runs]
+    retrieval, held = retrieval_results(cfg) or ({}, None)
+    for name, r in retrieval.items():
+        if name in results["variants"]:
+            results["variants"][name]["retrieval"] = r
+    results["retrieval_holdout"] = held
     paths = write_report(results, out_dir, metric_files)
+    if retrieval:  # the second table, after the main one (htcl.evaluation.retrieval_markdown)
+        from htcl.evaluation import retrieval_markdown
+
+        with paths["markdown"].open("a") as f:
+            f.write("\n" + retrieval_markdown(retrieval, held["artists"]))
     save_config(cfg, out_dir / "config.yaml")
     results["paths"] = {k: str(v) for k, v in paths.items()}
     return results

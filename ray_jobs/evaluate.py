@@ -1,11 +1,13 @@
 """The comparison table: every embedding variant on the held-out (later) period.
 
     python -m ray_jobs.evaluate --config configs/demo.yaml [k=v ...] [--online-store URL] [--out DIR]
+                                [--embeddings NAME=PATH ...]
 
 Variants: a random-init encoder, mel statistics, stage 1 (pretrain/), HTCL (finetune/) and
 HTCL_w_CF (finetune_cf/), whichever checkpoints exist. Semantics by linear probes, matching by
 hit-rate@K, ranking by CTR/CVR AUC of rankers trained on Feast's point-in-time frame (stats as of
-each impression; each variant's embeddings swapped in by song id). Writes results.json,
+each impression; each variant's embeddings swapped in by song id). --embeddings NAME=PATH adds an
+external embedding table (Parquet/CSV: song_id, embedding) as a row of its own. Writes results.json,
 results.md and the plots to <output_dir>/evaluation/ and prints the table.
 """
 
@@ -15,6 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
+from htcl.cli import add_embeddings_arg, external_embeddings
 from htcl.pipeline import run_evaluate
 from ray_jobs.backfill import whole_log_frame
 from ray_jobs.common import add_config_args, parse_args
@@ -26,10 +29,12 @@ def main(argv=None) -> int:
     add_config_args(parser)
     parser.add_argument("--online-store", default=None, help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)")
     parser.add_argument("--out", help="report folder (default: <output_dir>/evaluation)")
+    add_embeddings_arg(parser)
     args, cfg = parse_args(parser, argv)
+    external = external_embeddings(parser, args.embeddings)
     t0 = time.perf_counter()
     frame, _ = whole_log_frame(cfg, args.online_store)
-    results = run_evaluate(cfg, frame, args.out)
+    results = run_evaluate(cfg, frame, args.out, external=external)
     print()
     print(Path(results["paths"]["markdown"]).read_text())
     print(f"evaluation: {results['paths']['markdown']} ({time.perf_counter() - t0:.0f} s)", flush=True)
