@@ -94,6 +94,10 @@ class TrainConfig:
     # audio space to collapse first (measured on the demo world: README, "Evaluation").
     pref_logit_scale: float = 0.0
     variant: str = "favor"  # stage 2: "favor" triplets | "cf" co-occurrence pairs (HTCL_w_CF)
+    # validation every log_every steps on at most this many held-out rows (the songs of
+    # eval.retrieval_holdout_artists in stage 1, the pairs touching them in stage 2); 0 = none
+    val_max_rows: int = 64
+    save_best: bool = False  # also keep best.pt beside model.pt: the lowest validation loss
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     max_failures: int = 2
@@ -118,6 +122,9 @@ class EvalConfig:
     # every variant's genre accuracy on it joins the table. None = skipped.
     real_audio: str | None = None
     seed: int = 0
+    # share of artists (chosen by seed) whose songs no training stage sees: stage 1's and 2's
+    # validation, and the zero-shot audio<->text retrieval table. 0 = train on every song.
+    retrieval_holdout_artists: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -111,27 +111,35 @@ def encode_text(model: HTCLModel, batch: dict[str, torch.Tensor], prefix: str = 
     return model.encode_text(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
 
 
-def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig):
-    """Audio-text InfoNCE over the global batch. Returns (loss, metrics)."""
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+    """Audio-text InfoNCE over the global batch (gather=False: over this rank's batch alone,
+    no collective: validation). Returns (loss, metrics)."""
+    g = gather_with_grad if gather else _local
     z_audio = model.encode_audio(batch["mel"], batch["mel_mask"])  # (B, D)
     z_text = encode_text(model, batch)  # (B, D)
-    z_audio, z_text = gather_with_grad(z_audio), gather_with_grad(z_text)  # (world*B, D)
+    z_audio, z_text = g(z_audio), g(z_text)  # (world*B, D)
     scale = model.scale()
     loss = info_nce(z_audio.float(), z_text.float(), scale)
     metrics = {"loss_at": loss.detach(), "top1_at": in_batch_top1(z_audio, z_text)}
     return loss, metrics
 
 
-def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig):
-    """⟨trigger audio, rec audio, rec text⟩ triplets: weighted L_aa + L_af + L_at."""
+def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+    """⟨trigger audio, rec audio, rec text⟩ triplets: weighted L_aa + L_af + L_at (gather: as
+    stage1_forward)."""
+    g, gi = (gather_with_grad, gather_ids) if gather else (_local, _local)
     z_ta = model.encode_audio(batch["trigger_mel"], batch["trigger_mask"])  # (B, D)
     z_ra = model.encode_audio(batch["rec_mel"], batch["rec_mask"])  # (B, D)
     z_rt = encode_text(model, batch, "rec_")  # (B, D)
     z_rf = model.fuse(z_ra, z_rt)  # (B, D)
-    z_ta, z_ra, z_rt, z_rf = (gather_with_grad(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
+    z_ta, z_ra, z_rt, z_rf = (g(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
     ids = {}
     if "trigger_ids" in batch:  # (B,) song ids: repeated songs are not negatives
-        ids = {"trigger_ids": gather_ids(batch["trigger_ids"]), "rec_ids": gather_ids(batch["rec_ids"])}
+        ids = {"trigger_ids": gi(batch["trigger_ids"]), "rec_ids": gi(batch["rec_ids"])}
     pref = tcfg.pref_logit_scale if tcfg.pref_logit_scale > 0 else None
     loss, parts = stage2_loss(
         z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, pref_logit_scale=pref, **ids
@@ -143,6 +151,28 @@ def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: Train
 
 
 FORWARDS = {"pretrain": stage1_forward, "finetune": stage2_forward}
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], tcfg: TrainConfig, stage: str,
+             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The stage's loss and metrics on fixed held-out batches, averaged over them, as
+    {"val_loss", "val_<metric>"}: eval mode (no dropout, so no RNG is drawn), no gradient, no
+    collective (each rank scores every batch itself), then back to the mode it was in."""
+    device = torch.device(device)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    sums: dict[str, float] = {}
+    try:
+        for batch in batches:
+            with autocast(device, amp_dtype):
+                loss, metrics = FORWARDS[stage](net, to_device(batch, device), tcfg, gather=False)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    finally:
+        net.train(was_training)
+    return {f"val_{k}": v / len(batches) for k, v in sums.items()} if batches else {}
 
 
 @dataclass
@@ -166,6 +196,9 @@ def train(
     device: torch.device | str = "cpu",
     on_log: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    val_batches: Sequence[dict[str, torch.Tensor]] = (),
+    on_best: Callable[[TrainState], None] | None = None,
+    best_val_loss: float = math.inf,
 ) -> TrainState:
     """Run optimizer steps from state.step until tcfg.max_steps or the batches run out.
 
@@ -173,7 +206,9 @@ def train(
     and gradients averaged over ranks after backward (distributed.average_gradients): the
     stage-2 forward runs the audio encoder twice per step, which DDP's reducer does not allow.
     `on_log(metrics)` is called every log_every steps on every rank; `on_checkpoint(state)`
-    every checkpoint_every steps and at the end.
+    every checkpoint_every steps and at the end. With `val_batches`, each log record also has
+    `validate`'s val_loss, val_<metric> (every rank computes them, alone); `on_best(state)` is
+    called when val_loss falls below the best so far (`best_val_loss`: a resumed run's).
     """
     if stage not in FORWARDS:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
@@ -222,9 +257,14 @@ def train(
                 "grad_norm": float(grad_norm),
                 "samples_per_s": samples_since / max(now - t_last, 1e-9),
             }
-            t_last, samples_since = now, 0
+            if val_batches:
+                record.update(validate(model, val_batches, tcfg, stage, device, amp_dtype))
+            t_last, samples_since = time.perf_counter(), 0  # the validation's time is no training time
             if on_log is not None:
                 on_log(record)
+            if on_best is not None and record.get("val_loss", math.inf) < best_val_loss:
+                best_val_loss = record["val_loss"]
+                on_best(state)
         if on_checkpoint is not None and tcfg.checkpoint_every > 0 and state.step % tcfg.checkpoint_every == 0:
             on_checkpoint(state)
             last_saved = state.step
@@ -321,7 +361,7 @@ class JsonlLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.echo:
-            keys = [k for k in record if k.startswith(("loss", "top1"))]
+            keys = [k for k in record if k.startswith(("loss", "top1", "val_loss"))]
             shown = " ".join(f"{k}={record[k]:.4f}" for k in keys)
             print(
                 f"[{record['stage']}] step {record['step']} {shown} scale={record['logit_scale']:.1f} "

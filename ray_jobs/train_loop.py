@@ -54,7 +54,8 @@ import numpy as np
 import torch
 
 from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
-from htcl.pipeline import batch_stream, init_model, out_path, run_dir_name, stage_config, training_rows
+from htcl.pipeline import (batch_stream, init_model, out_path, run_dir_name, stage_config, training_rows,
+                           validation_batches)
 from htcl.text import SongTokenizer
 from htcl.training import (
     JsonlLogger,
@@ -72,6 +73,7 @@ from htcl.training import (
 METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"  # one line per restart from a checkpoint: when, from which step
 DISCARDED = "metrics_discarded.jsonl"  # log lines of steps redone after a restart
+BEST = "best.pt"  # train.save_best: the lowest validation loss so far (rank 0 writes it)
 
 
 # --- inside each worker --------------------------------------------------------------------
@@ -188,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (run_dir / METRICS).unlink(missing_ok=True)
             (run_dir / RESUMES).unlink(missing_ok=True)
             (run_dir / DISCARDED).unlink(missing_ok=True)
+            (run_dir / BEST).unlink(missing_ok=True)
     if device.type != "cpu":
         _move_to(state, device)
 
@@ -196,6 +199,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = batch_stream(rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=world)
     if config.get("fault"):
         batches = _kill_once(batches, config["fault"], rank, state.step, run_dir)
+
+    # Every rank scores the same validation batches on its own (no collective); rank 0 logs.
+    val_batches = validation_batches(rows, tokenizer, tcfg.batch_size, tcfg.val_max_rows)
+    on_best, best_val_loss = None, float("inf")
+    if rank == 0 and tcfg.save_best:
+        on_best = lambda s: save_checkpoint(run_dir / BEST, s, cfg, stage)  # noqa: E731
+        logged = [r["val_loss"] for r in read_jsonl(run_dir / METRICS) if "val_loss" in r]  # a resumed run's best
+        best_val_loss = min(logged, default=float("inf"))
 
     last: dict[str, Any] = {}
     logger = JsonlLogger(run_dir / METRICS) if rank == 0 else None
@@ -214,10 +225,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(d) / "model.pt", s, cfg, stage)
             else:
                 torch.save(rng_state(), Path(d) / f"rng-rank{rank}.pt")
-            metrics = {"step": s.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1"))}}
+            metrics = {"step": s.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1", "val_"))}}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{s.step:08d}")
 
-    train(state, batches, tcfg, stage, device=device, on_log=on_log, on_checkpoint=on_checkpoint)
+    train(state, batches, tcfg, stage, device=device, on_log=on_log, on_checkpoint=on_checkpoint,
+          val_batches=val_batches, on_best=on_best, best_val_loss=best_val_loss)
 
 
 # --- on the driver -------------------------------------------------------------------------

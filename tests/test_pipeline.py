@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from htcl.cli import main
-from conftest import TINY_MODEL, write_tiny_world
+from conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
 
 
 
@@ -73,8 +73,69 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
     # every impression of the tiny log is a click: no CTR ranker can train, and the report says so
     assert "both classes" in results["variants"]["HTCL"]["ranking"]["error"]
     assert (out / "evaluation" / "results.md").read_text().count("|") > 50
+    # zero-shot retrieval on the held-out artist's songs (1 of the 3 artists: 4 songs), every text tower
+    for name in ("random-init encoder", "stage 1 (CLAP-style)", "HTCL", "HTCL_w_CF"):
+        r = results["variants"][name]["retrieval"]
+        assert r["n"] == 4 and 0 <= r["audio_to_text"]["r@1"] <= 1 and 1 <= r["text_to_audio"]["median_rank"] <= 4
+    assert "retrieval" not in results["variants"]["mel statistics"]
+    assert results["retrieval_holdout"] == {"artists": 1, "songs": 5, "share": 0.2, "seed": 0}  # song 13: no mel
+    assert "Zero-shot retrieval on held-out artists (1 artist, 4 songs)" in (out / "evaluation" / "results.md").read_text()
 
 
 def test_bad_config_override_is_a_clear_error(capsys):
     assert main(["pretrain", "--local", "--config", "configs/demo.yaml", "pretrain.batchsize=3"]) == 2
     assert "pretrain.batchsize" in capsys.readouterr().err
+
+
+def test_heldout_artists_are_deterministic_and_stable():
+    from htcl.pipeline import heldout_artists
+
+    artists = [f"artist {i}" for i in range(20)]
+    held = heldout_artists(artists * 3, 0.2, seed=0)  # songs repeat artists: a set of whole artists
+    assert len(held) == 4 and held == heldout_artists(list(reversed(artists)), 0.2, seed=0)
+    assert heldout_artists(artists, 0.2, seed=1) != held
+    assert heldout_artists(artists, 0.0, seed=0) == set() and heldout_artists(["one"], 0.5, seed=0) == set()
+    assert len(heldout_artists(artists[:3], 0.2, seed=0)) == 1 and len(heldout_artists(artists[:2], 0.9, 0)) == 1
+    grown = heldout_artists(artists + ["artist 20"], 0.2, seed=0)  # a new artist enters or not
+    assert len(grown & held) >= 3
+
+
+@pytest.mark.slow
+def test_training_leaves_the_heldout_artists_out_and_validates_on_them(tmp_path):
+    """Stage 1 trains on the other artists' songs and scores the held-out ones every log step;
+    stage 2 drops every pair touching them; metrics.jsonl carries val_* beside the training figures."""
+    from htcl.config import config_from_dict
+    from htcl.pipeline import heldout_song_ids, run_preprocess, run_train, training_rows
+    from htcl.training import read_jsonl
+
+    world = write_tiny_world(tmp_path / "world")
+    bert = write_tiny_bert(tmp_path / "bert")
+    cfg = config_from_dict({}, overrides(tmp_path, world) + [f"model.text_model={bert}", "pretrain.save_best=true",
+                                                             "pretrain.checkpoint_every=0"])
+    run_preprocess(cfg)
+    held = heldout_song_ids(cfg)
+    assert held == heldout_song_ids(cfg) and len(held) == 4  # 1 of 3 artists, 4 songs each
+    artists = {sid % 3 for sid in held}
+    assert len(artists) == 1  # whole artists ("artist {i % 3}")
+    rows = training_rows(cfg, "pretrain")
+    assert set(rows.trigger.tolist()) == set(range(1, 13)) - held and set(rows.validation.trigger.tolist()) == held
+    for variant in ("favor", "cf"):
+        pairs = training_rows(config_from_dict({}, overrides(tmp_path, world) + [f"finetune.variant={variant}"]), "finetune")
+        train_songs = set(pairs.trigger.tolist()) | set(pairs.rec.tolist())
+        val_songs = set(pairs.validation.trigger.tolist()) | set(pairs.validation.rec.tolist())
+        assert not train_songs & held and len(pairs) >= 4 and val_songs & held
+
+    ckpt = run_train(cfg, "pretrain")
+    log = read_jsonl(ckpt.parent / "metrics.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for r in log:
+        assert np.isfinite(r["val_loss"]) and 0 <= r["val_top1_at"] <= 1 and r["val_loss"] == r["val_loss_at"]
+    assert (ckpt.parent / "best.pt").is_file()
+    import torch
+
+    best = torch.load(ckpt.parent / "best.pt", map_location="cpu", weights_only=False)
+    assert best["step"] == min(log, key=lambda r: r["val_loss"])["step"]
+
+    ft = run_train(cfg, "finetune", ckpt)
+    log = read_jsonl(ft.parent / "metrics.jsonl")
+    assert {"val_loss", "val_loss_aa", "val_loss_af", "val_loss_at", "val_top1_aa", "val_top1_at"} <= set(log[-1])

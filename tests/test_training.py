@@ -17,6 +17,7 @@ from htcl.training import (
     save_checkpoint,
     seed_everything,
     train,
+    validate,
 )
 from conftest import TINY_MODEL
 
@@ -149,3 +150,21 @@ def test_non_finite_loss_stops_with_the_step():
     batch["mel"][0, 0, 0] = math.nan
     with pytest.raises(FloatingPointError, match="step 0"):
         train(state, [batch], cfg.pretrain, "pretrain")
+
+
+def test_validation_in_eval_mode_draws_no_rng_and_keeps_the_best():
+    cfg = tiny_cfg("pretrain.max_steps=3", "model.dropout=0.1")
+    state = make_state(cfg)
+    val = [pairs_batch(cfg, n=8, seed=1)]
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    first = validate(state.model, val, cfg.pretrain, "pretrain")
+    assert state.model.training and torch.equal(torch.get_rng_state(), rng)  # no dropout mask drawn
+    assert validate(state.model, val, cfg.pretrain, "pretrain") == first  # eval mode: deterministic
+    assert set(first) == {"val_loss", "val_loss_at", "val_top1_at"}
+    log, best = [], []
+    train(state, [pairs_batch(cfg, n=8)] * 3, cfg.pretrain, "pretrain", on_log=log.append, val_batches=val,
+          on_best=lambda s: best.append((s.step, log[-1]["val_loss"])))
+    assert all("val_loss" in r for r in log) and best[0][0] == 1
+    assert [b[1] for b in best] == sorted(b[1] for b in best) [::-1] or len(best) == 1
+    assert best[-1][1] == min(r["val_loss"] for r in log)
