@@ -283,6 +283,9 @@ def _group_lr(optimizer: torch.optim.Optimizer, prefix: str) -> float | None:
 # --- checkpoints ---------------------------------------------------------------------------
 
 
+LOCKED_TEXT_PREFIX = "text.bert."
+
+
 def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str) -> Path:
     """One file with model, optimizer, step, stage and the resolved config; config.yaml beside it.
 
@@ -290,13 +293,24 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = unwrap(state.model)
+    weights = model.state_dict()
+    text_tower = None
+    if not model.text.trainable:
+        # A locked BERT never changes: the checkpoint names it by its tower hash instead of
+        # carrying its weights (MiniLM: 88 MB of each checkpoint), and loading checks the hash.
+        from htcl.towers import text_tower_spec, tower_hash
+
+        weights = {k: v for k, v in weights.items() if not k.startswith(LOCKED_TEXT_PREFIX)}
+        text_tower = tower_hash(text_tower_spec(cfg.model))
     payload = {
-        "model": unwrap(state.model).state_dict(),
+        "model": weights,
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
         "stage": stage,
         "config": to_dict(cfg),
-        "locked_towers": unwrap(state.model).locked_towers(),
+        "locked_towers": model.locked_towers(),
+        "locked_text_tower": text_tower,  # tower hash of the locked BERT, whose weights are left out
         "rng": rng_state(),  # so a resumed run draws the same dropout masks as an unbroken one
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -344,7 +358,17 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[HTCLMod
     ckpt = load_checkpoint(path, map_location)
     cfg = config_from_dict(ckpt["config"])
     model = HTCLModel(cfg.model, cfg.audio)
-    model.load_state_dict(ckpt["model"])
+    locked_text = ckpt.get("locked_text_tower")
+    if locked_text is not None:  # the BERT comes from model.text_model: it must be the one trained with
+        from htcl.towers import text_tower_spec, tower_hash
+
+        found = tower_hash(text_tower_spec(cfg.model))
+        if found != locked_text:
+            raise ValueError(f"{path}: trained with a locked text tower of hash {locked_text[:16]}, but "
+                             f"model.text_model={cfg.model.text_model!r} is {found[:16]}; point it at the same BERT")
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=locked_text is None)
+    if unexpected or any(not k.startswith(LOCKED_TEXT_PREFIX) for k in missing):
+        raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
     return model, cfg, ckpt
 

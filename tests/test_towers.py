@@ -14,7 +14,7 @@ import torch
 from htcl import pipeline
 from htcl.config import config_from_dict
 from htcl.towers import (StaleFeaturesError, audio_input, audio_tower_spec, read_features, text_hash, text_tower_spec,
-                         tower_dir)
+                         tower_dir, tower_hash)
 from tests.conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
 
 TRAIN = ["pretrain.batch_size=4", "pretrain.max_steps=2", "pretrain.warmup_steps=1", "pretrain.log_every=1",
@@ -107,6 +107,9 @@ def test_training_reads_features_and_records_locked_towers(backbone_run):
     _, cfg, _, ckpt = backbone_run
     payload = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert payload["locked_towers"] == {"text": True, "audio_backbone": True}
+    # the locked BERT is named by its tower hash, not stored; loading checks the hash
+    assert not any(k.startswith("text.bert.") for k in payload["model"]) and "text.proj.weight" in payload["model"]
+    assert payload["locked_text_tower"] == tower_hash(text_tower_spec(cfg.model))
     steps = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2] and all(np.isfinite(r["loss"]) for r in steps)
     rows = pipeline.training_rows(cfg, "pretrain")
@@ -171,3 +174,15 @@ def test_text_features_equal_the_towers_output(backbone_run):
     with torch.no_grad():
         live = model.text.pooled(tok["input_ids"], tok["attention_mask"])[0].numpy()
     np.testing.assert_allclose(live, cached[4], atol=1e-5)
+
+
+def test_a_locked_text_checkpoint_refuses_another_bert(backbone_run, tmp_path):
+    from htcl.training import model_from_checkpoint
+
+    _, _, _, ckpt = backbone_run
+    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    other = write_tiny_bert(tmp_path / "other_bert", dropout=0.1)  # same shapes, another config
+    payload["config"]["model"]["text_model"] = str(other)
+    torch.save(payload, tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="locked text tower"):
+        model_from_checkpoint(tmp_path / "moved.pt")
