@@ -22,6 +22,7 @@ whose input changed or that are new, and keeps the rest. The class UDFs (`TextFe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -273,11 +274,25 @@ class TextFeatures:
         return {"features": rows, "quarantine": []}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with n intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def backbone_features(net, wave: np.ndarray) -> np.ndarray:
-    """The tagger's pooled features of each 3 s patch of a 16 kHz waveform (T,): (C, P) float32."""
+    """The tagger's pooled features of each 3 s patch of a 16 kHz waveform (T,): (C, P) float32.
+
+    One thread: the tagger's per-patch convolutions are too small to split, and two threads on a
+    busy 2-core machine were measured 30x slower than one."""
     from htcl.musicnn import log_mel, patches
 
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(1):
         mel = log_mel(torch.as_tensor(wave, dtype=torch.float32))  # (1, F, 96)
         x, mask = patches(mel)  # (1, P, 187, 96), (1, P)
         pooled = net.pooled(x[0][mask[0]])  # (P, C)
