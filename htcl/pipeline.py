@@ -55,9 +55,10 @@ def catalog_path(cfg: Config) -> Path:
 # --- preprocess ----------------------------------------------------------------------------
 
 
-def done_song_ids(mels_dir: Path, quarantine_dir: Path) -> set[int]:
+def done_song_ids(*dirs: Path) -> set[int]:
+    """The song ids in every Parquet shard of these folders (mels/, quarantine/)."""
     done: set[int] = set()
-    for d in (mels_dir, quarantine_dir):
+    for d in dirs:
         for f in sorted(d.glob("*.parquet")):
             done.update(pq.read_table(f, columns=[S.SONG_ID]).column(0).to_pylist())
     return done
@@ -270,11 +271,10 @@ def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = 
         skipped = 0
         if tower == "audio":  # as preprocess: a quarantined file is not retried (--force retries it)
             q_dir = out_path(cfg, "quarantine")
-            quarantined = done_song_ids(q_dir, q_dir) if not force else set()
+            quarantined = done_song_ids(q_dir) if not force else set()
             skipped = int(todo[S.SONG_ID].isin(quarantined).sum())
             todo = todo[~todo[S.SONG_ID].isin(quarantined)].reset_index(drop=True)
-        current = {**(cached_inputs(directory) if directory.is_dir() else {}),
-                   **dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))}
+        current = {**cached_inputs(directory), **dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))}
         plans.append(TowerPlan(tower, spec, directory, inputs, todo, drop_rows(directory, current), skipped))
     return plans
 
@@ -533,12 +533,13 @@ def backbone_as_is(inputs: dict[int, np.ndarray], backbone: str) -> tuple[list[i
     return ids, np.stack(vecs) if vecs else np.zeros((0, 200), np.float32)
 
 
-def variant_embeddings(cfg: Config, verbose: bool = True) -> dict:
-    """Every variant's catalog embeddings (htcl.evaluation.Embeddings), by table name."""
+def variant_embeddings(cfg: Config, verbose: bool = True, models: list[Variant] | None = None) -> dict:
+    """Every variant's catalog embeddings (htcl.evaluation.Embeddings), by table name.
+    models: variant_models(cfg), when the caller has them loaded already."""
     from htcl.evaluation import MEL_STATS, Embeddings, mel_statistics
 
     variants: dict = {}
-    for v in variant_models(cfg, verbose):
+    for v in models if models is not None else variant_models(cfg, verbose):
         try:
             inputs = audio_inputs(cfg, v.model_cfg, v.audio_cfg)
         except FileNotFoundError as e:
@@ -571,7 +572,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
     directory = out_path(cfg, "features", "real_audio", tower_dir("", spec).name)
     hashes = [audio_file_hash(p) for p in manifest["path"]]
     inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
-    todo = songs_to_compute(directory, inputs) if directory.is_dir() else inputs
+    todo = songs_to_compute(directory, inputs)
     if len(todo):
         from htcl.towers import feature_row
 
@@ -584,7 +585,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
     return [cached[i] for i in range(len(waves))]
 
 
-def real_audio_results(cfg: Config, verbose: bool = True) -> dict | None:
+def real_audio_results(cfg: Config, verbose: bool = True, models: list[Variant] | None = None) -> dict | None:
     """Genre accuracy of every variant on the labelled real recordings of eval.real_audio."""
     if not cfg.eval.real_audio:
         return None
@@ -599,7 +600,7 @@ def real_audio_results(cfg: Config, verbose: bool = True) -> dict | None:
     groups = manifest["group"] if manifest["group"].notna().any() else None
     out: dict = {}
     inputs_by_family: dict[str, list[np.ndarray]] = {}
-    for v in variant_models(cfg, verbose=False):
+    for v in models if models is not None else variant_models(cfg, verbose=False):
         key = v.model_cfg.audio_backbone
         if key not in inputs_by_family:
             inputs_by_family[key] = real_audio_inputs(cfg, manifest, waves, v.model_cfg)
@@ -626,12 +627,12 @@ def embed_song_texts(cfg: Config, model: HTCLModel, texts: dict[int, str], ids: 
     if not ids:
         return np.zeros((0, model.cfg.embed_dim), np.float32)
     if not model.cfg.text_trainable:
-        from htcl.towers import read_features, text_hash, text_tower_spec, tower_dir
+        from htcl.towers import StaleFeaturesError, read_features, text_hash, text_tower_spec, tower_dir
 
         try:
             feats = read_features(tower_dir(cfg.output_dir, text_tower_spec(model.cfg)),
                                   {i: text_hash(texts[i]) for i in ids})
-        except Exception:  # noqa: BLE001 - no cache, or a stale one: the BERT gives the same
+        except (FileNotFoundError, StaleFeaturesError):  # no cache, or a stale one: the BERT gives the same
             feats = {}
         if all(i in feats for i in ids):
             return model.encode_text_features(torch.as_tensor(np.stack([feats[i] for i in ids]))).float().numpy()
@@ -641,7 +642,8 @@ def embed_song_texts(cfg: Config, model: HTCLModel, texts: dict[int, str], ids: 
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
-def retrieval_results(cfg: Config, verbose: bool = True) -> tuple[dict[str, dict], dict] | None:
+def retrieval_results(cfg: Config, verbose: bool = True,
+                      models: list[Variant] | None = None) -> tuple[dict[str, dict], dict] | None:
     """Zero-shot audio<->text retrieval (htcl.evaluation.zero_shot_retrieval) of every variant with
     a text tower (the random-init encoder and the trained checkpoints) among the songs of the
     held-out artists (`heldout_song_ids`, which no training stage saw). Returns (variant name ->
@@ -654,7 +656,7 @@ def retrieval_results(cfg: Config, verbose: bool = True) -> tuple[dict[str, dict
         return None
     texts = song_texts(catalog)
     out: dict[str, dict] = {}
-    for v in variant_models(cfg, verbose=False):
+    for v in models if models is not None else variant_models(cfg, verbose=False):
         if v.model is None:
             continue
         try:
@@ -699,13 +701,14 @@ def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir:
     if ranker_frame is None:
         genre = dict(zip(catalog[S.SONG_ID], catalog[S.GENRE].fillna(""))) if S.GENRE in catalog else None
         ranker_frame = point_in_time_stats(interactions, genre)
-    variants = {**variant_embeddings(cfg), **outside}
+    models = variant_models(cfg)  # every checkpoint loaded once, for all three uses below
+    variants = {**variant_embeddings(cfg, models=models), **outside}
     results = compare_variants(variants, catalog, interactions, ranker_frame, cut, cfg.eval.hit_rate_ks,
-                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg),
+                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg, models=models),
                                coverage=coverage)
     out_dir = Path(out_dir or out_path(cfg, "evaluation"))
     metric_files = [out_path(cfg, d, "metrics.jsonl") for runs in family_runs(cfg).values() for d in runs]
-    retrieval, held = retrieval_results(cfg) or ({}, None)
+    retrieval, held = retrieval_results(cfg, models=models) or ({}, None)
     for name, r in retrieval.items():
         if name in results["variants"]:
             results["variants"][name]["retrieval"] = r
