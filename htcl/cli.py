@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "materialize -> train-rankers -> evaluate")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="run every step in this process, without Ray or Feast")
+    add_embeddings_arg(p)
     return parser
 
 
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         results = pipeline.run_evaluate(cfg, external=external)
         print("\n" + Path(results["paths"]["markdown"]).read_text())
     elif args.command == "demo":
+        external_embeddings(parser, args.embeddings)  # a bad NAME=PATH is a usage error before hours of work
         return demo(cfg, args)
     return 0
 
@@ -235,7 +237,7 @@ def demo(cfg, args) -> int:
             cf_cfg = replace(fcfg, finetune=replace(fcfg.finetune, variant="cf"))
             step(f"finetune w_CF ({name})", lambda: pipeline.run_train(cf_cfg, "finetune", f1))
         emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
-        step("evaluate", lambda: pipeline.run_evaluate(cfg))
+        step("evaluate", lambda: pipeline.run_evaluate(cfg, external=dict(args.embeddings)))
     else:
         common = importlib.import_module("ray_jobs.common")
         started = common.init_ray()  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
@@ -252,7 +254,7 @@ def demo(cfg, args) -> int:
             step("embed", lambda: job("embed", "--checkpoint", str(s2)))
             step("materialize", lambda: job("materialize"))
             step("train-rankers", lambda: job("train-rankers"))
-            step("evaluate", lambda: job("evaluate"))
+            step("evaluate", lambda: job("evaluate", *(f"--embeddings={n}={p}" for n, p in args.embeddings)))
         finally:
             if started:
                 importlib.import_module("ray").shutdown()

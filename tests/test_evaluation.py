@@ -582,6 +582,11 @@ def test_cli_embeddings_argument(capsys):
         with pytest.raises(SystemExit) as e:
             evaluate_job.main(["--config", "configs/demo.yaml", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
+        # `htcl demo` passes them to its evaluate step, and refuses a bad one before the first step
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--local", "--config", "configs/demo.yaml", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert build_parser().parse_args(["demo", "--embeddings", "cf=a.parquet"]).embeddings == [("cf", "a.parquet")]
 
 
 def test_real_audio_probe_on_real_recordings(shared_data):
