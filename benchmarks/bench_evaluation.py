@@ -52,6 +52,11 @@ BENCH_FILE = "bench_world.json"  # in a world this script rendered: the command 
 SEED_FILE = "bench_seed.json"  # in a seed's output dir: what it was run with (reuse check)
 # caches a later seed starts from (keyed by inputs and tower hashes: identical across training seeds)
 SHARED_CACHES = ("mels", "quarantine", "features")
+# external embedding tables (htcl demo --embeddings), written once per out-dir: they depend on the
+# world and the locked backbone only, not on the training seed
+EXTERNAL_DIR = "external"
+TASTE_ORACLE = "taste oracle (hidden factors)"
+BACKBONE_POOLED = "musicnn pooled (external file)"
 
 # The table's cells: (column, path in a results.json variant row, scale to points)
 CELLS = [
@@ -121,30 +126,34 @@ def seed_caches(first: Path, seed_dir: Path) -> list[str]:
     return done
 
 
-def seed_settings(seed: int, seed_dir: Path, world: Path, args, overrides: list[str]) -> dict:
+def seed_settings(seed: int, seed_dir: Path, world: Path, args, overrides: list[str],
+                  tables: dict[str, Path] | None = None) -> dict:
     return {"config": args.config,
             "overrides": [f"output_dir={seed_dir}", f"data.root={world}", f"data.songs={args.songs}",
-                          f"pretrain.seed={seed}", f"finetune.seed={seed}", *overrides]}
+                          f"pretrain.seed={seed}", f"finetune.seed={seed}", *overrides],
+            "embeddings": {name: str(path) for name, path in (tables or {}).items()}}
 
 
-def finished_seed(seed: int, seed_dir: Path, world: Path, args, overrides: list[str]) -> dict | None:
+def finished_seed(seed: int, seed_dir: Path, world: Path, args, overrides: list[str],
+                  tables: dict[str, Path]) -> dict | None:
     """The seed's record when it finished with these settings, else None."""
     marker, results_path = seed_dir / SEED_FILE, seed_dir / "evaluation" / "results.json"
     if marker.is_file() and results_path.is_file():
         record = json.loads(marker.read_text())
-        if record.get("settings") == seed_settings(seed, seed_dir, world, args, overrides):
+        if record.get("settings") == seed_settings(seed, seed_dir, world, args, overrides, tables):
             return record
     return None
 
 
-def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, overrides: list[str]) -> dict:
+def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, overrides: list[str],
+             tables: dict[str, Path]) -> dict:
     """One training seed's demo run (or its earlier results when it ran with the same settings)."""
     from htcl.cli import main as htcl
 
-    settings = seed_settings(seed, seed_dir, world, args, overrides)
+    settings = seed_settings(seed, seed_dir, world, args, overrides, tables)
     seed_overrides = settings["overrides"]
     marker = seed_dir / SEED_FILE
-    if not args.rerun and (record := finished_seed(seed, seed_dir, world, args, overrides)) is not None:
+    if not args.rerun and (record := finished_seed(seed, seed_dir, world, args, overrides, tables)) is not None:
         print(f"bench_evaluation: seed {seed}: reusing {seed_dir / 'evaluation' / 'results.json'}")
         return record
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +164,8 @@ def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, o
         print(f"bench_evaluation: seed {seed}: {', '.join(linked)} linked from {first}")
     print(f"\nbench_evaluation: seed {seed} -> {seed_dir}", flush=True)
     t0 = time.perf_counter()
-    code = htcl(["demo", "--local", "--config", args.config, *seed_overrides])
+    external = [f"--embeddings={name}={path}" for name, path in tables.items()]
+    code = htcl(["demo", "--local", "--config", args.config, *external, *seed_overrides])
     if code:
         raise SystemExit(f"bench_evaluation: seed {seed}: htcl demo failed with exit status {code}")
     record = {"seed": seed, "output_dir": str(seed_dir), "settings": settings, "caches_from": str(first) if linked else None,
@@ -163,6 +173,67 @@ def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, o
               "timings": json.loads((seed_dir / "demo_timings.json").read_text())}
     marker.write_text(json.dumps(record, indent=2))
     return record
+
+
+def write_embedding_table(path: Path, ids, vectors: np.ndarray) -> Path:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame({"song_id": np.asarray(ids, np.int64), "embedding": list(np.asarray(vectors, np.float32))}).to_parquet(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def taste_oracle_table(world: Path, path: Path) -> Path:
+    """The world's hidden taste factors (truth.parquet: tempo, energy, mode, vocals, instrument
+    family; never seen by training) as an embedding table. Favors follow closeness in this space,
+    so its hit-rates show how far matching by audible taste can go on this world at all."""
+    import pandas as pd
+
+    from htcl.sample_world.listeners import listeners_from_frame
+    from htcl.sample_world.validate import songs_from_truth
+
+    truth = pd.read_parquet(world / "truth.parquet").sort_values("song_id")
+    genres = listeners_from_frame(pd.read_parquet(world / "listeners.parquet")).genres
+    return write_embedding_table(path, truth["song_id"], songs_from_truth(truth, genres).taste_vectors())
+
+
+def backbone_pooled_table(cfg, path: Path) -> Path:
+    """The locked musicnn's pooled features (max and mean of its 753 channels per 3 s patch, 1506-d)
+    averaged over each song's patches: the off-the-shelf tagger as a team would export it, read back
+    through `--embeddings` like any vendor's table. Runs preprocess and features first (cached, so
+    the demo's own steps then find nothing to do)."""
+    from htcl import pipeline
+
+    pipeline.run_preprocess(cfg)
+    pipeline.run_features(cfg)
+    inputs = pipeline.audio_inputs(cfg)  # song_id -> (1506, patches)
+    ids = sorted(inputs)
+    return write_embedding_table(path, ids, np.stack([inputs[i].mean(axis=1) for i in ids]))
+
+
+def external_table_paths(out: Path, cfg) -> dict[str, Path]:
+    """The bench's external rows: name -> table path (the musicnn row when the config's family is
+    a musicnn backbone)."""
+    files = {TASTE_ORACLE: "taste_oracle.parquet"}
+    if cfg.model.audio_backbone != "none":
+        files[BACKBONE_POOLED] = f"{cfg.model.audio_backbone}_pooled.parquet"
+    return {name: out / EXTERNAL_DIR / file for name, file in files.items()}
+
+
+def write_external_tables(tables: dict[str, Path], world: Path, cfg) -> dict[str, float]:
+    """Write the tables not yet there (cfg: seed 0's, whose caches the later seeds link); the
+    seconds each took."""
+    writers = {TASTE_ORACLE: lambda p: taste_oracle_table(world, p), BACKBONE_POOLED: lambda p: backbone_pooled_table(cfg, p)}
+    seconds = {}
+    for name, path in tables.items():
+        if not path.is_file():
+            print(f"bench_evaluation: writing the external table {name!r} -> {path}", flush=True)
+            t0 = time.perf_counter()
+            writers[name](path)
+            seconds[f"external table: {name}"] = round(time.perf_counter() - t0, 1)
+    return seconds
 
 
 # --- aggregate -------------------------------------------------------------------------------
@@ -262,6 +333,12 @@ def markdown(agg: dict, first: dict, bench: dict) -> str:
     world = bench.get("world_render") or {}
     if world.get("seconds") is not None:
         lines.append(f"\nWorld render: {world['seconds']} s ({world.get('command', '')}).")
+    for name, secs in (bench.get("external_table_seconds") or {}).items():
+        lines.append(f"\n{name}: {secs} s (before seed 0's demo; for the musicnn table this includes seed 0's "
+                     "preprocess and features, so its demo finds them done).")
+    if bench.get("external_tables"):
+        lines.append("\nExternal rows (read through `--embeddings NAME=PATH`, scored like htcl's own): " + "; ".join(
+            f"{name} = {path}" for name, path in bench["external_tables"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--no-real-audio", action="store_true", help=f"skip eval.real_audio={REAL_AUDIO}")
     p.add_argument("--rerun", action="store_true", help="rerun seeds whose results exist")
+    p.add_argument("--no-external", action="store_true", help=f"skip the external rows ({TASTE_ORACLE!r} from the "
+                   f"world's truth.parquet, {BACKBONE_POOLED!r}) passed to the evaluation with --embeddings")
     p.add_argument("--report-only", action="store_true", help="run nothing: aggregate the seeds among 0..N-1 that "
                    "have finished with these settings (e.g. while a longer run is still going)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -301,18 +380,23 @@ def main(argv=None) -> int:
             print(f"bench_evaluation: note: {REAL_AUDIO} is absent, so no real-audio probe (and no backbone "
                   "real-audio claims)")
 
+    from htcl.config import load_config
+
+    first_cfg = load_config(args.config, seed_settings(0, out / "seed0", world, args, overrides)["overrides"])
+    tables = {} if args.no_external else external_table_paths(out, first_cfg)
+    table_seconds = {} if args.report_only else write_external_tables(tables, world, first_cfg)
     records, per_seed = {}, {}
     first = None
     for s in range(args.seeds):
         seed_dir = out / f"seed{s}"
         if args.report_only:
-            record = finished_seed(s, seed_dir, world, args, overrides)
+            record = finished_seed(s, seed_dir, world, args, overrides, tables)
             if record is None:
                 print(f"bench_evaluation: seed {s} has not finished in {seed_dir}: left out")
                 continue
             records[s] = record
         else:
-            records[s] = run_seed(s, seed_dir, first, world, args, overrides)
+            records[s] = run_seed(s, seed_dir, first, world, args, overrides, tables)
         per_seed[s] = json.loads((seed_dir / "evaluation" / "results.json").read_text())
         first = first or seed_dir
     if not per_seed:
@@ -326,6 +410,8 @@ def main(argv=None) -> int:
              "timings": {s: {**({"world": world_info["seconds"]} if s == 0 and not world_info.get("reused") else {}),
                              **records[s]["timings"]} for s in records},
              "seed_seconds": {s: records[s]["seconds"] for s in records},
+             "external_tables": {name: str(path) for name, path in tables.items()},
+             "external_table_seconds": table_seconds,
              "caches_from": {s: records[s].get("caches_from") for s in records}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"bench": bench, "aggregate": agg, "seeds": {s: per_seed[s] for s in per_seed}}
