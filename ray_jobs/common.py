@@ -3,8 +3,9 @@
 Connecting (`init_ray`):
 - RAY_ADDRESS set (as under `ray job submit`, or by hand): `ray.init()` joins that cluster.
 - otherwise: a new local Ray instance for this process only (`address="local"`, so it never
-  attaches to some other `ray start` cluster found in /tmp/ray), its node and dashboard bound to
-  127.0.0.1. Ray 2.60 turns token authentication on by default for such a local instance
+  attaches to some other `ray start` cluster found in /tmp/ray), every listener of it on 127.0.0.1
+  and its Prometheus exporters off (LOOPBACK_RAY_ENV, below; the README's "What listens where").
+  Ray 2.60 turns token authentication on by default for such a local instance
   (RAY_AUTH_MODE unset -> token; the token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
   ~/.ray/auth_token, generated there when missing). Set RAY_AUTH_MODE=disabled to opt out.
 - already connected in this process (tests share one instance per module): reused, and left
@@ -14,6 +15,7 @@ Connecting (`init_ray`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +32,27 @@ WORKING_DIR_EXCLUDES = [
     ".venv", ".git", "outputs", "runs", "data", "**/__pycache__", "*.egg-info", ".pytest_cache",
     "benchmarks/results", ".whl", ".gl",
 ]
+
+
+# What keeps a single-node Ray 2.60 on 127.0.0.1 with no metrics served, for the processes of a
+# local instance (init_ray sets them while Ray starts; a value already in the environment wins) and
+# exported before `ray start --head` (README, "Running on a Ray cluster"; tests/test_ray_cluster.py).
+LOOPBACK_RAY_ENV = {
+    # On Linux Ray rewrites a node IP of 127.0.0.1 to the host's address
+    # (services.resolve_ip_for_localhost, for `ray start --node-ip-address`, `ray.init(
+    # _node_ip_address=...)` and a RAY_ADDRESS of 127.0.0.1:PORT), and gRPC servers bind 127.0.0.1
+    # only when the node IP *is* 127.0.0.1, else 0.0.0.0/[::]. With this flag off (its only effects:
+    # that rewrite and refusing `ray start --address` of a second node) the node IP stays 127.0.0.1:
+    # GCS, raylet, object manager, every worker's and driver's gRPC server, dashboard agent,
+    # runtime-env agent and Ray Client server then listen on 127.0.0.1.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # The per-node Prometheus exporter (dashboard agent, --metrics-export-port): not started.
+    "RAY_enable_metrics_collection": "0",
+    # The dashboard's and the autoscaler's own Prometheus servers (fixed ports 44227, 44217) have no
+    # switch: on a port that cannot be bound they log one exception and serve nothing.
+    "DASHBOARD_METRIC_PORT": "-1",
+    "AUTOSCALER_METRIC_PORT": "-1",
+}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -65,18 +88,50 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        # A head on 127.0.0.1 (the README's `ray start`) is reached at 127.0.0.1, not at the
+        # host's address Ray would rewrite it to (harmless for a head on every interface).
+        with loopback_ray(env=False):
+            ray.init(address=address, log_to_driver=not quiet)
         return False
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
-        dashboard_host="127.0.0.1",
-        log_to_driver=not quiet,
-        # Workers import ray_jobs/htcl from this checkout as the driver does.
-        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
-    )
+    with loopback_ray():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            _node_ip_address="127.0.0.1",
+            dashboard_host="127.0.0.1",
+            log_to_driver=not quiet,
+            # Workers import ray_jobs/htcl from this checkout as the driver does.
+            runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+        )
     return True
+
+
+@contextlib.contextmanager
+def loopback_ray(env: bool = True):
+    """While Ray starts or connects: LOOPBACK_RAY_ENV in the environment its processes inherit
+    (env), and this process's Ray told not to rewrite 127.0.0.1 (the flag is read once, when ray is
+    imported, so it is set on the module). Both are restored afterwards; RAY_ENABLE_WINDOWS_OR_OSX_
+    CLUSTER=1 in the environment opts out."""
+    from ray._private import ray_constants
+
+    saved = {k: os.environ.get(k) for k in LOOPBACK_RAY_ENV}
+    flag = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    saved_flag = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    try:
+        if env:
+            for k, v in LOOPBACK_RAY_ENV.items():
+                os.environ.setdefault(k, v)
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ.get(flag, "0").lower() in ("1", "true")
+        yield
+    finally:
+        if saved_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _pythonpath() -> str:

@@ -2,9 +2,11 @@
 `ray job submit --working-dir . -- python -m ray_jobs.<step>` for preprocess, pretrain (Ray Train,
 when ray_jobs/pretrain.py is there) and embed.
 
-The head is this test's own: its own process group, free ports, its own --temp-dir, node and
-dashboard bound to 127.0.0.1, RAY_AUTH_MODE=token with a fresh RAY_AUTH_TOKEN (nothing written to
-~/.ray). It is stopped by killing that process group; then no process of it may remain.
+The head is this test's own: its own process group, free ports, its own --temp-dir, started as the
+README documents (--node-ip-address and --dashboard-host 127.0.0.1, ray_jobs.common.LOOPBACK_RAY_ENV
+exported: every listener on 127.0.0.1 but what Ray cannot bind, no Prometheus exporter),
+RAY_AUTH_MODE=token with a fresh RAY_AUTH_TOKEN (nothing written to ~/.ray). It is stopped by killing
+that process group; then no process of it may remain.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import pytest
 import soundfile as sf
 
 from conftest import REPO, TINY_MODEL
+from ray_jobs.common import LOOPBACK_RAY_ENV
+from test_ray_binding import exposed, fmt, grpc_refuses_without_token, is_loopback, listeners, metrics_ports
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
@@ -62,7 +66,8 @@ class Head:
         self.temp_dir = tempfile.mkdtemp(prefix="htclray", dir="/tmp")
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("RAY_") or k in ("RAY_DEDUP_LOGS",)}
+                    if (not k.startswith("RAY_") or k in ("RAY_DEDUP_LOGS",)) and k not in LOOPBACK_RAY_ENV}
+        self.env.update(LOOPBACK_RAY_ENV)  # as the README's `ray start --head` has them exported
         # Draining at stop() has no work left to protect (the jobs are done): 5 s, not 30.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
                         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -230,6 +235,29 @@ def test_dashboard_refuses_unauthenticated_requests(head):
     assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
 
 
+def test_head_listens_on_loopback_only_and_serves_no_metrics(head):
+    """`ray start --head` as the README has it: every listener of the cluster's processes on
+    127.0.0.1 (tests/test_ray_binding.py lists what Ray cannot bind; none of those runs on a bare
+    head), and no port answers `GET /metrics` without the token."""
+    expected = ("gcs_server", "raylet", "dashboard.py", "DashboardAgent", "RuntimeEnvAgent", "ray.util.client.server")
+    deadline = time.time() + 60  # the agents may still be starting when the job API answers
+    while True:
+        socks = listeners({p.pid for p in head.ours()})
+        missing = [w for w in expected if w not in " ".join(s["process"] for s in socks)]
+        if not missing or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, f"no listener of {missing} found:\n{fmt(socks)}"
+    assert not exposed(socks), f"listening beyond the loopback:\n{fmt(exposed(socks))}"
+    beyond = [s for s in socks if not is_loopback(s["ip"])]
+    assert all(grpc_refuses_without_token(s["port"]) for s in beyond), fmt(beyond)
+    ports = {s["port"] for s in socks}
+    assert {head.gcs, head.dashboard, head.client, head.node_manager, head.object_manager} <= ports
+    assert head.metrics not in ports  # --metrics-export-port: the exporter is off
+    served = metrics_ports(socks)
+    assert not served, f"Prometheus metrics answer without a token on {served}:\n{fmt(socks)}"
+
+
 def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tmp_path):
     import torch
 
@@ -251,9 +279,9 @@ def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tm
     assert banner, logs[-3000:]
     assert Path(banner[1]).parent == VENV_BIN  # `python` on the job's PATH is the venv's
     assert banner[2].startswith(head.temp_dir)  # the uploaded copy, not this checkout
-    # Ray's address of this node: `ray start` on Linux turns --node-ip-address=127.0.0.1 into the
-    # node's own IP (services.resolve_ip_for_localhost), so only the port is ours to check.
-    assert banner[3].endswith(f":{head.gcs}")
+    # Ray's address of this node: 127.0.0.1 (with LOOPBACK_RAY_ENV, `ray start` keeps
+    # --node-ip-address=127.0.0.1 instead of rewriting it to the host's IP).
+    assert banner[3] == f"127.0.0.1:{head.gcs}"
     assert re.search(r"^preprocess: 12 processed, 1 quarantined, [0-9.]+ songs/s", logs, re.MULTILINE), logs[-2000:]
     mels = pq.read_table(sorted((out / "mels").glob("*.parquet"))).to_pandas()
     assert sorted(mels.song_id) == list(range(1, 13))
