@@ -33,6 +33,9 @@ NOT_ON_LOOPBACK: list[tuple[str, str]] = [
      "it to [::]:0 unconditionally (no option, no environment variable); Ray attaches its token "
      "interceptor, so without RAY_AUTH_TOKEN a call gets UNAUTHENTICATED"),
 ]
+# Not exercised here (it takes a Ray Train run), in the README too: while a TorchTrainer runs, rank 0's
+# torch.distributed TCPStore listens on [::]:MASTER_PORT (torch 2.13 binds it there whatever host it
+# is given; no option, no authentication), until the run ends.
 
 
 def is_loopback(ip: str) -> bool:
