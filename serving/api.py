@@ -6,10 +6,12 @@ API is tested with FastAPI's TestClient and a fake backend, without Ray.
 
 Errors are JSON, always `{"error": {"field": <name or null>, "message": <text>}}`:
     400 malformed JSON          401 missing/wrong bearer key     404 unknown song or route
-    413 upload too large        415 not audio                    422 a field out of range / wrong type
+    408 body not in by its deadline                              413 body or upload over its cap
+    415 not audio               422 a field out of range / wrong type (path ids and k: digits only)
     501 cold-start encoder not deployed   503 overloaded or a replica restarting (Retry-After)
     504 the request's deadline passed inside the app
-A 500 is only ever a bug: bad input never reaches it.
+A 500 is only ever a bug: bad input never reaches it. Bodies pass serving/gate.py's BodyGate first:
+a route sees a request only once its whole body is in, under its cap and deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.gate import BodyGate, BodyLimits, error_body
+
 AUDIO_TYPES = ("audio/", "application/octet-stream")
 
 
@@ -34,10 +38,6 @@ class ApiError(Exception):
     def __init__(self, status: int, field: str | None, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.field, self.message, self.headers = status, field, message, headers or {}
-
-
-def error_body(field: str | None, message: str) -> dict:
-    return {"error": {"field": field, "message": message}}
 
 
 def key_digest(key: str) -> str:
@@ -51,9 +51,18 @@ class ApiSettings:
     max_k: int = 1000
     max_candidates: int = 1000
     max_upload_bytes: int = 20 * 1024 * 1024
+    max_json_bytes: int = BodyLimits.max_json_bytes
+    body_timeout_s: float = BodyLimits.body_timeout_s
+    upload_timeout_s: float = BodyLimits.upload_timeout_s
+    max_uploads: int = BodyLimits.max_uploads
     encoder: bool = True
     model_version: str = ""
     extra: dict = field(default_factory=dict)
+
+    def body_limits(self) -> BodyLimits:
+        return BodyLimits(max_json_bytes=self.max_json_bytes, max_upload_bytes=self.max_upload_bytes,
+                          body_timeout_s=self.body_timeout_s, upload_timeout_s=self.upload_timeout_s,
+                          max_uploads=self.max_uploads)
 
 
 class Backend(Protocol):
@@ -102,6 +111,17 @@ def _in_range(name: str, value: int, low: int, high: int) -> int:
 INT64_MAX = 2**63 - 1
 
 
+def _digits(name: str, raw: str) -> int:
+    """A path id or a query count: ASCII digits only. Python's int() (and a lax parser) would read
+    `1_0` as 10 and `+1`, ` 1` or `1.0` as 1; and no 5000-digit string reaches int()."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise ApiError(422, name, f"{name} must be written in digits only (0-9), got {raw[:40]!r}")
+    significant = raw.lstrip("0") or "0"
+    if len(significant) > 19:
+        raise ApiError(422, name, f"{name} must fit in a signed 64-bit integer")
+    return int(significant)
+
+
 def _id(name: str, value: int) -> int:
     """Ids are int64 in every table: a larger number is a bad field, not a server error."""
     if not -INT64_MAX - 1 <= value <= INT64_MAX:
@@ -135,6 +155,10 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def _bug(request: Request, exc: Exception):  # never bad input: that is answered above
         return JSONResponse(error_body(None, f"internal error: {type(exc).__name__}"), status_code=500)
 
+    # Added before the auth middleware, so it runs after it: a request without the key is refused
+    # on its headers, before its body is read.
+    app.add_middleware(BodyGate, limits=settings.body_limits())
+
     if settings.api_key_sha256:
         expected = settings.api_key_sha256.encode()
 
@@ -154,12 +178,13 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         return await backend.health()
 
     @app.get("/v1/songs/{song_id}/embedding")
-    async def embedding(song_id: int):
-        return await backend.embedding(_id("song_id", song_id))
+    async def embedding(song_id: str):
+        return await backend.embedding(_id("song_id", _digits("song_id", song_id)))
 
     @app.get("/v1/songs/{song_id}/similar")
-    async def similar(song_id: int, k: int = 100):
-        return await backend.similar(_id("song_id", song_id), _in_range("k", k, 1, settings.max_k))
+    async def similar(song_id: str, k: str = "100"):
+        return await backend.similar(_id("song_id", _digits("song_id", song_id)),
+                                     _in_range("k", _digits("k", k), 1, settings.max_k))
 
     @app.post("/v1/rank")
     async def rank(body: RankRequest):
@@ -181,9 +206,9 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
         return await backend.recommend(_id("user_id", body.user_id), _id("trigger_song_id", body.trigger_song_id), k, n)
 
     @app.post("/v1/embed")
-    async def embed(request: Request, k: int = 10):
+    async def embed(request: Request, k: str = "10"):
         """Cold start: the raw bytes of an audio file in the body -> its embedding and nearest songs."""
-        k = _in_range("k", k, 0, settings.max_k)
+        k = _in_range("k", _digits("k", k), 0, settings.max_k)
         if not settings.encoder:
             raise ApiError(501, None, "the cold-start encoder is not deployed for this model version")
         ctype = request.headers.get("content-type", "application/octet-stream").lower()

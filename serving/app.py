@@ -14,7 +14,9 @@ and lets the old ones finish what they hold (graceful shutdown), so no in-flight
 
 Overload: every deployment bounds `max_ongoing_requests` (per replica) and `max_queued_requests`
 (per caller), so excess load is answered 503 at once instead of queueing without bound; the HTTP
-proxy's `request_timeout_s` and the ingress's own per-call deadline bound a request's time.
+proxy's `request_timeout_s` and the ingress's own per-call deadline bound a request's time. The
+ingress's bounds are wide (it holds no real work; see Ingress) and a request reaches it with its
+body in (serving/gate.py), so neither slow clients nor a crowd of /healthz probes fill it.
 The ingress retries a call once more when the replica it went to died (idempotent reads), so a
 killed replica costs latency, not answers, while Serve replaces it.
 
@@ -23,8 +25,11 @@ Args (a dict: the `args:` of serving/config.yaml, or built by `htcl serve`):
     model_version: default the store's current one          online_store: redis://... (default $HTCL_ONLINE_STORE, else SQLite)
     encoder: auto | true | false (auto: when the checkpoint's version is the served one)
     checkpoint: default the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)
-    api_key_env: the environment variable holding the API key (default HTCL_API_KEY; unset = no auth)
-    max_upload_mb (20), max_k (1000), max_candidates (1000), timeout_s (5)
+    api_key_sha256: the SHA-256 (hex) of the API key: all the ingress gets (`htcl serve` computes it
+        from $HTCL_API_KEY and starts Ray without the key); else api_key_env's variable, read where the
+        app is built (default HTCL_API_KEY; neither = no auth)
+    max_upload_mb (20), max_json_kb (64), body_timeout_s (5), upload_timeout_s (30), max_uploads (8):
+        serving/gate.py's body limits; max_k (1000), max_candidates (1000), timeout_s (5)
     replicas: {ingress: 1, lookup: 1, matcher: 1, ranker: 1, encoder: 1}
 """
 
@@ -33,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +48,10 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from serving.api import ApiError, ApiSettings, create_api, error_for_unknown, jsonable, key_digest
+from serving.gate import BodyLimits
 
 log = logging.getLogger("ray.serve")
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +83,27 @@ class AppPlan:
     api: ApiSettings
     timeout_s: float = 5.0
     replicas: dict = field(default_factory=dict)
+
+
+def body_limits(args: dict) -> BodyLimits:
+    """The body gate's limits from the app's args (the same in the ingress and, via `htcl serve`, the proxy)."""
+    d = BodyLimits()
+    return BodyLimits(max_json_bytes=int(float(args.get("max_json_kb", d.max_json_bytes / 1024)) * 1024),
+                      max_upload_bytes=int(float(args.get("max_upload_mb", d.max_upload_bytes / 2**20)) * 2**20),
+                      body_timeout_s=float(args.get("body_timeout_s", d.body_timeout_s)),
+                      upload_timeout_s=float(args.get("upload_timeout_s", d.upload_timeout_s)),
+                      max_uploads=int(args.get("max_uploads", d.max_uploads)))
+
+
+def api_key_sha256(args: dict) -> str | None:
+    """The key's digest: the `api_key_sha256` arg, else the SHA-256 of api_key_env's variable, else None."""
+    given = args.get("api_key_sha256")
+    if given:
+        if not re.fullmatch(r"[0-9a-f]{64}", str(given)):
+            raise ValueError("api_key_sha256 must be 64 lowercase hex digits (the SHA-256 of the key), not the key")
+        return str(given)
+    key = os.environ.get(args.get("api_key_env") or API_KEY_ENV) or None
+    return key_digest(key) if key else None
 
 
 def plan(args: dict | None = None) -> AppPlan:
@@ -122,12 +152,13 @@ def plan(args: dict | None = None) -> AppPlan:
                 raise ValueError(f"encoder: checkpoint {checkpoint} is model version {found}, the app serves {version}")
             log.info("cold-start encoder off: %s is version %s, the app serves %s", checkpoint, found, version)
             checkpoint = None
-    key = os.environ.get(args.get("api_key_env") or API_KEY_ENV) or None
+    limits = body_limits(args)
     api = ApiSettings(
-        api_key_sha256=key_digest(key) if key else None,
+        api_key_sha256=api_key_sha256(args),
         max_k=int(args.get("max_k", 1000)),
         max_candidates=int(args.get("max_candidates", 1000)),
-        max_upload_bytes=int(float(args.get("max_upload_mb", 20)) * 1024 * 1024),
+        max_upload_bytes=limits.max_upload_bytes, max_json_bytes=limits.max_json_bytes,
+        body_timeout_s=limits.body_timeout_s, upload_timeout_s=limits.upload_timeout_s, max_uploads=limits.max_uploads,
         encoder=checkpoint is not None,
         model_version=version,
     )
@@ -357,12 +388,26 @@ class Encoder(_Worker):
 # --- ingress -----------------------------------------------------------------------------------
 
 
+class Overloaded(ApiError):
+    """A deployment's queue is full (Serve's BackPressureError): 503, retry later."""
+
+    def __init__(self):
+        super().__init__(503, None, "overloaded: retry later", {"Retry-After": "1"})
+
+
+# How long one round of health pings answers /healthz: a crowd of probes costs one round, not one each.
+HEALTH_TTL_S = 1.0
+
+
 class ServeBackend:
     """The API's backend inside the ingress replica: calls to the other deployments' handles."""
 
-    def __init__(self, lookup, matcher, ranker, encoder, timeout_s: float):
+    def __init__(self, lookup, matcher, ranker, encoder, timeout_s: float, model_version: str = ""):
         self.lookup, self.matcher, self.ranker, self.encoder = lookup, matcher, ranker, encoder
-        self.timeout_s = timeout_s
+        self.timeout_s, self.model_version = timeout_s, model_version
+        self._health: dict | None = None
+        self._health_at = 0.0
+        self._health_round: asyncio.Future | None = None
 
     async def _call(self, handle, method: str, *args):
         """One deployment call with a deadline; retried once when its replica died under it."""
@@ -374,7 +419,7 @@ class ServeBackend:
             try:
                 return await asyncio.wait_for(_wait(response), self.timeout_s)
             except BackPressureError:
-                raise ApiError(503, None, "overloaded: retry later", {"Retry-After": "1"}) from None
+                raise Overloaded() from None
             except asyncio.TimeoutError:
                 response.cancel()
                 raise ApiError(504, None, f"no answer within {self.timeout_s} s") from None
@@ -439,25 +484,54 @@ class ServeBackend:
         return out
 
     async def health(self) -> dict:
+        """Every deployment answers a ping (or is busy shedding load: alive). Concurrent probes share
+        one round of pings, and a round's answer serves for HEALTH_TTL_S."""
+        if self._health is not None and time.monotonic() - self._health_at < HEALTH_TTL_S:
+            return self._health
+        if self._health_round is None:
+            self._health_round = asyncio.ensure_future(self._ping_all())
+            self._health_round.add_done_callback(self._round_done)
+        return await asyncio.shield(self._health_round)
+
+    def _round_done(self, round_: asyncio.Future) -> None:
+        self._health_round = None
+        if not round_.cancelled() and round_.exception() is None:
+            self._health, self._health_at = round_.result(), time.monotonic()
+
+    async def _ping_all(self) -> dict:
         parts = {"lookup": self.lookup, "matcher": self.matcher, "ranker": self.ranker}
         if self.encoder is not None:
             parts["encoder"] = self.encoder
-        got = {name: await self._call(h, "ping") for name, h in parts.items()}
-        return {"status": "ok", "model_version": got["matcher"]["model_version"], "deployments": jsonable(got)}
+        answers = await asyncio.gather(*(self._ping(h) for h in parts.values()))
+        got = dict(zip(parts, answers))
+        version = got["matcher"].get("model_version", self.model_version)
+        return {"status": "ok", "model_version": version, "deployments": jsonable(got)}
+
+    async def _ping(self, handle) -> dict:
+        try:
+            return await self._call(handle, "ping")
+        except Overloaded:  # its queue is full: busy serving, not down
+            return {"busy": True}
 
 
 async def _wait(response):
     return await response
 
 
-@serve.deployment(max_ongoing_requests=32, max_queued_requests=32, ray_actor_options={"num_cpus": 0.2}, **COMMON)
+# The ingress only validates and waits on the other deployments, which bound the real work with
+# their own queues (and shed it with our JSON 503); a request reaches it with its body already in
+# (serving/gate.py in the proxy). So its own bounds are wide: a crowd of /healthz probes, or slow
+# bodies where no proxy gate runs, must not find it full. Serve's own 503 past them carries
+# Retry-After (backpressure_config); the proxy gate turns its text/plain body into our JSON one.
+@serve.deployment(max_ongoing_requests=1024, max_queued_requests=256, ray_actor_options={"num_cpus": 0.2},
+                  backpressure_config=BackpressureConfig(retry_after_s=1), **COMMON)
 @serve.ingress()
 class Ingress:
     """The HTTP front (serving/api.py) over the other deployments."""
 
     def __init__(self, lookup, matcher, ranker, encoder, api: ApiSettings, timeout_s: float = 5.0):
         self.api = api
-        self.backend = ServeBackend(lookup, matcher, ranker, encoder, timeout_s)
+        self.backend = ServeBackend(lookup, matcher, ranker, encoder, timeout_s, api.model_version)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.backend, self.api)

@@ -5,8 +5,10 @@
     serve run serving/config.yaml                   (Ray's CLI, the same app from its YAML)
 
 Ray: RAY_ADDRESS's cluster, else a local instance bound to 127.0.0.1 with token authentication
-(ray_jobs.common.init_ray). HTTP: Serve's proxy on --host (127.0.0.1) and --port. With the
-environment variable HTCL_API_KEY set, every route but /healthz wants `Authorization: Bearer <key>`.
+(ray_jobs.common.init_ray). HTTP: Serve's proxy on --host (127.0.0.1) and --port, with
+serving/gate.py's body gate in it. With the environment variable HTCL_API_KEY set, every route but
+/healthz wants `Authorization: Bearer <key>`: the ingress gets the key's SHA-256 and the Ray
+processes this command starts never see the key.
 Rolling out another model version: run the command again with --model-version (or
 `serve deploy` / `serve run` with the new `model_version` arg); in-flight requests finish on the
 old replicas.
@@ -15,6 +17,7 @@ old replicas.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +27,8 @@ import time
 import urllib.error
 import urllib.request
 
-from serving.app import API_KEY_ENV, APP_NAME
+from serving.app import API_KEY_ENV, APP_NAME, api_key_sha256, body_limits
+from serving.gate import LIMITS_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -66,6 +70,18 @@ def dashboard_url() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _environment_without(name: str):
+    """`name` out of os.environ for the block: processes started in it (a local Ray's gcs, raylet,
+    dashboard and, through the raylet, every worker and replica) do not inherit it."""
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
 def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
           request_timeout_s: float = REQUEST_TIMEOUT_S, wait_s: float = 120.0) -> dict:
     """Ray (joined or started), Serve's proxy on host:port, the htcl app; returns once /healthz answers."""
@@ -75,12 +91,23 @@ def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int |
     # 65 x 503 -> 54 ms, no error (benchmarks/bench_serve.py). It reaches the processes of a Ray
     # instance this call starts; on a cluster, export it before `ray start`. "0" opts out.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # The body gate in Serve's proxy (bodies read, capped and timed before a request takes an
+    # ingress slot; Serve's own errors as our JSON body), with this app's limits. Like the line
+    # above, it reaches the proxy of a Ray instance this call starts; on a cluster, export both
+    # before `ray start`.
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    os.environ[LIMITS_ENV] = body_limits(args).to_env()
     from ray import serve
 
     from ray_jobs.common import init_ray
     from serving.app import build_app
 
-    started = init_ray(num_cpus, quiet=True)
+    # The ingress gets the key's digest as an argument; the key stays in this process only (its
+    # own client, `http`, sends it).
+    key_env = args.get("api_key_env") or API_KEY_ENV
+    args = {**args, "api_key_sha256": api_key_sha256(args)}
+    with _environment_without(key_env):
+        started = init_ray(num_cpus, quiet=True)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"

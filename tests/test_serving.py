@@ -11,6 +11,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +269,93 @@ def test_bad_input_is_4xx_naming_the_field(served):
     assert err(get(served, "/v1/songs/1/embedding", headers={"Authorization": ""})) == (401, "authorization")
     assert err(get(served, "/v1/songs/1/embedding", headers={"Authorization": "Bearer nope"})) == (401, "authorization")
     assert get(served, "/healthz", headers={"Authorization": ""})[0] == 200
+
+
+def _ray_processes_of_this_instance() -> dict[int, str]:
+    """pid -> name of every process of the Ray instance this test process started: gcs, raylet,
+    dashboard, ... and their children (the workers: Serve's controller, proxy and every replica)."""
+    import ray
+
+    own = {p.pid: name for name, p in ray._private.worker._global_node.live_processes()}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) in own:  # ppid
+            own[int(stat.parent.name)] = "worker"
+    return own
+
+
+@pytest.mark.slow
+def test_the_api_key_is_in_no_ray_process(served):
+    """Issue 13.7: the key sat in the environment of gcs, raylet, dashboard and every replica."""
+    if not served["started_ray"]:
+        pytest.skip("Ray was already running in this process: not the instance serving starts")
+    processes = _ray_processes_of_this_instance()
+    assert len(processes) > 5, processes  # gcs, raylet, ..., and the replicas
+    holding = [name for pid, name in processes.items()
+               if f"HTCL_API_KEY={KEY}".encode() in Path(f"/proc/{pid}/environ").read_bytes()]
+    assert not holding, f"the API key is in the environment of {holding}"
+    assert post(served, "/v1/recommend", {"user_id": 1, "trigger_song_id": 5}, headers={"Authorization": "Bearer nope"})[0] == 401
+
+
+@pytest.mark.slow
+def test_slow_bodies_hold_no_slot_and_healthz_answers(served):
+    """Issue 13.1: 64 clients sending a small /v1/recommend body at a crawl filled the ingress's
+    slots and every other request got 503 for ~10 s. Now the proxy holds them until their body is in
+    (it never is) and cuts them at the body deadline with the JSON 408; everything else is served."""
+    import socket
+
+    host, port = served["url"].removeprefix("http://").split(":")
+    body = json.dumps({"user_id": 1, "trigger_song_id": 5, "k": 5, "candidates": 20}).encode()
+    head = (f"POST /v1/recommend HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    slow = []
+    try:
+        for _ in range(80):
+            s = socket.create_connection((host, int(port)), timeout=20)
+            s.sendall(head + body[:1])
+            slow.append(s)
+        time.sleep(1.0)  # long enough for the proxy to route them, if it would
+        t0 = time.perf_counter()
+        assert get(served, "/healthz", timeout=10)[0] == 200
+        assert get(served, "/v1/songs/5/similar?k=3", timeout=10)[0] == 200
+        assert post(served, "/v1/recommend", json.loads(body), timeout=10)[0] == 200
+        print(f"\n80 slow bodies open: /healthz, /similar and /recommend answered 200 in {time.perf_counter() - t0:.2f} s")
+        answer = b""
+        while chunk := slow[0].recv(4096):  # the body deadline (5 s) passes; the answer closes the connection
+            answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 408"), answer
+        headers, _, payload = rest.partition(b"\r\n\r\n")
+        assert json.loads(payload)["error"]["field"] == "body"
+        # answered by the gate in the proxy, in front of Serve's request-id middleware (an answer
+        # from the ingress passes through it and carries X-Request-ID)
+        assert b"x-request-id" not in headers.lower(), headers
+        print(f"a slow client answered {status_line.decode()} after {time.perf_counter() - t0:.1f} s")
+    finally:
+        for s in slow:
+            s.close()
+
+
+@pytest.mark.slow
+def test_200_simultaneous_health_probes_all_answer(served):
+    """Issue 13.7: under 200 simultaneous /healthz, 91 got 503."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = threading.Barrier(200)
+
+    def probe(_):
+        start.wait()
+        return get(served, "/healthz", timeout=30)[0]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(200) as pool:
+        statuses = Counter(pool.map(probe, range(200)))
+    print(f"\n200 simultaneous /healthz: {dict(statuses)} in {time.perf_counter() - t0:.2f} s")
+    assert statuses == {200: 200}
 
 
 @pytest.mark.slow
