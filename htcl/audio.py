@@ -28,6 +28,13 @@ from torch import nn
 LOG_FLOOR = 1e-10  # power floor before the log, as in the paper's librosa recipe
 MAX_WORK_BYTES = 64 << 20  # LogMel's frame buffer per block (about six 120 s songs)
 CPU_BLOCK_FRAMES = 256  # LogMel's frames per block on CPU: 2 MB of frames, 2 MB of spectrum (cache-sized)
+# Decoded samples are nominally within [-1, 1] (PCM always is). Float files can hold anything; a
+# peak 60 dB over full scale is a unit mistake (float samples on the int16 scale) or garbage, and
+# from ~1e16 up a frame's power overflows float32, so the log-Mel is inf/NaN.
+MAX_SAMPLE_MAGNITUDE = 1e3
+# Sample rates a real recording uses lie well inside this range; a header outside it is corrupt,
+# and resampling from it would cost seconds (2^31-1 Hz) or blow a few samples up to minutes.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 
 # First bytes of the containers libsndfile reads; a file that starts like one but fails to open
 # is a broken or unsupported audio file, anything else is not audio at all.
@@ -37,7 +44,8 @@ _AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b"
 
 class AudioDecodeError(Exception):
     """A file that cannot be used as audio. `reason` is a short machine-readable kind:
-    missing, empty, not_audio, unsupported, truncated, corrupt, invalid (NaN/inf samples)."""
+    missing, empty, not_audio, unsupported, truncated, corrupt, invalid (NaN/inf samples or a peak
+    over MAX_SAMPLE_MAGNITUDE), bad_sample_rate (outside MIN_SAMPLE_RATE..MAX_SAMPLE_RATE)."""
 
     def __init__(self, path: str | Path, reason: str, cause: str):
         self.path, self.reason, self.cause = str(path), reason, cause
@@ -46,6 +54,8 @@ class AudioDecodeError(Exception):
 
 def _open_bytes(path: str) -> tuple[io.BytesIO | str, int]:
     """A local path as is, or a remote URI (s3://, gs://, hdfs://, ...) read through pyarrow.fs."""
+    if not path.strip():  # Path("") is the working directory: say what is wrong instead
+        raise AudioDecodeError(path, "missing", "no audio_path given")
     if "://" not in path or path.startswith("file://"):
         local = path[len("file://"):] if path.startswith("file://") else path
         p = Path(local)
@@ -107,6 +117,9 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
         raise AudioDecodeError(path, reason, f"soundfile cannot open it ({e})") from None
     with f:
         native_sr, container = f.samplerate, f.format
+        if not MIN_SAMPLE_RATE <= native_sr <= MAX_SAMPLE_RATE:  # before reading or resampling anything
+            raise AudioDecodeError(path, "bad_sample_rate", f"header claims a sample rate of {native_sr} Hz, outside "
+                                   f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
         short = _header_claims_more(f.extra_info)
         if short:
             raise AudioDecodeError(path, "truncated", short)
@@ -124,8 +137,13 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     slack = int(0.01 * wanted) + 2304 if container == "MP3" else 0
     if data.shape[0] + slack < wanted:
         raise AudioDecodeError(path, "truncated", f"{data.shape[0]} of {wanted} frames readable")
-    if not np.isfinite(data).all():
+    # max and -min propagate NaN and need no |data| copy: one check for NaN, inf and absurd peaks
+    peak = max(float(data.max()), -float(data.min()))
+    if not np.isfinite(peak):
         raise AudioDecodeError(path, "invalid", "NaN or infinite samples")
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioDecodeError(path, "invalid", f"absurd amplitude: peak sample magnitude {peak:.3g} over "
+                               f"{MAX_SAMPLE_MAGNITUDE:g} (audio samples are expected within [-1, 1])")
     channels = data.shape[1]
     # (n, C) @ (C,) -> (n,): the mean over channels through BLAS; numpy's mean(axis=1) over a
     # 2-wide inner axis is ~10x slower (bench_frontend: 143 ms vs 11 ms per 120 s of stereo).

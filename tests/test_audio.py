@@ -204,3 +204,110 @@ def test_wrong_extension_still_decodes(tmp_path):
     path = tmp_path / "actually_flac.mp3"
     sf.write(path, stereo_tone(44100, 1.0), 44100, format="FLAC")
     assert len(load_audio(path, SR)) == SR
+
+
+# --- poisoned audio: decodable, yet no use as a song ---------------------------------------------
+
+
+def float_wav(path, wave: np.ndarray, sr: int = SR):
+    sf.write(path, wave.astype(np.float32), sr, subtype="FLOAT")
+    return path
+
+
+def wav_claiming_rate(path, claimed_rate: int):
+    """A good 16 kHz PCM WAV whose header is then edited to claim another sample rate."""
+    import struct
+
+    t = np.arange(3 * SR) / SR
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SR, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    fmt = data.find(b"fmt ")
+    data[fmt + 12 : fmt + 16] = struct.pack("<I", claimed_rate)  # fmt chunk: tag, channels, then the rate
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_absurd_amplitude_is_invalid_audio(tmp_path):
+    """Float WAVs hold any float32: samples of 1e20 (or a constant 1e38) decode, but their log-Mel
+    overflows to inf/NaN; they are bad input, rejected where decoding is, as NaN samples are."""
+    t = np.arange(3 * SR) / SR
+    cases = {
+        "huge.wav": 1e20 * np.sin(2 * np.pi * 440 * t),
+        "constant.wav": np.full(3 * SR, 1e38),
+        "int16_scaled.wav": 32767 * 0.3 * np.sin(2 * np.pi * 440 * t),  # float samples written on the int16 scale
+    }
+    for name, wave in cases.items():
+        with pytest.raises(AudioDecodeError) as info:
+            load_audio(float_wav(tmp_path / name, wave))
+        assert info.value.reason == "invalid", f"{name}: {info.value}"
+        assert name in str(info.value) and "amplitude" in str(info.value)
+    # float audio a little over full scale (a hot master) is still audio
+    hot = load_audio(float_wav(tmp_path / "hot.wav", 1.8 * np.sin(2 * np.pi * 440 * t)))
+    assert np.abs(hot).max() == pytest.approx(1.8, rel=1e-3)
+
+
+@pytest.mark.parametrize("rate", [2**31 - 1, 10_000_000, 1])
+def test_absurd_sample_rate_is_rejected_before_resampling(tmp_path, rate):
+    """A header claiming 2^31-1 Hz cost seconds of resampling per file (issue 13, item 7)."""
+    import time
+
+    path = wav_claiming_rate(tmp_path / "lying_rate.wav", rate)
+    t0 = time.perf_counter()
+    with pytest.raises(AudioDecodeError) as info:
+        load_audio(path)
+    assert time.perf_counter() - t0 < 0.5
+    assert info.value.reason == "bad_sample_rate"
+    assert "lying_rate.wav" in str(info.value) and str(rate) in str(info.value)
+
+
+@pytest.mark.parametrize("rate", [8000, 192000])
+def test_unusual_but_real_sample_rates_decode(tmp_path, rate):
+    path = wav_claiming_rate(tmp_path / f"at_{rate}.wav", rate)
+    assert len(load_audio(path, SR, max_seconds=None)) == pytest.approx(3 * SR * SR / rate, abs=2)
+
+
+def test_embed_endpoint_answers_422_for_poisoned_audio(tmp_path):
+    """/v1/embed through the FastAPI app, the serving backend and the Encoder's own decode step
+    (serving/app.py), with a stand-in model: poisoned audio is a 422 naming the body, not a 500."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from htcl.config import AudioConfig
+    from htcl.mels import MelExtractor
+    from serving.api import ApiSettings, create_api
+    from serving.app import Encoder, ServeBackend
+
+    class MeanModel(torch.nn.Module):
+        """The mean log-Mel over frames as the embedding: inf in, inf/NaN out, as a real encoder."""
+
+        audio = SimpleNamespace(backbone=None)
+
+        def encode_audio(self, mel, mask):
+            return mel.mean(-1)
+
+    encoder = Encoder.func_or_class.__new__(Encoder.func_or_class)  # the replica's class, without Serve
+    encoder.cfg, encoder.model, encoder.version = SimpleNamespace(audio=AudioConfig()), MeanModel(), "v"
+    encoder.extractor, encoder.n_mels = MelExtractor(AudioConfig()), AudioConfig().n_mels
+
+    class Handle:  # a deployment handle whose calls run the replica's method in the test's event loop
+        def __getattr__(self, method):
+            async def call(*args):
+                return await asyncio.to_thread(getattr(encoder, "_" + method), *args)
+
+            return SimpleNamespace(remote=call)
+
+    app = create_api(ServeBackend(None, None, None, Handle(), timeout_s=30.0), ApiSettings())
+    client = TestClient(app, raise_server_exceptions=False)
+    t = np.arange(3 * SR) / SR
+    good = float_wav(tmp_path / "good.wav", 0.3 * np.sin(2 * np.pi * 440 * t)).read_bytes()
+    assert client.post("/v1/embed?k=0", content=good, headers={"content-type": "audio/wav"}).status_code == 200
+    for name, wave in {"huge": 1e20 * np.sin(2 * np.pi * 440 * t), "constant": np.full(3 * SR, 1e38)}.items():
+        r = client.post("/v1/embed?k=0", content=float_wav(tmp_path / f"{name}.wav", wave).read_bytes(),
+                        headers={"content-type": "audio/wav"})
+        assert r.status_code == 422, f"{name}: {r.status_code} {r.text}"
+        assert r.json()["error"]["field"] == "body" and "invalid" in r.json()["error"]["message"]
+    r = client.post("/v1/embed?k=0", content=wav_claiming_rate(tmp_path / "rate.wav", 2**31 - 1).read_bytes(),
+                    headers={"content-type": "audio/wav"})
+    assert r.status_code == 422 and "sample rate" in r.json()["error"]["message"]
