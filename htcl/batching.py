@@ -6,12 +6,27 @@ worker sees; these functions turn rows into tensors.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from htcl.audio import mel_batch
+
+
+def require_finite(inputs: Mapping[int, np.ndarray], what: str) -> None:
+    """Refuse, naming the song, a per-song input (a mel, a cached feature) holding NaN or inf: one
+    such row turns every batch it joins into a non-finite loss, or quietly into garbage weights."""
+    bad = [sid for sid, x in inputs.items() if not np.isfinite(x).all()]
+    if bad:
+        first = inputs[bad[0]]
+        share = 1.0 - float(np.isfinite(first).mean())
+        raise ValueError(
+            f"{what}: song_id {bad[0]} has NaN or inf values ({share:.1%} of its {first.size} values)"
+            + (f"; {len(bad)} songs in all: {sorted(bad)[:20]}" if len(bad) > 1 else "")
+            + ". Training refuses it: recompute it (`htcl preprocess --force`, or `htcl features --force` for a "
+            "backbone's cached features; decoding now quarantines audio that overflows) or drop the song."
+        )
 
 
 def stage1_batch(mels: Sequence[np.ndarray], texts: Sequence[str], tokenizer) -> dict[str, torch.Tensor]:

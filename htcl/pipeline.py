@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from htcl import schema as S
-from htcl.batching import epoch_order, stage1_batch, stage2_batch
+from htcl.batching import epoch_order, require_finite, stage1_batch, stage2_batch
 from htcl.config import Config, save_config
 from htcl.mels import MelExtractor, read_catalog, read_mels, write_table
 from htcl.model import HTCLModel
@@ -190,6 +190,7 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
     catalog = read_catalog(catalog_path(cfg))
     held = heldout_song_ids(cfg, catalog)
     mels = audio_inputs(cfg)
+    require_finite(mels, "audio encoder input (mels/ or the backbone's cached features)")
     texts = song_texts(catalog)
     text_features = None
     if not cfg.model.text_trainable:

@@ -168,3 +168,31 @@ def test_validation_in_eval_mode_draws_no_rng_and_keeps_the_best():
     assert all("val_loss" in r for r in log) and best[0][0] == 1
     assert [b[1] for b in best] == sorted(b[1] for b in best) [::-1] or len(best) == 1
     assert best[-1][1] == min(r["val_loss"] for r in log)
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_training_refuses_a_non_finite_input_row_naming_the_song(tmp_path, poison):
+    """A mel row of inf/NaN (what decoding let through before issue 13) would train on garbage or
+    stop at 'non-finite loss' with no hint of why: training refuses it up front, naming the song."""
+    import numpy as np
+
+    from conftest import write_tiny_world
+    from htcl import schema as S
+    from htcl.audio import mel_to_bytes
+    from htcl.mels import write_table
+    from htcl.pipeline import training_rows
+
+    world = write_tiny_world(tmp_path / "world")
+    cfg = tiny_cfg(f"data.root={world}", f"output_dir={tmp_path / 'out'}")
+    rng = np.random.default_rng(0)
+    mels = {i: rng.normal(-6, 2, (128, 32)).astype(np.float32) for i in range(1, 13)}
+    mels[7][5, 3] = poison
+    write_table([{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
+                S.MELS_SCHEMA, tmp_path / "out" / "mels" / "part-00000.parquet")
+    for stage in ("pretrain", "finetune"):
+        with pytest.raises(ValueError, match=r"song_id 7\b.*(NaN|inf)"):
+            training_rows(cfg, stage, verbose=False)
+    mels[7][5, 3] = 0.0  # and the same world with the row repaired trains
+    write_table([{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
+                S.MELS_SCHEMA, tmp_path / "out" / "mels" / "part-00000.parquet")
+    assert len(training_rows(cfg, "pretrain", verbose=False).mels) == 12
