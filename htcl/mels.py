@@ -7,6 +7,10 @@ pipeline calls it in a plain loop.
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,16 @@ class MelExtractor:
         self.logmel = LogMel(audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.win_ms, audio_cfg.hop_ms).to(self.device)
 
     def extract_one(self, song_id: int, path: str) -> tuple[dict | None, dict | None]:
-        """(mel row, None) or (None, quarantine row). Never raises for a bad file."""
+        """(mel row, None) or (None, quarantine row). Never raises: a bad file is a quarantine row
+        with its reason, and so is any other exception (`unexpected`), so one song can never cost
+        the others their rows."""
+        try:
+            return self._extract(song_id, path)
+        except Exception as e:
+            msg = f"{path}: {type(e).__name__}: {e} | {traceback.format_exc(limit=-3)}"
+            return None, self.quarantine_row(song_id, path, "extract", "unexpected", msg)
+
+    def _extract(self, song_id: int, path: str) -> tuple[dict | None, dict | None]:
         try:
             wave = load_audio(path, self.cfg.sample_rate, self.cfg.max_seconds)
         except AudioDecodeError as e:
@@ -49,6 +62,9 @@ class MelExtractor:
             return None, self.quarantine_row(song_id, path, "validate", "silent", msg)
         with torch.no_grad():
             mel = self.logmel(torch.from_numpy(wave).to(self.device))[0].cpu().numpy()  # (M, F)
+        if not np.isfinite(mel).all():  # load_audio bounds the samples; this guards whatever slips past
+            msg = f"{path}: log-Mel has non-finite values ({np.isfinite(mel).mean():.1%} finite)"
+            return None, self.quarantine_row(song_id, path, "validate", "invalid", msg)
         return {S.SONG_ID: int(song_id), S.N_FRAMES: int(mel.shape[1]), S.MEL: mel_to_bytes(mel)}, None
 
     @staticmethod
@@ -64,18 +80,84 @@ class MelExtractor:
         return {"mels": mels, "quarantine": quarantine}
 
 
+class CatalogError(ValueError):
+    """A catalog that breaks the data contract: the message names the file, and the row and column
+    where one is to blame."""
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+def _song_id(value) -> int | None:
+    """A catalog cell as a song id: an integer (or a whole float, or digits, as CSV readers give
+    them) within int64; None for anything else (text, fractions, NaN, booleans)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        number = int(value)
+    elif isinstance(value, str) and _INTEGER_TEXT.match(value):
+        number = int(value)
+    else:
+        return None
+    return number if INT64_MIN <= number <= INT64_MAX else None
+
+
+def _song_ids(column: pd.Series, path: Path) -> np.ndarray:
+    """The song_id column as int64, or CatalogError naming the first bad rows. Checked before any
+    work starts: a song without a usable id cannot even be quarantined (ids are int64 there)."""
+    if pd.api.types.is_integer_dtype(column.dtype) and not column.isna().any():  # the usual case, vectorised
+        fits = column.dtype != np.uint64 or bool((column.to_numpy() <= INT64_MAX).all())
+        if fits:
+            return column.to_numpy(dtype=np.int64)
+    ids = [_song_id(v) for v in column.tolist()]
+    bad = [i for i, v in enumerate(ids) if v is None]
+    if bad:
+        shown = ", ".join(f"data row {i + 1}: {column.iloc[i]!r}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise CatalogError(f"{path}: column {S.SONG_ID!r} must hold integers (int64); {len(bad)} row(s) do not "
+                           f"({shown}; data rows count from 1, the header not included)")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def resolve_audio_path(value: str, catalog_dir: Path) -> str:
+    """Where a catalog's audio_path points: a URI (s3://, file://, ...) or an absolute path as it
+    is, `~` expanded, and a relative path against the folder of the catalog file, never against
+    the working directory (which a job on a cluster does not share with whoever wrote the catalog)."""
+    if not value or "://" in value or os.path.isabs(value):
+        return value
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else os.path.normpath(catalog_dir / expanded)
+
+
 def read_catalog(path: str | Path) -> pd.DataFrame:
-    """A catalog table (Parquet or CSV), checked against the contract; errors name the column."""
-    path = Path(path)
+    """A catalog table (Parquet or CSV), checked against the contract before any work starts.
+
+    Raises CatalogError naming the file, and the column and data row(s) at fault, for a missing
+    column, a song_id that is not an int64 integer, and a song_id given twice. Returns song_id as
+    int64, audio_path with relative paths resolved against the catalog file's folder (a missing or
+    empty one stays "", which decoding quarantines as missing: that song alone is lost), and the
+    text columns as strings ("" when missing)."""
+    path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"catalog not found: {path}")
     df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
     missing = S.missing_columns(df.columns, S.CATALOG_REQUIRED)
     if missing:
-        raise ValueError(f"{path}: catalog is missing column(s) {missing}")
-    if df[S.SONG_ID].duplicated().any():
-        dup = df.loc[df[S.SONG_ID].duplicated(), S.SONG_ID].iloc[0]
-        raise ValueError(f"{path}: song_id {dup} appears more than once")
+        raise CatalogError(f"{path}: catalog is missing column(s) {missing}")
+    df = df.reset_index(drop=True)
+    df[S.SONG_ID] = _song_ids(df[S.SONG_ID], path)
+    repeated = df[S.SONG_ID].duplicated(keep=False)
+    if repeated.any():
+        rows = np.flatnonzero(repeated.to_numpy())
+        dup = int(df[S.SONG_ID].iloc[rows[0]])
+        at = [int(i) + 1 for i in rows if df[S.SONG_ID].iloc[i] == dup]
+        raise CatalogError(f"{path}: song_id {dup} appears more than once (data rows {', '.join(map(str, at))}; "
+                           f"column {S.SONG_ID!r}); {int(df[S.SONG_ID].duplicated().sum())} repeated id(s) in all")
+    folder = path.parent
+    df[S.AUDIO_PATH] = [resolve_audio_path("" if p is None or p != p else str(p).strip(), folder)
+                        for p in df[S.AUDIO_PATH].tolist()]
     for col in S.CATALOG_TEXT:
         df[col] = df[col].fillna("").astype(str)
     return df

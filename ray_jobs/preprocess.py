@@ -12,9 +12,13 @@ Outputs, under cfg.output_dir (the layout the local pipeline writes and its read
     mels/_config.yaml     the resolved config ("_": Parquet dataset readers skip it)
 
 A file that cannot be used becomes one quarantine row with its reason (missing, empty, not_audio,
-unsupported, truncated, invalid from decoding; too_short, silent from validation; `unexpected`
-for any other exception) and the job goes on. A song longer than audio.max_seconds is not bad:
+unsupported, truncated, invalid (NaN/inf or absurd samples), bad_sample_rate from decoding;
+too_short, silent, invalid (a non-finite log-Mel) from validation; `unexpected` for any other
+exception) and the job goes on. A song longer than audio.max_seconds is not bad:
 only its first max_seconds are decoded, so it lands in mels/ with the frames of max_seconds.
+A catalog that breaks the contract (a missing column, a song_id that is not an integer, a
+song_id twice) is refused before Ray starts: exit status 1 and one line naming the file, row and
+column. Relative audio_path values are relative to the catalog file's folder.
 A rerun skips songs already in mels/ or quarantine/ (idempotent); --force recomputes everything.
 Both tables are written shard by shard as results stream in (MelsDatasink), so an interrupted
 job keeps what it finished and the rerun does the rest.
@@ -25,12 +29,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 import traceback
 import uuid
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -175,12 +181,15 @@ def run(
     batch_size: int = 4,
     rows_per_file: int = 128,
     min_seconds: float = 2.0,
+    catalog_table: pd.DataFrame | None = None,
 ) -> dict:
-    """Preprocess every catalog song not done yet on the connected Ray cluster; returns the summary."""
+    """Preprocess every catalog song not done yet on the connected Ray cluster; returns the summary.
+    catalog_table: the catalog as read_catalog returned it, when the caller has read it already."""
     import ray
 
     catalog = Path(catalog or catalog_path(cfg))
-    df = read_catalog(catalog)  # checked against the contract on the driver; only ids + paths travel
+    # checked against the contract on the driver (relative paths resolved); only ids + paths travel
+    df = read_catalog(catalog) if catalog_table is None else catalog_table
     mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
     if force:
         clear_outputs(mels_dir, q_dir)
@@ -233,10 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_args(build_parser(), argv)
+    catalog = Path(args.catalog or catalog_path(cfg))
+    # The catalog is checked before Ray starts: a refusal is then a plain exit 1, with no Ray
+    # instance to tear down while the exception unwinds (that teardown could abort the process).
+    try:
+        table = read_catalog(catalog)
+    except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
+        print(f"preprocess: {e}", file=sys.stderr, flush=True)
+        return 1
     started = init_ray(args.num_cpus)
     job_banner("preprocess")
     try:
-        summary = run(cfg, args.catalog, args.force, args.workers, args.batch_size, args.rows_per_file)
+        summary = run(cfg, catalog, args.force, args.workers, args.batch_size, args.rows_per_file,
+                      catalog_table=table)
     finally:
         if started:
             import ray

@@ -4,6 +4,7 @@ files, idempotent reruns and --force, and embed against the local run_embed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,18 @@ def truncated(dir_, name, fmt):
     return dir_ / name
 
 
+def wav_claiming_rate(path, claimed_rate: int):
+    """A good 16 kHz PCM WAV whose header is then edited to claim another sample rate."""
+    import struct
+
+    sf.write(path, tone(3.0), SR, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    fmt = data.find(b"fmt ")
+    data[fmt + 12 : fmt + 16] = struct.pack("<I", claimed_rate)
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Good files (incl. wrong extensions and a 10-minute song) and one of each kind of bad file.
@@ -86,6 +99,12 @@ def corpus(tmp_path_factory):
     sf.write(d / "one_second.flac", tone(1.0), SR)
     files["one_second.flac"] = "too_short"
     files["missing.flac"] = "missing"  # never written
+    t = np.arange(3 * SR) / SR  # float WAVs that decode, yet whose log-Mel would be inf/NaN (issue 13)
+    sf.write(d / "huge.wav", (1e20 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SR, subtype="FLOAT")
+    files["huge.wav"] = "invalid"
+    sf.write(d / "constant.wav", np.full(3 * SR, 1e38, np.float32), SR, subtype="FLOAT")
+    files["constant.wav"] = "invalid"
+    files[wav_claiming_rate(d / "lying_rate.wav", 2**31 - 1).name] = "bad_sample_rate"
 
     rows = [
         {"song_id": 100 + k, "audio_path": str(d / name), "title": name, "artist": "a", "lyrics": "", "tags": ""}
@@ -317,3 +336,152 @@ def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_loca
     ours = pq.read_table(files).to_pandas().sort_values("song_id")
     assert ours.song_id.tolist() == local.song_id.tolist() == list(range(1, 13))
     np.testing.assert_allclose(np.stack(ours.embedding), np.stack(local.embedding), rtol=0, atol=1e-5)
+
+
+# --- the catalog: checked before any work, paths relative to its own folder, no good row lost ------
+
+
+def tone_catalog(folder, n: int = 3, audio_dir: str = "audio") -> list[dict]:
+    """n good three-second songs under folder/audio_dir; catalog rows with paths relative to folder."""
+    (folder / audio_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(1, n + 1):
+        sf.write(folder / audio_dir / f"{i}.flac", tone(3.0, freq=220.0 * i), SR)
+        rows.append({"song_id": i, "audio_path": f"{audio_dir}/{i}.flac", "title": f"t{i}", "artist": "a",
+                     "lyrics": "", "tags": ""})
+    return rows
+
+
+def bad_catalogs(folder) -> dict:
+    """Catalogs that break the contract -> what the refusal must name (besides the file)."""
+    rows = pd.DataFrame(tone_catalog(folder))
+    cases = {}
+    text_id = rows.astype({"song_id": object})
+    text_id.loc[1, "song_id"] = "x7"
+    text_id.to_csv(folder / "text_id.csv", index=False)
+    cases["text_id.csv"] = ["'song_id'", "data row 2", "'x7'"]
+    rows.assign(song_id=[1.0, 2.5, 3.0]).to_parquet(folder / "fraction.parquet")
+    cases["fraction.parquet"] = ["'song_id'", "data row 2", "2.5"]
+    rows.assign(song_id=[1.0, None, 3.0]).to_parquet(folder / "null_id.parquet")
+    cases["null_id.parquet"] = ["'song_id'", "data row 2", "nan"]
+    rows.assign(song_id=[1, 2**63, 3]).astype({"song_id": np.uint64}).to_parquet(folder / "too_big.parquet")
+    cases["too_big.parquet"] = ["'song_id'", "data row 2", str(2**63)]
+    pd.concat([rows, rows.iloc[:1]]).to_csv(folder / "duplicate.csv", index=False)
+    cases["duplicate.csv"] = ["song_id 1", "data rows 1, 4"]
+    rows.drop(columns="tags").to_parquet(folder / "no_tags.parquet")
+    cases["no_tags.parquet"] = ["missing column", "'tags'"]
+    return cases
+
+
+def test_catalog_types_are_checked_up_front_naming_row_and_column(tmp_path):
+    from htcl.mels import read_catalog
+
+    for name, named in bad_catalogs(tmp_path).items():
+        with pytest.raises(ValueError) as info:  # htcl.mels.CatalogError
+            read_catalog(tmp_path / name)
+        for part in [name, *named]:
+            assert part in str(info.value), f"{name}: {info.value}"
+    # ids as text or whole floats (what CSV readers make of a column with a blank) are integers all the same
+    pd.DataFrame(tone_catalog(tmp_path)).assign(song_id=["1", " 2", "+3"]).to_parquet(tmp_path / "text_ok.parquet")
+    ids = read_catalog(tmp_path / "text_ok.parquet")["song_id"]
+    assert ids.dtype == np.int64 and ids.tolist() == [1, 2, 3]
+
+
+def test_a_refused_catalog_stops_the_job_before_ray_with_exit_1(tmp_path, capsys, monkeypatch):
+    """A bad catalog is exit status 1 and a message naming it, before Ray starts (so no Ray
+    teardown on the error path) and before any song is decoded."""
+    from ray_jobs import preprocess
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a catalog that is refused")
+
+    monkeypatch.setattr(preprocess, "init_ray", no_ray)
+    for name, named in bad_catalogs(tmp_path).items():
+        capsys.readouterr()
+        assert preprocess.main(job_args(tmp_path / "out", tmp_path / name)) == 1, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and name in err and named[0] in err, err
+    assert not (tmp_path / "out" / "mels").exists()
+
+
+def test_a_refused_catalog_exits_1_in_a_real_process(tmp_path):
+    """The process itself (what `htcl preprocess` and `ray job submit` run) ends with status 1
+    and one line on stderr, not a traceback or an abort (rc 134) from tearing down a Ray instance."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    bad_catalogs(tmp_path)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.preprocess", *job_args(tmp_path / "out", tmp_path / "duplicate.csv")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and "duplicate.csv" in done.stderr and "song_id 1" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr
+
+
+def test_local_preprocess_refuses_a_bad_id_before_decoding_and_keeps_good_rows_past_a_crash(tmp_path, monkeypatch):
+    """--local used to decode every song, then die at int("x7") and write nothing. Now the bad id is
+    refused up front, and a song whose extraction raises anything is quarantined, not fatal."""
+    import htcl.mels
+    from htcl.pipeline import run_preprocess
+
+    cfg = config_from_dict({}, [*TINY_MODEL, f"output_dir={tmp_path / 'out'}"])
+    bad_catalogs(tmp_path)
+    decoded = []
+    real_load = htcl.mels.load_audio
+    monkeypatch.setattr(htcl.mels, "load_audio", lambda path, *a: decoded.append(path) or real_load(path, *a))
+    with pytest.raises(ValueError, match="data row 2"):  # htcl.mels.CatalogError, naming the row
+        run_preprocess(cfg, tmp_path / "text_id.csv")
+    assert decoded == []
+
+    def flaky(path, *a):
+        if path.endswith("2.flac"):
+            raise MemoryError("simulated")
+        return real_load(path, *a)
+
+    monkeypatch.setattr(htcl.mels, "load_audio", flaky)
+    catalog = tmp_path / "good.parquet"
+    pd.DataFrame(tone_catalog(tmp_path)).to_parquet(catalog)
+    summary = run_preprocess(cfg, catalog)
+    assert (summary["processed"], summary["quarantined"]) == (2, 1)
+    assert sorted(read_mels(tmp_path / "out" / "mels")) == [1, 3]
+    q = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
+    assert [(r["song_id"], r["error_type"]) for r in q] == [(2, "unexpected")] and "MemoryError" in q[0]["message"]
+
+
+def test_relative_audio_paths_resolve_against_the_catalog_folder(tmp_path, monkeypatch):
+    """A catalog folder moved (or mounted elsewhere, or read from another working directory) still
+    works: relative audio_path values are relative to the catalog file, and input hashes survive."""
+    from htcl.mels import read_catalog
+    from htcl.pipeline import run_preprocess
+    from htcl.towers import tower_inputs
+
+    team = tmp_path / "team"
+    rows = tone_catalog(team)
+    uri, absolute = "s3://bucket/song.flac", str(team / "audio" / "1.flac")
+    extra = [{**rows[0], "song_id": 10, "audio_path": uri}, {**rows[0], "song_id": 11, "audio_path": absolute},
+             {**rows[0], "song_id": 12, "audio_path": None}]
+    pd.DataFrame(rows + extra).to_parquet(team / "mixed.parquet")
+    pd.DataFrame(rows + extra[1:]).to_parquet(team / "catalog.parquet")  # no URI: nothing reaches for a network
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = config_from_dict({}, [*TINY_MODEL, f"output_dir={tmp_path / 'out'}"])
+    before = tower_inputs(cfg, read_catalog(team / "catalog.parquet"), "audio").set_index("song_id")
+
+    moved = tmp_path / "mounted" / "catalogs"
+    moved.parent.mkdir()
+    team.rename(moved)
+    df = read_catalog(Path("..") / "mounted" / "catalogs" / "mixed.parquet").set_index("song_id")
+    assert df.audio_path[1] == str(moved / "audio" / "1.flac")
+    assert (df.audio_path[10], df.audio_path[11], df.audio_path[12]) == (uri, absolute, "")
+    after = tower_inputs(cfg, df.reset_index(), "audio").set_index("song_id")
+    assert (after.input_hash[[1, 2, 3]] == before.input_hash[[1, 2, 3]]).all()  # the feature cache stays valid
+    assert "unreadable" not in set(after.input_hash[[1, 2, 3]])
+
+    summary = run_preprocess(cfg, moved / "catalog.parquet")
+    assert summary["processed"] == 3  # the relative ones; the others are quarantined, each for itself
+    q = pq.read_table(tmp_path / "out" / "quarantine").to_pandas().set_index("song_id")
+    assert q.error_type.to_dict() == {11: "missing", 12: "missing"}
