@@ -112,7 +112,9 @@ def test_text_is_informative_but_imperfect(world):
 
 
 def test_every_audio_file_decodes_with_load_audio(world):
-    catalog, truth = world["catalog"], world["truth"].set_index(schema.SONG_ID)
+    from htcl.mels import read_catalog
+
+    catalog, truth = read_catalog(world["paths"]["catalog"]), world["truth"].set_index(schema.SONG_ID)
     for song_id, path in zip(catalog[schema.SONG_ID], catalog[schema.AUDIO_PATH]):
         assert sf.info(path).format == "FLAC"
         wave = load_audio(path, sample_rate=16000, max_seconds=None)
@@ -263,7 +265,24 @@ def test_midi_source_with_lastfm_listeners(shared_data, tmp_path):
     listeners = pd.read_parquet(paths["listeners"])
     assert (listeners["origin"] == "lastfm").all() and (listeners["lastfm_user_id"] > 0).all()
     for path in catalog[schema.AUDIO_PATH]:
-        assert len(load_audio(path, max_seconds=None)) > 16000
+        assert len(load_audio(paths["catalog"].parent / path, max_seconds=None)) > 16000
     # the listeners' genre affinities come from their Last.fm tags: they differ between people
     affinity = listeners[[c for c in listeners.columns if c.startswith("affinity_")]].to_numpy()
     assert affinity.std(axis=0).max() > 0.05
+
+
+def test_catalog_paths_are_relative_so_a_world_can_move(tmp_path, monkeypatch):
+    """audio_path is relative to the catalog's folder: the world still works moved elsewhere and
+    read from another working directory (as `ray job submit --working-dir` gives a job)."""
+    from htcl.mels import read_catalog
+
+    paths = generate_world(tmp_path / "w", songs=2, seed=5, seconds=5.0, workers=1, progress=False, validate=False)
+    stored = pd.read_parquet(paths["catalog"])[schema.AUDIO_PATH].tolist()
+    assert stored == ["audio/000001.flac", "audio/000002.flac"]
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "w").rename(tmp_path / "moved" / "w")
+    monkeypatch.chdir(tmp_path / "moved")
+    catalog = read_catalog("w/catalog.parquet")
+    assert catalog[schema.AUDIO_PATH].tolist() == [str(tmp_path / "moved" / "w" / p) for p in stored]
+    for path in catalog[schema.AUDIO_PATH]:
+        assert len(load_audio(path, max_seconds=None)) > 16000

@@ -76,7 +76,7 @@ def render_card(params: dict, stats: dict, figures: dict | None) -> str:
         "",
         "| file | what |",
         "|---|---|",
-        "| `catalog.parquet` | song_id, audio_path (absolute path of the FLAC), title, artist, lyrics, tags, genre, language, updated_at |",
+        "| `catalog.parquet` | song_id, audio_path (the FLAC's path relative to this folder), title, artist, lyrics, tags, genre, language, updated_at |",
         "| `interactions.parquet` | similar-songs impressions: user_id, trigger_song_id, rec_song_id, clicked, favored, event_timestamp; favored rows are the stage-2 triplets |",
         "| `sessions.parquet` | listening sessions: user_id, session_id, position, song_id, event_timestamp |",
         "| `listeners.parquet` | listeners: genre affinities, taste over audible factors, origin (synthetic or a Last.fm user id) |",

@@ -147,7 +147,9 @@ def validate_world(out_dir: str | Path, seed: int = SEED) -> dict:
     from htcl.audio import load_audio
 
     out_dir = Path(out_dir)
-    catalog = pd.read_parquet(out_dir / "catalog.parquet").sort_values(schema.SONG_ID)
+    from htcl.mels import read_catalog
+
+    catalog = read_catalog(out_dir / "catalog.parquet").sort_values(schema.SONG_ID)  # audio paths resolved
     truth = pd.read_parquet(out_dir / "truth.parquet").sort_values(schema.SONG_ID)
     sr = 16000
     features = np.stack([audio_features(load_audio(p, sample_rate=sr), sr) for p in catalog[schema.AUDIO_PATH]])

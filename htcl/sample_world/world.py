@@ -5,7 +5,8 @@ and derived from the seed; workers only execute `SongPlan`s. So the same argumen
 identical tables and identical audio bytes whatever the number of workers.
 
 Outputs (in `out_dir`):
-    catalog.parquet        song_id, audio_path (absolute), title, artist, lyrics, tags, genre, language, updated_at
+    catalog.parquet        song_id, audio_path (relative to out_dir: audio/NNNNNN.flac), title, artist, lyrics, tags,
+                           genre, language, updated_at
     interactions.parquet   the similar-songs channel (favor rows are the stage-2 triplets)
     sessions.parquet       listening sessions (co-occurrence for HTCL_w_CF)
     listeners.parquet      the simulated listeners (genre affinities, taste)
@@ -228,7 +229,8 @@ def generate_world(
         catalog_rows.append(
             {
                 schema.SONG_ID: s + 1,
-                schema.AUDIO_PATH: plans[s].out_path,
+                # relative to the catalog's folder (htcl.mels.read_catalog resolves it): the world can move
+                schema.AUDIO_PATH: Path(plans[s].out_path).relative_to(out_dir).as_posix(),
                 schema.TITLE: title,
                 schema.ARTIST: artist.name,
                 schema.LYRICS: "\n".join(info["lyrics"]),
