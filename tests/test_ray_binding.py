@@ -56,7 +56,9 @@ def listeners(pids: set[int]) -> list[dict]:
             continue
         try:
             p = psutil.Process(c.pid)
-            name = " ".join(p.cmdline())[:100] or p.name()
+            # The whole command line: a deep checkout path pushes the script name (dashboard.py)
+            # past any fixed cut.
+            name = " ".join(p.cmdline()) or p.name()
         except psutil.Error:
             name = "?"
         found.append({"ip": c.laddr.ip, "port": c.laddr.port, "proto": "tcp" if tcp else "udp",
@@ -111,7 +113,13 @@ def metrics_ports(socks: list[dict]) -> list[int]:
 
 
 def fmt(socks: list[dict]) -> str:
-    return "\n".join(f"  {s['proto']} {s['ip']}:{s['port']}  pid {s['pid']}  {s['process']}" for s in socks)
+    return "\n".join(f"  {s['proto']} {s['ip']}:{s['port']}  pid {s['pid']}  {short(s['process'])}" for s in socks)
+
+
+def short(cmdline: str, width: int = 140) -> str:
+    """A command line cut for reading: the executable's base name and the start of its arguments."""
+    head, _, rest = cmdline.partition(" ")
+    return f"{head.rsplit('/', 1)[-1]} {rest}"[:width]
 
 
 CHILD = r"""
