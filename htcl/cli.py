@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from htcl.config import ConfigError, load_config, replace, save_config
+from htcl.mels import read_catalog
 
 
 def embeddings_arg(text: str) -> tuple[str, str]:
@@ -164,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"htcl: {e}", file=sys.stderr)
         return 2
-    if args.command == "preprocess":
-        print(json.dumps(pipeline.run_preprocess(cfg, args.catalog, args.force), indent=2))
-    elif args.command == "features":
-        print(json.dumps(pipeline.run_features(cfg, args.catalog, args.force), indent=2))
+    if args.command in ("preprocess", "features"):
+        catalog = Path(args.catalog or pipeline.catalog_path(cfg))
+        try:  # refused before any song is decoded: nothing is lost
+            read_catalog(catalog)
+        except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
+            print(f"htcl {args.command}: {e}", file=sys.stderr)
+            return 1
+        run = pipeline.run_preprocess if args.command == "preprocess" else pipeline.run_features
+        print(json.dumps(run(cfg, catalog, args.force), indent=2))
     elif args.command == "pretrain":
         print(f"pretrain checkpoint: {pipeline.run_train(cfg, 'pretrain')}")
     elif args.command == "finetune":

@@ -404,6 +404,31 @@ def test_a_refused_catalog_stops_the_job_before_ray_with_exit_1(tmp_path, capsys
     assert not (tmp_path / "out" / "mels").exists()
 
 
+def test_local_commands_and_the_features_job_refuse_a_bad_catalog_with_exit_1(tmp_path, capsys, monkeypatch):
+    """`htcl preprocess --local`, `htcl features --local` and the features job: the same one-line
+    refusal and exit 1 as the preprocess job, no traceback, no Ray, nothing written."""
+    from htcl.cli import main as htcl
+    from ray_jobs import features
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a catalog that is refused")
+
+    monkeypatch.setattr(features, "init_ray", no_ray)
+    runs = {"htcl preprocess --local": lambda argv: htcl(["preprocess", "--local", *argv]),
+            "htcl features --local": lambda argv: htcl(["features", "--local", *argv]),
+            "features job": features.main}
+    for name, named in bad_catalogs(tmp_path).items():
+        for what, run in runs.items():
+            capsys.readouterr()
+            assert run(job_args(tmp_path / "out", tmp_path / name)) == 1, (what, name)
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and name in err and named[0] in err, (what, err)
+    capsys.readouterr()
+    assert htcl(["preprocess", "--local", *job_args(tmp_path / "out", tmp_path / "absent.parquet")]) == 1
+    assert "absent.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
 def test_a_refused_catalog_exits_1_in_a_real_process(tmp_path):
     """The process itself (what `htcl preprocess` and `ray job submit` run) ends with status 1
     and one line on stderr, not a traceback or an abort (rc 134) from tearing down a Ray instance."""
