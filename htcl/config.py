@@ -98,6 +98,10 @@ class TrainConfig:
     # eval.retrieval_holdout_artists in stage 1, the pairs touching them in stage 2); 0 = none
     val_max_rows: int = 64
     save_best: bool = False  # also keep best.pt beside model.pt: the lowest validation loss
+    # rows of audio input (whole Parquet row groups, as stored: a mel as float16 bytes) that each
+    # training worker's reader keeps cached (htcl.streaming): memory per worker is this plus the
+    # batches in flight, not the catalog. A catalog that fits trains from memory after one epoch.
+    reader_cache_rows: int = 1024
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     max_failures: int = 2

@@ -170,15 +170,27 @@ def write_table(rows: list[dict], schema: pa.Schema, path: str | Path) -> Path:
     return path
 
 
-def read_mels(directory: str | Path, n_mels: int = 128) -> dict[int, np.ndarray]:
-    """All mel shards under `directory` -> {song_id: (n_mels, F) float32}."""
+MEL_COLUMNS = [S.SONG_ID, S.N_FRAMES, S.MEL]  # what a reader of mels/ needs of its shards
+
+
+def mel_shards(directory: str | Path) -> list[Path]:
+    """The mel shards under `directory`, in name order (a later shard's row wins a repeated song_id)."""
     directory = Path(directory)
     files = sorted(directory.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no mel shards (*.parquet) in {directory}; run preprocess first")
+    return files
+
+
+def mels_from_table(table: pa.Table, n_mels: int = 128) -> dict[int, np.ndarray]:
+    """Rows of a mel shard (MEL_COLUMNS; a whole file or any slice of it) -> {song_id: (n_mels, F) float32}."""
+    t = table.select(MEL_COLUMNS).to_pydict()
+    return {int(sid): mel_from_bytes(b, n_mels, nf) for sid, nf, b in zip(t[S.SONG_ID], t[S.N_FRAMES], t[S.MEL])}
+
+
+def read_mels(directory: str | Path, n_mels: int = 128) -> dict[int, np.ndarray]:
+    """All mel shards under `directory` -> {song_id: (n_mels, F) float32}."""
     out: dict[int, np.ndarray] = {}
-    for f in files:
-        t = pq.read_table(f, columns=[S.SONG_ID, S.N_FRAMES, S.MEL]).to_pydict()
-        for sid, nf, b in zip(t[S.SONG_ID], t[S.N_FRAMES], t[S.MEL]):
-            out[int(sid)] = mel_from_bytes(b, n_mels, nf)
+    for f in mel_shards(directory):
+        out.update(mels_from_table(pq.read_table(f, columns=MEL_COLUMNS), n_mels))
     return out

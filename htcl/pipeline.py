@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from htcl import schema as S
-from htcl.batching import epoch_order, require_finite, stage1_batch, stage2_batch
+from htcl.batching import epoch_order, stage1_batch, stage2_batch
 from htcl.config import Config, save_config
-from htcl.mels import MelExtractor, read_catalog, read_mels, write_table
+from htcl.mels import MEL_COLUMNS, MelExtractor, mel_shards, mels_from_table, read_catalog, read_mels, write_table
 from htcl.model import HTCLModel
 from htcl.pairs import before, split_time, stage2_pairs
+from htcl.streaming import ShardReader, read_ahead
 from htcl.text import SongTokenizer, song_text
 from htcl.training import (
     JsonlLogger,
@@ -126,15 +127,17 @@ def run_dir_name(cfg: Config, stage: str) -> str:
 class TrainingRows:
     """What one stage trains on: per-song audio inputs and texts, and the rows that make the batches.
 
-    `mels` holds each song's audio encoder input: its log-Mel (M, F) for the paper's family, or
-    the locked backbone's cached patch features (C, P). `texts` holds song texts, or with a
-    locked text tower `text_features` holds each song's cached pooled BERT output (H,).
+    `mels` maps each song to its audio encoder input: its log-Mel (M, F) for the paper's family,
+    or the locked backbone's cached patch features (C, P); training_rows gives a ShardReader
+    (htcl.streaming: read from the shards as batches need them), a dict works the same.
+    `texts` holds song texts, or with a locked text tower `text_features` holds each song's
+    cached pooled BERT output (H,).
     Stage 1: `trigger` holds song ids (audio and text of the same song), `rec` is None.
     Stage 2: `trigger` and `rec` hold the song ids of each ⟨trigger, recommended⟩ pair.
     """
 
     stage: str
-    mels: dict[int, np.ndarray]
+    mels: Mapping[int, np.ndarray]
     texts: dict[int, str]
     trigger: np.ndarray
     rec: np.ndarray | None = None
@@ -144,6 +147,10 @@ class TrainingRows:
 
     def __len__(self) -> int:
         return len(self.trigger)
+
+    def song_ids(self, idx: np.ndarray) -> np.ndarray:
+        """The songs whose audio the rows at positions idx need (stage 2: triggers and recs)."""
+        return self.trigger[idx] if self.rec is None else np.concatenate([self.trigger[idx], self.rec[idx]])
 
 
 # --- the held-out artists ------------------------------------------------------------------
@@ -180,17 +187,22 @@ def stage_config(cfg: Config, stage: str):
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
-def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows:
-    """Load mels, song texts and the stage's rows (songs, favor triplets or co-occurrence pairs).
+def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: bool = True) -> TrainingRows:
+    """Song texts, the stage's rows (songs, favor triplets or co-occurrence pairs), and a reader
+    of the audio inputs (audio_reader: the shards' index only; batches read their rows).
 
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
-    is one of them (so no stage ever trains on a held-out song), in an eval.seed order."""
+    is one of them (so no stage ever trains on a held-out song), in an eval.seed order.
+    check_finite: refuse a NaN/inf audio input before the first step, naming the song (one pass
+    over the shards, a row group at a time; ShardReader.require_finite). Off, a bad row is still
+    refused, when a batch first reads it."""
     tcfg = stage_config(cfg, stage)
     catalog = read_catalog(catalog_path(cfg))
     held = heldout_song_ids(cfg, catalog)
-    mels = audio_inputs(cfg)
-    require_finite(mels, "audio encoder input (mels/ or the backbone's cached features)")
+    mels = audio_reader(cfg, tcfg.reader_cache_rows)
+    if check_finite:
+        mels.require_finite()
     texts = song_texts(catalog)
     text_features = None
     if not cfg.model.text_trainable:
@@ -213,7 +225,7 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True) -> TrainingRows
     # Stage 2 sees only the training period: the held-out later days are what evaluation scores.
     cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
     pairs = before(stage2_pairs(tcfg.variant, interactions, sessions), cut)
-    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.keys()) & pairs[S.REC_SONG_ID].isin(mels.keys())
+    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.ids) & pairs[S.REC_SONG_ID].isin(mels.ids)
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
     is_val = np.isin(trig, sorted(held)) | np.isin(rec, sorted(held))
     order = _seeded_order(int(is_val.sum()), cfg.eval.seed)
@@ -235,6 +247,22 @@ def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.nd
     from htcl.towers import audio_tower_spec, read_features, tower_dir
 
     return read_features(tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg)))
+
+
+AUDIO_INPUT = "audio encoder input (mels/ or the backbone's cached features)"  # names it in refusals
+
+
+def audio_reader(cfg: Config, cache_rows: int) -> ShardReader:
+    """The songs of audio_inputs(cfg), read from their shards on demand (htcl.streaming) through
+    a cache of at most cache_rows rows: what training reads instead of holding them all."""
+    if cfg.model.audio_backbone == "none":
+        return ShardReader(mel_shards(out_path(cfg, "mels")), MEL_COLUMNS,
+                           lambda t: mels_from_table(t, cfg.audio.n_mels), AUDIO_INPUT, cache_rows)
+    from htcl.towers import FEATURES_SCHEMA, audio_tower_spec, feature_shards, features_from_table, tower_dir
+
+    directory = tower_dir(cfg.output_dir, audio_tower_spec(cfg.model, cfg.audio))
+    return ShardReader(feature_shards(directory), FEATURES_SCHEMA.names,
+                       lambda t: features_from_table(t, where=directory), AUDIO_INPUT, cache_rows)
 
 
 # --- locked towers' features ----------------------------------------------------------------
@@ -321,17 +349,25 @@ def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = F
     return summary
 
 
-def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer) -> dict:
-    """The training batch (training.py's dict layout) of the rows at positions idx."""
+def read_audio(rows: TrainingRows, idx: np.ndarray) -> Mapping[int, np.ndarray]:
+    """The audio inputs of the songs the rows at positions idx need: one read per row group
+    from a ShardReader (only these songs decoded), the dict itself otherwise."""
+    return rows.mels.read(rows.song_ids(idx)) if isinstance(rows.mels, ShardReader) else rows.mels
+
+
+def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer, audio: Mapping[int, np.ndarray] | None = None) -> dict:
+    """The training batch (training.py's dict layout) of the rows at positions idx; audio: their
+    songs' inputs already read (read_audio; batch_stream reads them ahead), else read here."""
+    audio = read_audio(rows, idx) if audio is None else audio
     feats = rows.text_features
     if rows.rec is None:
         ids = rows.trigger[idx]
-        batch = stage1_batch([rows.mels[i] for i in ids], [rows.texts[i] for i in ids], None if feats else tokenizer)
+        batch = stage1_batch([audio[i] for i in ids], [rows.texts[i] for i in ids], None if feats else tokenizer)
         if feats is not None:
             batch["text_features"] = torch.as_tensor(np.stack([feats[i] for i in ids]))
         return batch
     trig, rec = rows.trigger[idx], rows.rec[idx]
-    batch = stage2_batch([rows.mels[i] for i in trig], [rows.mels[i] for i in rec], [rows.texts[i] for i in rec],
+    batch = stage2_batch([audio[i] for i in trig], [audio[i] for i in rec], [rows.texts[i] for i in rec],
                          None if feats else tokenizer, trig, rec)
     if feats is not None:
         batch["rec_text_features"] = torch.as_tensor(np.stack([feats[i] for i in rec]))
@@ -355,17 +391,33 @@ def batch_stream(
     rows, so the ranks' slices concatenated in rank order are the one-process batch
     (gather_with_grad is rank-ordered). Steps before start_step are skipped without building
     their batches, so a resumed run sees exactly the batches an unbroken one would.
+
+    With a ShardReader behind rows.mels, a rank reads the audio of its own slice only, on a
+    background thread, READ_AHEAD_BATCHES slices ahead (htcl.streaming.read_ahead); tokenizing
+    and padding stay on this thread (one tokenizer, one thread).
     """
+    slices = rank_slices(len(rows), batch_size, seed, start_step=start_step, rank=rank, world=world)
+    if isinstance(rows.mels, ShardReader):
+        for idx, audio in read_ahead(lambda idx: read_audio(rows, idx), slices):
+            yield make_batch(rows, idx, tokenizer, audio)
+    else:  # a dict in memory: nothing to read
+        for idx in slices:
+            yield make_batch(rows, idx, tokenizer)
+
+
+def rank_slices(n: int, batch_size: int, seed: int, *, start_step: int = 0, rank: int = 0,
+                world: int = 1) -> Iterator[np.ndarray]:
+    """Endless row positions of rank's slice of each global batch from start_step (batch_stream)."""
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} is not divisible by {world} workers")
     per = batch_size // world
-    steps_per_epoch = len(rows) // batch_size
+    steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
-        epoch_order(len(rows), batch_size, seed, 0)  # raises the "cannot fill one batch" error
+        epoch_order(n, batch_size, seed, 0)  # raises the "cannot fill one batch" error
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
-        for idx in epoch_order(len(rows), batch_size, seed, epoch)[skip:]:
-            yield make_batch(rows, idx[rank * per : (rank + 1) * per], tokenizer)
+        for idx in epoch_order(n, batch_size, seed, epoch)[skip:]:
+            yield idx[rank * per : (rank + 1) * per]
         epoch, skip = epoch + 1, 0
 
 

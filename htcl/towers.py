@@ -224,25 +224,39 @@ def write_features(rows: list[dict], directory: Path) -> Path | None:
     return path
 
 
+def feature_shards(directory: str | Path) -> list[Path]:
+    """A tower cache folder's shards, in name order (a later shard's row wins a repeated song_id)."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no cached features (*.parquet) in {directory}; run `htcl features` first")
+    return files
+
+
+def features_from_table(table: pa.Table, expected: Mapping[int, str] | None = None,
+                        where: str | Path = "") -> dict[int, np.ndarray]:
+    """Rows of a feature shard (a whole file or any slice of it) -> {song_id: feature}; `expected`
+    as read_features, `where` (the shard) names the file in its error."""
+    t = table.select(FEATURES_SCHEMA.names).to_pydict()
+    out: dict[int, np.ndarray] = {}
+    for sid, h, shape, data in zip(t[S.SONG_ID], t[INPUT_HASH], t[SHAPE], t[FEATURE]):
+        if expected is not None and int(sid) in expected and expected[int(sid)] != h:
+            raise StaleFeaturesError(
+                f"{where}: song {sid}'s cached features are of another input (hash {h[:12]}, now "
+                f"{expected[int(sid)][:12]}); run `htcl features` to recompute them")
+        out[int(sid)] = feature_from_row(shape, data)
+    return out
+
+
 def read_features(directory: str | Path, expected: Mapping[int, str] | None = None) -> dict[int, np.ndarray]:
     """{song_id: feature} from a tower's cache folder.
 
     With `expected` (song_id -> current input hash), a cached row whose input hash differs is an
     error naming the song (rerun `htcl features`); songs missing from the cache are left out.
     """
-    directory = Path(directory)
-    files = sorted(directory.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no cached features (*.parquet) in {directory}; run `htcl features` first")
     out: dict[int, np.ndarray] = {}
-    for f in files:
-        t = pq.read_table(f).to_pydict()
-        for sid, h, shape, data in zip(t[S.SONG_ID], t[INPUT_HASH], t[SHAPE], t[FEATURE]):
-            if expected is not None and int(sid) in expected and expected[int(sid)] != h:
-                raise StaleFeaturesError(
-                    f"{f}: song {sid}'s cached features are of another input (hash {h[:12]}, now "
-                    f"{expected[int(sid)][:12]}); run `htcl features` to recompute them")
-            out[int(sid)] = feature_from_row(shape, data)
+    for f in feature_shards(directory):
+        out.update(features_from_table(pq.read_table(f), expected, f))
     return out
 
 
