@@ -15,15 +15,20 @@ What V2 means here:
     its next poll of the workers (every 2 s): a worker lost inside that window sends the run
     back to the checkpoint before (or to step 0), which the resume logic handles the same way.
 
-Data: every worker reads the mels and song texts from `output_dir` (a path all nodes see: a
-shared filesystem on a multi-node cluster) and builds its own slice of each global batch from
-row indices split by rank (htcl.pipeline.batch_stream), not from a Ray Data shard. Why: the
-contrastive batch must be the same global batch whatever the world size (each rank exactly
-batch_size/world rows, rank-ordered, so 2 workers compute the loss of 1 process over the same
-rows), and a resumed run must restart at the exact batch of its checkpoint step; a streaming
-Ray Data split gives neither (uneven shards, order not tied to the step). The cost: each worker
-holds all mels in memory (demo: ~16 MB for 200 songs; the paper's catalog would need a per-rank
-mel reader instead).
+Data: every worker reads from `output_dir` (a path all nodes see: a shared filesystem on a
+multi-node cluster) and builds its own slice of each global batch from row indices split by rank
+(htcl.pipeline.batch_stream), not from a Ray Data shard. Why: the contrastive batch must be the
+same global batch whatever the world size (each rank exactly batch_size/world rows, rank-ordered,
+so 2 workers compute the loss of 1 process over the same rows), and a resumed run must restart at
+the exact batch of its checkpoint step; a streaming Ray Data split gives neither (uneven shards,
+order not tied to the step). The audio inputs (mels, or a backbone's cached features) are not
+loaded: a per-rank reader (htcl.streaming.ShardReader) indexes the shards' song_id columns and
+reads only the rows of the rank's own slice, by Parquet row group, through an LRU of
+`<stage>.reader_cache_rows` rows, READ_AHEAD_BATCHES slices ahead on a background thread; so a
+worker's audio memory is the cache and the batches in flight, not the catalog (README,
+"Running on a Ray cluster", has the measured figures). Song texts (and a locked text tower's cached
+features) are still loaded whole: small beside the audio. The up-front NaN/inf check reads every
+shard once, on the driver (`fit`), one row group at a time; workers check each row they read.
 
 Besides the outputs of htcl.pipeline.run_train, the stage directory gets resumes.jsonl (one
 line per restart from a checkpoint) and metrics_discarded.jsonl (the log lines of steps that a
@@ -54,8 +59,8 @@ import numpy as np
 import torch
 
 from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
-from htcl.pipeline import (batch_stream, init_model, out_path, run_dir_name, stage_config, training_rows,
-                           validation_batches)
+from htcl.pipeline import (audio_reader, batch_stream, init_model, out_path, run_dir_name, stage_config,
+                           training_rows, validation_batches)
 from htcl.text import SongTokenizer
 from htcl.training import (
     JsonlLogger,
@@ -194,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if device.type != "cpu":
         _move_to(state, device)
 
-    rows = training_rows(cfg, stage, verbose=rank == 0)
+    rows = training_rows(cfg, stage, verbose=rank == 0, check_finite=False)  # fit() checked; reads check too
     tokenizer = SongTokenizer(cfg.model)
     batches = batch_stream(rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=world)
     if config.get("fault"):
@@ -278,6 +283,9 @@ def fit(
         raise ValueError(
             f"{stage}.batch_size={tcfg.batch_size} must be divisible by {stage}.num_workers={tcfg.num_workers}"
         )
+    # A NaN/inf input refused before any worker starts, naming the song: one pass over the shards
+    # here, not one per worker (workers still check every row they read).
+    audio_reader(cfg, tcfg.reader_cache_rows).require_finite()
     run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = out_path(cfg, "ray_train")
     trainer = TorchTrainer(
