@@ -226,3 +226,19 @@ def test_read_mels_and_the_reader_agree(world):
     assert sorted(reader) == sorted(everything)
     got = reader.read(list(everything))
     assert all(np.array_equal(got[i], everything[i]) for i in everything)
+
+
+def test_the_ray_job_refuses_a_non_finite_row_before_any_worker_starts(tmp_path, monkeypatch):
+    """Workers skip the up-front pass (ray_jobs.train_loop); fit() makes it once on the driver."""
+    import ray_jobs.train_loop as train_loop
+
+    write_world(tmp_path / "world")
+    cfg = make_cfg(tmp_path, "mels")
+    inputs = random_inputs("mels")
+    inputs[7][3, 3] = np.nan
+    write_inputs(cfg, inputs)
+    started = []
+    monkeypatch.setattr("ray.train.torch.TorchTrainer", lambda *a, **k: started.append(1))
+    with pytest.raises(ValueError, match=r"song_id 7\b.*(NaN|inf)"):
+        train_loop.fit(cfg, "pretrain")
+    assert not started
