@@ -39,6 +39,7 @@ import torch
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config, ModelConfig
+from htcl.mels import SHARD_ROW_GROUP_ROWS
 
 FEATURES_DIR = "features"
 TEXT_TOWER = "text"
@@ -208,7 +209,7 @@ def drop_rows(directory: Path, keep: Mapping[int, str]) -> int:
             continue
         dropped += len(mask) - sum(mask)
         tmp = f.with_name(f"{f.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(t.filter(pa.array(mask)), tmp)
+        pq.write_table(t.filter(pa.array(mask)), tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
         os.replace(tmp, f)
     return dropped
 
@@ -219,7 +220,7 @@ def write_features(rows: list[dict], directory: Path) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"part-{uuid.uuid4().hex[:12]}.parquet"
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
     os.replace(tmp, path)
     return path
 

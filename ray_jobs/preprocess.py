@@ -45,7 +45,7 @@ from ray.data.datasource import Datasink
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config
-from htcl.mels import MelExtractor, read_catalog
+from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog
 from htcl.pipeline import catalog_path, done_song_ids, out_path
 from ray_jobs.common import (
     add_config_args,
@@ -110,7 +110,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     """Write to a hidden temp name, then rename: a reader never sees half a shard."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
     os.replace(tmp, path)
 
 

@@ -242,3 +242,20 @@ def test_the_ray_job_refuses_a_non_finite_row_before_any_worker_starts(tmp_path,
     with pytest.raises(ValueError, match=r"song_id 7\b.*(NaN|inf)"):
         train_loop.fit(cfg, "pretrain")
     assert not started
+
+
+def test_shards_are_written_in_small_row_groups(tmp_path):
+    """A cache miss reads a whole row group: the writers behind mels/ and features/ (the local
+    preprocess, the features step) cut shards into SHARD_ROW_GROUP_ROWS-row groups, so a catalog
+    preprocessed in one shard is not one group that every worker holds whole."""
+    from htcl.mels import SHARD_ROW_GROUP_ROWS
+
+    inputs = random_inputs("mels")
+    ids = sorted(inputs)[:40]
+    mels = write_table([{S.SONG_ID: i, S.N_FRAMES: inputs[i].shape[1], S.MEL: mel_to_bytes(inputs[i])} for i in ids],
+                       S.MELS_SCHEMA, tmp_path / "mels" / "part-0.parquet")
+    features = write_features([feature_row(i, "h", np.ones((6, 3), np.float32)) for i in ids], tmp_path / "features")
+    for path in (mels, features):
+        meta = pq.ParquetFile(path).metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        assert sizes == [SHARD_ROW_GROUP_ROWS, len(ids) - SHARD_ROW_GROUP_ROWS], (path, sizes)
