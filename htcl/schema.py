@@ -1,4 +1,4 @@
-"""Column names and table schemas of the data contracts (DESIGN.md, "Data contracts").
+"""Column names and table schemas of the data contracts (the README's "Data contract" says what each means).
 
 Every module that reads or writes a table uses these constants, so a renamed column is one edit.
 """

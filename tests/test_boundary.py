@@ -1,4 +1,4 @@
-"""htcl/ is the library: it never imports Ray, Feast or Ray Serve (DESIGN.md, Layout)."""
+"""htcl/ is the library: it never imports Ray, Feast or Ray Serve (README, Layout)."""
 
 import ast
 import subprocess

@@ -61,7 +61,7 @@ def render_card(params: dict, stats: dict, figures: dict | None) -> str:
         "synthesizer (fluidsynth), by invented artists with persistent audible choices (instrument family, tempo, "
         "transposition, energy, mix); a share of songs carries a vocal line (espeak-ng) in one of several languages, "
         "with lyrics made of real words of that language. Simulated listeners play sessions and react to a "
-        "similar-songs channel. The tables follow the data contracts of DESIGN.md, so the pipeline cannot tell "
+        "similar-songs channel. The tables follow htcl's data contracts, so the pipeline cannot tell "
         "this world from a real catalog.",
         "",
         "## Parameters",

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="htcl sample-data",
         description="Generate the sample world: real music rendered to audio, multilingual vocals, "
-        "simulated listeners and their logs, in the data contracts of DESIGN.md.",
+        "simulated listeners and their logs, in the data contracts of the README (htcl.schema).",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--songs", type=int, default=200, help="number of songs (default 200)")
