@@ -13,7 +13,7 @@ SR = 16000
 
 
 def librosa_logmel(wave: np.ndarray) -> np.ndarray:
-    """The paper's recipe, as the README's Configs paragraph states it: 128-bin log-Mel, 128 ms window, 96 ms hop at 16 kHz."""
+    """The paper's recipe (README, Configs): 128-bin log-Mel, 128 ms window, 96 ms hop at 16 kHz."""
     power = librosa.feature.melspectrogram(
         y=wave, sr=SR, n_fft=2048, hop_length=1536, win_length=2048, window="hann",
         center=True, power=2.0, n_mels=128,
