@@ -14,7 +14,7 @@ training-period favor pairs (before the evaluation's held-out cut) with:
 
 Each figure is the mean over the same --batches random batches of --batch pairs (drawn as training
 draws them: pairs sampled without replacement within a batch). Prints a table and writes
-benchmarks/results/bench_favor_signal.json.
+benchmarks/results/bench_favor_signal_<world>.json.
 
     python benchmarks/bench_favor_signal.py [--world-dir benchmarks/cache/bench_world_2000] [--embeddings NAME=PATH ...]
 """
@@ -40,6 +40,7 @@ from htcl.losses import in_batch_top1, info_nce, same_song_mask  # noqa: E402
 from htcl.pairs import before, favor_triplets, split_time  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_WORLDS = [REPO / "benchmarks" / "cache" / name for name in ("bench_world_2000", "bench_world")]
 SCALES = (1.0, 2.0, 3.0, 5.0, 10.0, 14.7)  # 3: the demo's finetune.pref_logit_scale; 14.7: stage 1's learned scale
 
 
@@ -75,18 +76,23 @@ def measure(table: dict[int, torch.Tensor], batches: list[tuple[np.ndarray, np.n
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-dir", default=str(REPO / "benchmarks" / "cache" / "bench_world_2000"))
+    p.add_argument("--world-dir", default=None, help="a rendered world (default: benchmarks/cache/bench_world_2000, "
+                   "else benchmarks/cache/bench_world, as bench_evaluation.py renders them)")
     p.add_argument("--config", default="configs/demo.yaml", help="for eval.holdout_fraction and finetune.batch_size")
     p.add_argument("--embeddings", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--batches", type=int, default=500)
     p.add_argument("--batch", type=int, default=None, help="default: the config's finetune.batch_size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS / "bench_favor_signal.json"))
+    p.add_argument("--out", default=None, help="default benchmarks/results/bench_favor_signal_<world folder>.json")
     args = p.parse_args(argv)
     import pandas as pd
 
     t0 = time.perf_counter()
-    world = Path(args.world_dir)
+    world = Path(args.world_dir) if args.world_dir else next((w for w in DEFAULT_WORLDS if w.is_dir()), None)
+    if world is None or not (world / "truth.parquet").is_file():
+        print(f"bench_favor_signal: no rendered world at {world or ' or '.join(map(str, DEFAULT_WORLDS))}: run "
+              "benchmarks/bench_evaluation.py (--songs 2000) first, or pass --world-dir", file=sys.stderr)
+        return 2
     cfg = load_config(args.config)
     batch = args.batch or cfg.finetune.batch_size
     log = pd.read_parquet(world / "interactions.parquet")
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r['l_aa'][str(s)]:.3f}" for s in SCALES) + f" | {r['top1']:.3f} |")
     print("\n".join(lines))
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / f"bench_favor_signal_{world.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "world": world.name, "favor_pairs": len(pairs), "cut": str(cut), "batch": batch, "batches": args.batches,
