@@ -25,7 +25,7 @@ holds in every seed) and .md (the mean ± sd table and the claims per seed), and
 
 --songs 2000 renders the world of the README's table when benchmarks/cache/bench_world_2000/ is
 absent (`htcl sample-data --songs 2000 --seed 0 --seconds 30 --workers 2` from the shared MIDI and
-Last.fm data: ~16-20 min on 2 loaded cores).
+Last.fm data: 467 s on 2 quiet cores, ~20 min on loaded ones).
 """
 
 from __future__ import annotations
