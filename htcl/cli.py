@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from htcl.config import ConfigError, load_config, replace, save_config
-from htcl.mels import read_catalog
+from htcl.mels import read_catalog_or_refuse
 
 
 def embeddings_arg(text: str) -> tuple[str, str]:
@@ -167,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("preprocess", "features"):
         catalog = Path(args.catalog or pipeline.catalog_path(cfg))
-        try:  # refused before any song is decoded: nothing is lost
-            read_catalog(catalog)
-        except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
-            print(f"htcl {args.command}: {e}", file=sys.stderr)
+        if read_catalog_or_refuse(catalog, f"htcl {args.command}") is None:
             return 1
         run = pipeline.run_preprocess if args.command == "preprocess" else pipeline.run_features
         print(json.dumps(run(cfg, catalog, args.force), indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,16 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
 # cache miss costs (32 paper-size mels: ~10 MB). pyarrow's default (1Mi rows) made a locally
 # preprocessed catalog one group, held whole by every worker.
 SHARD_ROW_GROUP_ROWS = 32
+
+
+def read_catalog_or_refuse(path: str | Path, command: str) -> pd.DataFrame | None:
+    """read_catalog as a command's first step: the table, or None after one line on stderr naming
+    the command, the file and the cause (the caller exits 1 before any work: nothing is lost)."""
+    try:
+        return read_catalog(path)
+    except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
+        print(f"{command}: {e}", file=sys.stderr, flush=True)
+        return None
 
 
 def write_table(rows: list[dict], schema: pa.Schema, path: str | Path) -> Path:

@@ -18,8 +18,8 @@ songs of its own slice of each global batch and nothing else.
 Memory per worker: the cache (`cache_rows` rows), plus the decoded rows of the batches in flight
 (READ_AHEAD_BATCHES read ahead, the one being built and the one training), plus the index; a row
 group larger than `cache_rows` is still read whole and kept alone while it is the newest. The
-shards' row groups set the read granularity: the Ray preprocess job writes one row group of
-`--rows-per-file` rows (128) a shard.
+shards' row groups set the read granularity: every writer of mels/ and features/ cuts its shards
+into row groups of htcl.mels.SHARD_ROW_GROUP_ROWS rows.
 """
 
 from __future__ import annotations

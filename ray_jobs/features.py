@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,7 @@ import pyarrow as pa
 
 from htcl import schema as S
 from htcl.config import Config
-from htcl.mels import read_catalog
+from htcl.mels import read_catalog_or_refuse
 from htcl.pipeline import catalog_path, finish_features, plan_features, tower_udf
 from ray_jobs.common import (
     add_config_args,
@@ -100,10 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_args(build_parser(), argv)
-    try:  # checked before Ray starts, as in the preprocess job: a refusal is a plain exit 1
-        read_catalog(Path(args.catalog or catalog_path(cfg)))
-    except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
-        print(f"features: {e}", file=sys.stderr, flush=True)
+    # checked before Ray starts, as in the preprocess job: a refusal is a plain exit 1
+    if read_catalog_or_refuse(Path(args.catalog or catalog_path(cfg)), "features") is None:
         return 1
     started = init_ray(args.num_cpus)
     job_banner("features")

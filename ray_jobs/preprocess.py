@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 import traceback
 import uuid
@@ -45,7 +44,7 @@ from ray.data.datasource import Datasink
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config
-from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog
+from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
 from htcl.pipeline import catalog_path, done_song_ids, out_path
 from ray_jobs.common import (
     add_config_args,
@@ -245,10 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     catalog = Path(args.catalog or catalog_path(cfg))
     # The catalog is checked before Ray starts: a refusal is then a plain exit 1, with no Ray
     # instance to tear down while the exception unwinds (that teardown could abort the process).
-    try:
-        table = read_catalog(catalog)
-    except (ValueError, OSError) as e:  # CatalogError, no such file, a file pyarrow/pandas cannot read
-        print(f"preprocess: {e}", file=sys.stderr, flush=True)
+    table = read_catalog_or_refuse(catalog, "preprocess")
+    if table is None:
         return 1
     started = init_ray(args.num_cpus)
     job_banner("preprocess")
