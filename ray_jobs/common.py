@@ -180,3 +180,21 @@ def job_banner(name: str) -> None:
 
 def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, indent=2), flush=True)
+
+
+NODE_ID = "node_id"  # a result column that names the Ray node a row was computed on
+
+
+def current_node_id() -> str:
+    """The hex id of the Ray node this task or actor runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def count_by_node(node_ids) -> dict[str, int]:
+    """{node id: rows} of a result's node_id column: which nodes did the work (job summaries)."""
+    counts: dict[str, int] = {}
+    for node in node_ids:
+        counts[node] = counts.get(node, 0) + 1
+    return counts
