@@ -2,9 +2,9 @@
 
 Every rank then computes the same loss over the global batch. `torch.distributed.nn.all_gather`
 sums the incoming gradients in backward, so each rank's local embeddings receive
-world_size × dL/dz; averaging the parameter gradients over ranks divides that back out, and the parameter gradient
-equals that of one process over the concatenated batch (tested in tests/test_distributed.py).
-We average gradients ourselves (`average_gradients`) rather than wrap the model in DDP.
+world_size × dL/dz; DistributedDataParallel's gradient averaging over ranks divides that back out,
+and the parameter gradient equals that of one process over the concatenated batch (tested in
+tests/test_distributed.py). The DDP wrapping itself is htcl.training.data_parallel.
 This is open_clip's `--gather-with-grad` without `--local-loss`.
 """
 
@@ -52,25 +52,3 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x / dist.get_world_size()
-
-
-def average_gradients(parameters) -> None:
-    """Average .grad over ranks in one flat all-reduce (a no-op in a single process).
-
-    Used instead of DDP because stage 2 runs the audio encoder twice per step. Every rank has
-    the same set of parameters with gradients (same model, same stage), so the flat layout
-    matches across ranks.
-    """
-    if not is_distributed():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n

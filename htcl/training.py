@@ -7,7 +7,9 @@ With a backbone model, "mel" holds the tagger's cached pooled patch features (B,
 masks are (B, P); with a locked text tower, text_features (B, H) (rec_text_features in stage 2)
 replace the token ids.
 The loop knows nothing of Ray: the Ray Train job passes its dataset shard as `batches`, and
-`on_log` / `on_checkpoint` callbacks to report metrics and checkpoints.
+`on_log` / `on_checkpoint` callbacks to report metrics and checkpoints. With a process group
+initialized, `train` wraps the stage's forward (StageEmbeddings: batch -> embeddings) in DDP
+itself, so callers pass and checkpoint the bare model.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from htcl.config import Config, TrainConfig, config_from_dict, save_config, to_dict
-from htcl.distributed import all_reduce_mean, average_gradients, gather_ids, gather_with_grad, rank_and_world
+from htcl.distributed import all_reduce_mean, gather_ids, gather_with_grad, is_distributed, rank_and_world
 from htcl.losses import in_batch_top1, info_nce, stage2_loss
 from htcl.model import HTCLModel
 
@@ -115,34 +117,49 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+def stage1_embeddings(model: HTCLModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's stage-1 embeddings and the logit scale: every parameter the loss uses."""
+    return {
+        "audio": model.encode_audio(batch["mel"], batch["mel_mask"]),  # (B, D)
+        "text": encode_text(model, batch),  # (B, D)
+        "scale": model.scale(),  # ()
+    }
+
+
+def stage1_global_loss(z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
     """Audio-text InfoNCE over the global batch (gather=False: over this rank's batch alone,
     no collective: validation). Returns (loss, metrics)."""
     g = gather_with_grad if gather else _local
-    z_audio = model.encode_audio(batch["mel"], batch["mel_mask"])  # (B, D)
-    z_text = encode_text(model, batch)  # (B, D)
-    z_audio, z_text = g(z_audio), g(z_text)  # (world*B, D)
-    scale = model.scale()
-    loss = info_nce(z_audio.float(), z_text.float(), scale)
+    z_audio, z_text = g(z["audio"]), g(z["text"])  # (world*B, D)
+    loss = info_nce(z_audio.float(), z_text.float(), z["scale"])
     metrics = {"loss_at": loss.detach(), "top1_at": in_batch_top1(z_audio, z_text)}
     return loss, metrics
 
 
-def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
-    """⟨trigger audio, rec audio, rec text⟩ triplets: weighted L_aa + L_af + L_at (gather: as
-    stage1_forward)."""
-    g, gi = (gather_with_grad, gather_ids) if gather else (_local, _local)
-    z_ta = model.encode_audio(batch["trigger_mel"], batch["trigger_mask"])  # (B, D)
+def stage2_embeddings(model: HTCLModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's ⟨trigger audio, rec audio, rec text, rec fused⟩ embeddings and the logit
+    scale. The audio encoder runs twice (trigger and rec): one forward, one backward per step."""
     z_ra = model.encode_audio(batch["rec_mel"], batch["rec_mask"])  # (B, D)
     z_rt = encode_text(model, batch, "rec_")  # (B, D)
-    z_rf = model.fuse(z_ra, z_rt)  # (B, D)
-    z_ta, z_ra, z_rt, z_rf = (g(z).float() for z in (z_ta, z_ra, z_rt, z_rf))
+    return {
+        "trigger_audio": model.encode_audio(batch["trigger_mel"], batch["trigger_mask"]),  # (B, D)
+        "rec_audio": z_ra,
+        "rec_text": z_rt,
+        "rec_fused": model.fuse(z_ra, z_rt),  # (B, D)
+        "scale": model.scale(),  # ()
+    }
+
+
+def stage2_global_loss(z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+    """Weighted L_aa + L_af + L_at over the global batch (gather: as stage1_global_loss)."""
+    g, gi = (gather_with_grad, gather_ids) if gather else (_local, _local)
+    z_ta, z_ra, z_rt, z_rf = (g(z[k]).float() for k in ("trigger_audio", "rec_audio", "rec_text", "rec_fused"))
     ids = {}
     if "trigger_ids" in batch:  # (B,) song ids: repeated songs are not negatives
         ids = {"trigger_ids": gi(batch["trigger_ids"]), "rec_ids": gi(batch["rec_ids"])}
     pref = tcfg.pref_logit_scale if tcfg.pref_logit_scale > 0 else None
     loss, parts = stage2_loss(
-        z_ta, z_ra, z_rf, z_rt, model.scale(), w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, pref_logit_scale=pref, **ids
+        z_ta, z_ra, z_rf, z_rt, z["scale"], w_aa=tcfg.w_aa, w_af=tcfg.w_af, w_at=tcfg.w_at, pref_logit_scale=pref, **ids
     )
     metrics = {k: v.detach() for k, v in parts.items()}
     metrics["top1_aa"] = in_batch_top1(z_ta, z_ra)
@@ -150,7 +167,67 @@ def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: Train
     return loss, metrics
 
 
+EMBEDDINGS = {"pretrain": stage1_embeddings, "finetune": stage2_embeddings}
+GLOBAL_LOSSES = {"pretrain": stage1_global_loss, "finetune": stage2_global_loss}
+
+
+def stage1_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+    """Audio-text InfoNCE: stage1_embeddings then stage1_global_loss. Returns (loss, metrics)."""
+    return stage1_global_loss(stage1_embeddings(model, batch), batch, tcfg, gather)
+
+
+def stage2_forward(model: HTCLModel, batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+    """⟨trigger audio, rec audio, rec text⟩ triplets: stage2_embeddings then stage2_global_loss."""
+    return stage2_global_loss(stage2_embeddings(model, batch), batch, tcfg, gather)
+
+
 FORWARDS = {"pretrain": stage1_forward, "finetune": stage2_forward}
+
+
+class StageEmbeddings(nn.Module):
+    """A stage's whole forward as one module: batch -> this rank's embeddings and logit scale.
+
+    What DDP wraps: every parameter the loss touches is used inside this one forward call, so
+    DDP's reducer is prepared for the step's single backward, and it all-reduces each gradient
+    bucket as soon as backward has filled it (overlapping communication with the rest of the
+    backward). The gather and the loss run outside, on the returned embeddings.
+    """
+
+    def __init__(self, model: HTCLModel, stage: str):
+        super().__init__()
+        if stage not in EMBEDDINGS:
+            raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return EMBEDDINGS[self.stage](self.model, batch)
+
+
+def data_parallel(model: HTCLModel, stage: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The stage's forward module, wrapped in DistributedDataParallel when a process group with
+    more than one rank is initialized (gloo on CPU, nccl on GPU); unwrapped otherwise.
+
+    DDP averages the gradients over ranks, which with gathered embeddings gives exactly the
+    one-process gradient over the global batch (htcl.distributed). Settings, and why:
+      static_graph=True: every step uses the same parameters, but some trainable ones never get
+        a gradient (stage 1 never runs the fusion layer; the BERT's pooler is computed but we pool
+        its hidden states ourselves; musicnn's tag layer when backbone_train_top). Without it DDP
+        would wait for them forever; find_unused_parameters=True would also work but walks the
+        autograd graph every step, where a static graph records the unused set once (step 1).
+        Globally unused parameters keep grad None, as without DDP (so AdamW skips them).
+      broadcast_buffers=False: no buffer changes in training (the locked tagger's batch norm stays
+        in eval mode; the BERT's buffers are constants), so rank 0's need not be sent every forward.
+    The wrapped model stays `model` (checkpoints save it, no "module." prefixes).
+    """
+    device = torch.device(device)
+    net = StageEmbeddings(model, stage)
+    if not is_distributed():
+        return net
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
+
+
 
 
 @torch.no_grad()
@@ -183,8 +260,15 @@ class TrainState:
 
 
 def unwrap(model: nn.Module) -> HTCLModel:
-    """The HTCLModel inside a wrapper such as DDP (or the model itself)."""
-    return getattr(model, "module", model)
+    """The HTCLModel inside DDP and/or StageEmbeddings (or the model itself)."""
+    while not isinstance(model, HTCLModel):
+        if isinstance(model, StageEmbeddings):
+            model = model.model
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        else:
+            break
+    return model
 
 
 def train(
@@ -202,9 +286,10 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from state.step until tcfg.max_steps or the batches run out.
 
-    With a process group initialized (Ray Train), embeddings are gathered with their gradient
-    and gradients averaged over ranks after backward (distributed.average_gradients): the
-    stage-2 forward runs the audio encoder twice per step, which DDP's reducer does not allow.
+    With a process group initialized (Ray Train), the stage's forward runs through
+    DistributedDataParallel (`data_parallel`): embeddings are gathered with their gradient and
+    DDP averages the gradients over ranks, bucket by bucket while backward still runs; state.model
+    stays the bare model (what checkpoints save).
     `on_log(metrics)` is called every log_every steps on every rank; `on_checkpoint(state)`
     every checkpoint_every steps and at the end. With `val_batches`, each log record also has
     `validate`'s val_loss, val_<metric> (every rank computes them, alone); `on_best(state)` is
@@ -213,11 +298,12 @@ def train(
     if stage not in FORWARDS:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
     device = torch.device(device)
-    model = state.model
-    forward = FORWARDS[stage]
+    model = unwrap(state.model)
+    net = data_parallel(model, stage, device)  # batch -> this rank's embeddings (one DDP forward)
+    global_loss = GLOBAL_LOSSES[stage]
     amp_dtype = resolve_precision(tcfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    max_log_scale = math.log(unwrap(model).cfg.logit_scale_max)
+    max_log_scale = math.log(model.cfg.logit_scale_max)
     _, world = rank_and_world()
 
     model.train()
@@ -229,18 +315,17 @@ def train(
         batch = to_device(batch, device)
         set_lr(state.optimizer, lr_factor(state.step, tcfg.warmup_steps, tcfg.max_steps, tcfg.min_lr_ratio))
         with autocast(device, amp_dtype):
-            loss, metrics = forward(model, batch, tcfg)
+            loss, metrics = global_loss(net(batch), batch, tcfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage}: non-finite loss {loss.item()} at step {state.step}")
         state.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(model.parameters())
+        scaler.scale(loss).backward()  # under DDP, returns with the gradients averaged over ranks
         scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         scaler.step(state.optimizer)
         scaler.update()
         with torch.no_grad():  # open_clip clamps the stored log scale to [0, log(max)]
-            unwrap(model).logit_scale.clamp_(0, max_log_scale)
+            model.logit_scale.clamp_(0, max_log_scale)
         state.step += 1
         samples_since += next(iter(batch.values())).shape[0] * world
 
@@ -251,7 +336,7 @@ def train(
                 "step": state.step,
                 "loss": all_reduce_mean(loss.detach()).item(),
                 **{k: (all_reduce_mean(v).item() if torch.is_tensor(v) else v) for k, v in metrics.items()},
-                "logit_scale": unwrap(model).scale().item(),
+                "logit_scale": model.scale().item(),
                 "lr": state.optimizer.param_groups[0]["lr"],
                 "lr_text": _group_lr(state.optimizer, "text"),
                 "grad_norm": float(grad_norm),

@@ -196,3 +196,27 @@ def test_training_refuses_a_non_finite_input_row_naming_the_song(tmp_path, poiso
     write_table([{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
                 S.MELS_SCHEMA, tmp_path / "out" / "mels" / "part-00000.parquet")
     assert len(training_rows(cfg, "pretrain", verbose=False).mels) == 12
+
+
+def test_one_process_trains_the_bare_stage_module():
+    """Without a process group data_parallel adds no DDP; its forward is the stage's embeddings
+    (the scale included, so a DDP forward covers every parameter the loss uses)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from htcl.training import GLOBAL_LOSSES, StageEmbeddings, data_parallel, stage1_forward, unwrap
+
+    cfg = tiny_cfg()
+    state = make_state(cfg)
+    net = data_parallel(state.model, "pretrain")
+    assert isinstance(net, StageEmbeddings) and not isinstance(net, DistributedDataParallel)
+    assert unwrap(net) is state.model and unwrap(state.model) is state.model
+    batch = pairs_batch(cfg, n=4)
+    z = net(batch)
+    assert set(z) == {"audio", "text", "scale"} and z["audio"].shape == (4, cfg.model.embed_dim)
+    loss, _ = GLOBAL_LOSSES["pretrain"](z, batch, cfg.pretrain)
+    assert torch.equal(loss, stage1_forward(state.model, batch, cfg.pretrain)[0])
+    assert set(data_parallel(state.model, "finetune")({"trigger_mel": batch["mel"], "trigger_mask": batch["mel_mask"],
+        "rec_mel": batch["mel"], "rec_mask": batch["mel_mask"], "rec_input_ids": batch["input_ids"],
+        "rec_attention_mask": batch["attention_mask"]})) == {"trigger_audio", "rec_audio", "rec_text", "rec_fused", "scale"}
+    with pytest.raises(ValueError, match="stage="):
+        data_parallel(state.model, "nope")
