@@ -42,6 +42,18 @@ GPUs, one worker each.
 
     python benchmarks/bench_train.py --mode ray [--steps 8] [--warmup 2] [--workers 1 2] [--repeats 2]
         [--out benchmarks/results/bench_train.json]
+
+--mode gpu: the paper config (configs/paper.yaml: 120 s songs = 1251 frames, 12-layer 768-wide
+audio Transformer, MiniLM trained over 256 tokens; model.audio_backbone=none) on ONE GPU,
+htcl.training.train stage-1 steps on device-resident random batches (--gpu-batch songs), fp32
+against bf16 autocast (train.precision). Attention runs through F.scaled_dot_product_attention
+(nn.MultiheadAttention in the audio encoder, the BERT's "sdpa" implementation); each row lists
+the SDPA kernels one step ran (torch.profiler: flash / efficient / cudnn / math) and whether the
+step runs with the fused kernels alone. Without CUDA it prints one line, writes
+{"skipped": true} (unless --out already holds a measured result) and exits 0.
+
+    python benchmarks/bench_train.py --mode gpu [--gpu-batch 64] [--precisions fp32 bf16]
+        [--min-seconds 8] [--repeats 2] [--out benchmarks/results/bench_train_gpu.json]
 """
 
 from __future__ import annotations
@@ -391,23 +403,169 @@ def main_towers(args) -> int:
     return 0
 
 
+# --- gpu mode: the paper config on one GPU, fp32 vs bf16 autocast ------------------------------
+
+ATTENTION_OPS = {  # aten op -> SDPA backend
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "cpu_flash",
+}
+
+
+def gpu_batch(cfg, batch: int, device: torch.device, seed: int) -> dict:
+    """Random paper-sized stage-1 inputs on the device: log-Mel (B, 128, 1251) with a quarter of
+    the songs 60 s shorter (padding masks as real batches have), token ids (B, text_max_length)."""
+    g = torch.Generator().manual_seed(seed)
+    n_frames, length = frames_for(cfg), cfg.model.text_max_length
+    mask = torch.ones(batch, n_frames, dtype=torch.bool)
+    mask[::4, n_frames // 2:] = False
+    att = torch.ones(batch, length, dtype=torch.long)
+    att[1::2, length // 2:] = 0
+    return {k: v.to(device) for k, v in {
+        "mel": torch.randn(batch, cfg.audio.n_mels, n_frames, generator=g) * 5 - 6, "mel_mask": mask,
+        "input_ids": torch.randint(1000, 30000, (batch, length), generator=g), "attention_mask": att}.items()}
+
+
+def attention_backends(state, batches, tcfg, device) -> dict:
+    """Which SDPA kernels one training step runs (torch.profiler's aten ops), and whether the step
+    also runs with the fused kernels alone (sdpa_kernel without the math fallback)."""
+    import dataclasses
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from htcl.training import train
+
+    one = dataclasses.replace(tcfg, max_steps=state.step + 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train(state, batches[:1], one, "pretrain", device=device)
+    calls = {ATTENTION_OPS[e.key]: e.count for e in prof.key_averages() if e.key in ATTENTION_OPS}
+    fused_only = None
+    if device.type == "cuda":
+        one = dataclasses.replace(tcfg, max_steps=state.step + 1)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+                train(state, batches[:1], one, "pretrain", device=device)
+            fused_only = "ok"
+        except RuntimeError as e:
+            fused_only = f"failed: {str(e).splitlines()[0][:200]}"
+    return {"sdpa_calls_per_step": calls, "fused_kernels_only_step": fused_only}
+
+
+def main_gpu(args) -> int:
+    """samples/s of htcl.training.train on the paper config, fp32 vs bf16 autocast, one device;
+    a one-line skip (exit 0, JSON {"skipped": true}) without CUDA unless --device cpu asks for a
+    smoke run of the same code on the CPU."""
+    import dataclasses
+
+    from htcl.training import TrainState, build_optimizer, seed_everything, train
+
+    out = Path(args.out or REPO / "benchmarks" / "results" / "bench_train_gpu.json")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reason = f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() False)"
+        previous = json.loads(out.read_text()) if out.is_file() else {}
+        if previous.get("rows"):  # never overwrite a measured result with a skip
+            print(f"bench_train --mode gpu: skipped, {reason}; kept the measured {out}")
+            return 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"benchmark": "bench_train", "mode": "gpu", "skipped": True, "reason": reason,
+                                   "torch": torch.__version__, "command": "python benchmarks/bench_train.py "
+                                   + " ".join(sys.argv[1:])}, indent=2))
+        print(f"bench_train --mode gpu: skipped, {reason}; wrote {out}")
+        return 0
+
+    cfg = load_config(REPO / "configs" / "paper.yaml",
+                      ["model.audio_backbone=none", "model.text_trainable=true", *args.set])
+    batch = args.gpu_batch
+    batches = [gpu_batch(cfg, batch, device, seed) for seed in range(2)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows, t_start = [], time.perf_counter()
+    for precision in args.precisions:
+        tcfg = dataclasses.replace(cfg.pretrain, batch_size=batch, precision=precision, max_steps=10**9,
+                                   log_every=10**9, checkpoint_every=0, warmup_steps=1)
+        seed_everything(0)
+        model = HTCLModel(cfg.model, cfg.audio).to(device)
+        state = TrainState(model, build_optimizer(model, tcfg))
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def run(n: int) -> float:
+            sync()
+            t0 = time.perf_counter()
+            train(state, (batches[i % 2] for i in range(n)), tcfg, "pretrain", device=device)
+            sync()
+            return time.perf_counter() - t0
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warm_s = run(args.warmup) / args.warmup
+        n = int(min(args.max_timed_steps, max(args.steps or 10, np.ceil(args.min_seconds / warm_s))))
+        seconds = min(run(n) for _ in range(args.repeats))
+        row = {"config": "paper", "device": name, "precision": precision, "batch": batch,
+               "frames": frames_for(cfg), "text_tokens": cfg.model.text_max_length, "steps_timed": n,
+               "step_s": round(seconds / n, 4), "samples_per_s": round(n * batch / seconds, 2),
+               "peak_memory_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                                  if device.type == "cuda" else None),
+               **attention_backends(state, batches, tcfg, device)}
+        rows.append(row)
+        print(f"  {precision}: {row['samples_per_s']} samples/s ({row['step_s']} s/step), "
+              f"SDPA {row['sdpa_calls_per_step']}, fused only: {row['fused_kernels_only_step']}", flush=True)
+        del state, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["ratio_vs_first"] = round(r["samples_per_s"] / base, 2)
+
+    header = f"{'device':<24}{'prec':<6}{'batch':>6}{'s/step':>9}{'samples/s':>11}{'ratio':>7}{'peak GB':>9}  SDPA kernels"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['device'][:23]:<24}{r['precision']:<6}{r['batch']:>6}{r['step_s']:>9.4f}{r['samples_per_s']:>11.2f}"
+              f"{r['ratio_vs_first']:>7}{str(r['peak_memory_gb']):>9}  {r['sdpa_calls_per_step']}")
+    print(f"paper config (audio_backbone=none, text trained), stage 1, 1 device; best of {args.repeats}; "
+          f"{time.perf_counter() - t_start:.0f} s in all")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "bench_train", "mode": "gpu", "skipped": False,
+        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "device": name,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "note": ("htcl.training.train (forward, backward, clip, AdamW) on device-resident random batches: "
+                 "no data loading; sdpa_calls_per_step from torch.profiler's aten ops of one step"),
+        "rows": rows,
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("towers", "ray"), default="towers")
+    ap.add_argument("--mode", choices=("towers", "ray", "gpu"), default="towers")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per run (ray: 8; towers: at least this many, default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ray: worker counts")
     ap.add_argument("--repeats", type=int, default=2, help="runs per worker count / config, order alternated")
     ap.add_argument("--songs", type=int, default=128, help="synthetic songs (demo: 4 batches of 32)")
-    ap.add_argument("--gpu-batch", type=int, default=64, help="ray: paper-config global batch on GPU")
-    ap.add_argument("--min-seconds", type=float, default=8.0, help="towers: each timing runs at least this long")
-    ap.add_argument("--max-timed-steps", type=int, default=400, help="towers: cap on steps per timing")
+    ap.add_argument("--gpu-batch", type=int, default=64, help="ray, gpu: paper-config global batch on GPU")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="gpu: train.precision values")
+    ap.add_argument("--device", default="cuda", help="gpu: cuda (skips without one) or cpu (a smoke run)")
+    ap.add_argument("--set", nargs="*", default=[], help="gpu: config overrides (dotted) on configs/paper.yaml")
+    ap.add_argument("--min-seconds", type=float, default=8.0, help="towers, gpu: each timing runs at least this long")
+    ap.add_argument("--max-timed-steps", type=int, default=400, help="towers, gpu: cap on steps per timing")
     ap.add_argument("--threads", type=int, default=2, help="towers: torch.set_num_threads")
     ap.add_argument("--no-stage2", action="store_true", help="towers: skip the finetune rows")
     ap.add_argument("--split-reps", type=int, default=5, help="towers: repeats of each part of the per-step split")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_train.json"))
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/bench_train.json (gpu: bench_train_gpu.json)")
     args = ap.parse_args(argv)
+    if args.mode == "gpu":
+        return main_gpu(args)
+    args.out = args.out or str(REPO / "benchmarks" / "results" / "bench_train.json")
     if args.mode == "towers":
         return main_towers(args)
     args.steps = args.steps or 8
