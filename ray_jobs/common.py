@@ -198,3 +198,43 @@ def count_by_node(node_ids) -> dict[str, int]:
     for node in node_ids:
         counts[node] = counts.get(node, 0) + 1
     return counts
+
+
+def ray_start_on_loopback(argv: Sequence[str]) -> None:
+    """Ray's own `ray start ARGV` for one more node on this machine, every listener of it on 127.0.0.1.
+
+    Ray 2.60 refuses `ray start --address` (any node but the head) while
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the LOOPBACK_RAY_ENV setting that keeps a node's IP at
+    127.0.0.1; with the flag on it rewrites 127.0.0.1, both the node's and the head's address, to the
+    host's (services.resolve_ip_for_localhost), and the node then binds every interface and looks for
+    the head there. Here only the refusal is lifted: `ray start` reads the flag for its check from
+    its own module's `ray_constants`, replaced by a view with the flag on, while the address
+    handling (ray._private.services) reads the real module, where it stays off. Everything else is
+    `ray start` unchanged: the same options, the same `--block`, the same process tree.
+    LOOPBACK_RAY_ENV is set for the node's processes (a value already exported wins); with the flag
+    exported as 1 this is plain `ray start`.
+    """
+    import types
+
+    for k, v in LOOPBACK_RAY_ENV.items():
+        os.environ.setdefault(k, v)  # before ray is imported: ray_constants reads them then
+    import ray._private.ray_constants as ray_constants
+    import ray.scripts.scripts as ray_scripts
+
+    class _JoinAllowed(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ray_constants, name)
+
+    view = _JoinAllowed("ray_constants_join_allowed")
+    view.ENABLE_RAY_CLUSTER = True
+    ray_scripts.ray_constants = view
+    sys.argv = ["ray", "start", *argv]
+    ray_scripts.main()
+
+
+if __name__ == "__main__":
+    # python -m ray_jobs.common ray-start --address=127.0.0.1:PORT [ray start options]
+    if sys.argv[1:2] != ["ray-start"]:
+        sys.exit("usage: python -m ray_jobs.common ray-start --address=127.0.0.1:PORT [ray start options]\n"
+                 "(`ray start` of one more node on this machine, on 127.0.0.1; see ray_start_on_loopback)")
+    ray_start_on_loopback(sys.argv[2:])

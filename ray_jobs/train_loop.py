@@ -31,8 +31,18 @@ features) are still loaded whole: small beside the audio. The up-front NaN/inf c
 shard once, on the driver (`fit`), one row group at a time; workers check each row they read.
 
 Besides the outputs of htcl.pipeline.run_train, the stage directory gets resumes.jsonl (one
-line per restart from a checkpoint) and metrics_discarded.jsonl (the log lines of steps that a
-failed attempt did past its last checkpoint; metrics.jsonl keeps every step exactly once).
+line per restart from a checkpoint), metrics_discarded.jsonl (the log lines of steps that a
+failed attempt did past its last checkpoint; metrics.jsonl keeps every step exactly once) and
+workers.jsonl: one line per rank per (re)start of the worker group, written by that rank,
+{"rank", "world_size", "node_id" (the Ray node's hex id), "pid", "start_step" (0 on a fresh start,
+else the checkpoint's step), "time"}: which node each rank ran on in each attempt. A fresh start
+empties it first (rank 0, then a barrier); each rank appends one line under 512 bytes with a single
+O_APPEND write (whole lines on a local file system; on NFS appends from two hosts may interleave).
+
+Placement: Ray's default PACK (the workers on as few nodes as fit). `--placement-strategy SPREAD`
+(fit(placement_strategy=...)) asks for one worker per node where it can, and still runs where it
+cannot: after a node is lost, the restarted group fits on what is left if that has the CPUs.
+STRICT_SPREAD instead waits until there are as many nodes as workers.
 
 Checkpoint directory (one per checkpoint step, merged over ranks):
     model.pt          htcl.training.save_checkpoint (model, optimizer, step, rank 0's RNG, config)
@@ -79,6 +89,8 @@ METRICS = "metrics.jsonl"
 RESUMES = "resumes.jsonl"  # one line per restart from a checkpoint: when, from which step
 DISCARDED = "metrics_discarded.jsonl"  # log lines of steps redone after a restart
 BEST = "best.pt"  # train.save_best: the lowest validation loss so far (rank 0 writes it)
+WORKERS = "workers.jsonl"  # one line per rank per (re)start: which node and process ran it
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # of a Ray placement group
 
 
 # --- inside each worker --------------------------------------------------------------------
@@ -102,6 +114,20 @@ def _truncate_metrics(run_dir: Path, step: int) -> int:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
     return len(dropped)
+
+
+def _record_worker(run_dir: Path, rank: int, world: int, start_step: int) -> dict:
+    """Append this rank's line to workers.jsonl (one write, O_APPEND: ranks append concurrently)."""
+    from ray_jobs.common import current_node_id
+
+    record = {"rank": rank, "world_size": world, "node_id": current_node_id(), "pid": os.getpid(),
+              "start_step": start_step, "time": time.time()}
+    fd = os.open(run_dir / WORKERS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+    return record
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -196,6 +222,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (run_dir / RESUMES).unlink(missing_ok=True)
             (run_dir / DISCARDED).unlink(missing_ok=True)
             (run_dir / BEST).unlink(missing_ok=True)
+            (run_dir / WORKERS).unlink(missing_ok=True)
+    if world > 1:  # rank 0 has emptied workers.jsonl on a fresh start before any rank writes to it
+        import ray.train.collective
+
+        ray.train.collective.barrier()
+    node = _record_worker(run_dir, rank, world, state.step)["node_id"]
+    print(f"[{stage}] rank {rank}/{world} on node {node} from step {state.step}")
     if device.type != "cpu":
         _move_to(state, device)
 
@@ -265,9 +298,15 @@ def fit(
     *,
     run_name: str | None = None,
     resources_per_worker: dict | None = None,
+    placement_strategy: str = "PACK",
     _fault: dict | None = None,
 ) -> FitResult:
-    """Train one stage with Ray Train; writes the same outputs as htcl.pipeline.run_train."""
+    """Train one stage with Ray Train; writes the same outputs as htcl.pipeline.run_train.
+
+    placement_strategy: of the workers' placement group (PLACEMENT_STRATEGIES; module docstring).
+    """
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"placement_strategy={placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -298,7 +337,8 @@ def fit(
             "fault": _fault,
         },
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources_per_worker
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources_per_worker,
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -334,6 +374,8 @@ def build_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
     p.add_argument("--run-name", help="Ray Train run name (default: <stage dir>-<time>); "
                                       "the same name again resumes that run from its last checkpoint")
+    p.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
+                   help="Ray placement of the workers (default: %(default)s); SPREAD: one per node where it can")
     if stage == "finetune":
         p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
         p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
@@ -354,6 +396,10 @@ def main(stage: str, argv: Sequence[str] | None = None, doc: str | None = None) 
     except ConfigError as e:
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = fit(cfg, stage, getattr(args, "init_from", None), run_name=args.run_name)
+    result = fit(cfg, stage, getattr(args, "init_from", None), run_name=args.run_name,
+                 placement_strategy=args.placement_strategy)
     print(f"{stage} checkpoint: {result.checkpoint}  (Ray Train run {result.run_name}, {result.seconds:.1f} s)")
+    # Where each rank ran in each attempt (workers.jsonl, in the order the ranks started).
+    placed = [{k: r[k] for k in ("start_step", "rank", "node_id")} for r in read_jsonl(result.run_dir / WORKERS)]
+    print(f"{stage} workers: {json.dumps(placed)}", flush=True)
     return result.checkpoint

@@ -124,6 +124,11 @@ def test_two_workers_match_one_process_and_write_the_outputs(pretrained):
     assert ray_log[0]["samples_per_s"] > 0 and "logit_scale" in ray_log[0]
 
     assert result.checkpoint == result.run_dir / "model.pt" and result.run_dir.name == "pretrain"
+    # One line per rank, written by each worker: its node and process, from step 0.
+    workers = read_jsonl(result.run_dir / "workers.jsonl")
+    assert sorted(w["rank"] for w in workers) == [0, 1] and {w["start_step"] for w in workers} == {0}
+    assert all(w["world_size"] == 2 and len(w["node_id"]) == 56 for w in workers)
+    assert len({w["pid"] for w in workers}) == 2
     for name in ("config.yaml", "metrics.jsonl"):
         assert (result.run_dir / name).is_file()
     assert (result.run_dir / "training_curves.png").stat().st_size > 10_000
@@ -200,6 +205,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, base):
     for key in ("loss", "top1_at", "grad_norm", "logit_scale"):
         assert redone[key] == pytest.approx(discarded[0][key], rel=1e-6, abs=1e-7), key
     assert load_checkpoint(result.checkpoint)["step"] == 4
+    # Two attempts of two ranks each; the second from the checkpoint, in new processes.
+    workers = read_jsonl(result.run_dir / "workers.jsonl")
+    assert sorted((w["start_step"], w["rank"]) for w in workers) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert len({w["pid"] for w in workers}) == 4
 
 
 def test_bad_override_is_a_clear_error_before_ray_starts(capsys):
