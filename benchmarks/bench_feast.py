@@ -26,6 +26,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from feature_repo.definitions import SONG_EMBEDDINGS  # noqa: E402
 from feature_repo.store import apply_definitions, open_store  # noqa: E402
 from htcl import schema as S  # noqa: E402
 from htcl.features import listener_stats, song_stats  # noqa: E402
@@ -52,7 +53,10 @@ def write_sources(data: Path, songs: int, dim: int, users: int) -> int:
     for name, frame in tables.items():
         if name != "song_embeddings":
             frame["created"] = frame[S.EVENT_TIMESTAMP]
-        frame.to_parquet(data / f"{name}.parquet", index=False)
+            frame.to_parquet(data / f"{name}.parquet", index=False)
+        else:  # a folder of files, one per embeddings part (ray_jobs.materialize)
+            (data / SONG_EMBEDDINGS).mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(data / SONG_EMBEDDINGS / "bench--part-0.parquet", index=False)
     return sum(len(f) for f in tables.values())
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
-SONG_EMBEDDINGS = "song_embeddings.parquet"
+SONG_EMBEDDINGS = "song_embeddings"  # a folder: one file per embeddings part of each model version
 SONG_STATS = "song_stats.parquet"
 LISTENER_STATS = "listener_stats.parquet"
 WINDOWS = (7, 30)

@@ -65,7 +65,8 @@ def redis_online_store(url: str) -> dict:
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` to a name no other writer uses, flushed to disk, then renamed over `path`:
     readers see the old file or the new one, never a mix, whoever else is writing."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    # hidden ("."): a reader of a source folder (Feast's dask, pyarrow datasets) skips it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         write(tmp)
         with tmp.open("rb+") as f:

@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
     p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("embed", help="embed every preprocessed song with a checkpoint (Ray Data)")
+    p = sub.add_parser("embed", help="embed the new or changed preprocessed songs with a checkpoint (Ray Data)")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="default: <output_dir>/finetune/model.pt")
+    p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
     p.add_argument("--local", action="store_true", help=local)
 
     sub.add_parser("materialize", help="publish stats and embeddings to Feast (see `htcl materialize --help`)",
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune checkpoint: {pipeline.run_train(cfg, 'finetune', args.init_from)}")
     elif args.command == "embed":
         ckpt = args.checkpoint or pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
-        print(f"embeddings: {pipeline.run_embed(cfg, ckpt)}")
+        print(f"embeddings: {pipeline.run_embed(cfg, ckpt, args.force)}")
     elif args.command == "evaluate":
         external = external_embeddings(parser, args.embeddings)
         results = pipeline.run_evaluate(cfg, external=external)

@@ -38,15 +38,18 @@ class MelExtractor:
         self.device = torch.device(device)
         self.logmel = LogMel(audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.win_ms, audio_cfg.hop_ms).to(self.device)
 
-    def extract_one(self, song_id: int, path: str) -> tuple[dict | None, dict | None]:
-        """(mel row, None) or (None, quarantine row). Never raises: a bad file is a quarantine row
-        with its reason, and so is any other exception (`unexpected`), so one song can never cost
-        the others their rows."""
+    def extract_one(self, song_id: int, path: str, input_hash: str | None = None) -> tuple[dict | None, dict | None]:
+        """(mel row, None) or (None, quarantine row), either stamped with the file's input_hash.
+        Never raises: a bad file is a quarantine row with its reason, and so is any other
+        exception (`unexpected`), so one song can never cost the others their rows."""
         try:
-            return self._extract(song_id, path)
+            good, bad = self._extract(song_id, path)
         except Exception as e:
             msg = f"{path}: {type(e).__name__}: {e} | {traceback.format_exc(limit=-3)}"
-            return None, self.quarantine_row(song_id, path, "extract", "unexpected", msg)
+            good, bad = None, self.quarantine_row(song_id, path, "extract", "unexpected", msg)
+        row = good if good is not None else bad
+        row[S.INPUT_HASH] = input_hash
+        return good, bad
 
     def _extract(self, song_id: int, path: str) -> tuple[dict | None, dict | None]:
         try:
@@ -69,14 +72,15 @@ class MelExtractor:
         return {S.SONG_ID: int(song_id), S.N_FRAMES: int(mel.shape[1]), S.MEL: mel_to_bytes(mel)}, None
 
     @staticmethod
-    def quarantine_row(song_id, path, stage, error_type, message) -> dict:
+    def quarantine_row(song_id, path, stage, error_type, message, input_hash: str | None = None) -> dict:
         return {S.SONG_ID: int(song_id), S.AUDIO_PATH: str(path), S.STAGE: stage,
-                S.ERROR_TYPE: error_type, S.MESSAGE: message}
+                S.ERROR_TYPE: error_type, S.MESSAGE: message, S.INPUT_HASH: input_hash}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[dict]]:
         mels, quarantine = [], []
-        for song_id, path in zip(batch[S.SONG_ID], batch[S.AUDIO_PATH]):
-            row, bad = self.extract_one(song_id, path)
+        hashes = batch[S.INPUT_HASH] if S.INPUT_HASH in batch else [None] * len(batch[S.SONG_ID])
+        for song_id, path, input_hash in zip(batch[S.SONG_ID], batch[S.AUDIO_PATH], hashes):
+            row, bad = self.extract_one(song_id, path, input_hash)
             (mels if row is not None else quarantine).append(row if row is not None else bad)
         return {"mels": mels, "quarantine": quarantine}
 

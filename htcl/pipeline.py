@@ -14,6 +14,7 @@ under cfg.output_dir:
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 
 from htcl import schema as S
 from htcl.batching import epoch_order, stage1_batch, stage2_batch
-from htcl.config import Config, save_config
-from htcl.mels import MEL_COLUMNS, MelExtractor, mel_shards, mels_from_table, read_catalog, read_mels, write_table
+from htcl.config import Config, ModelConfig, save_config
+from htcl.mels import MEL_COLUMNS, SHARD_ROW_GROUP_ROWS, MelExtractor, mel_shards, mels_from_table, read_catalog, read_mels, write_table
 from htcl.model import HTCLModel
 from htcl.pairs import before, split_time, stage2_pairs
 from htcl.streaming import ShardReader, read_ahead
@@ -65,25 +66,62 @@ def done_song_ids(*dirs: Path) -> set[int]:
     return done
 
 
-def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> dict:
-    """Decode + log-Mel every catalog song not done yet; bad files go to quarantine/."""
-    catalog = Path(catalog or catalog_path(cfg))
-    df = read_catalog(catalog)
+@dataclass
+class PreprocessPlan:
+    """What a preprocess run does: the catalog songs whose audio is new or changed since mels/ and
+    quarantine/ were written (by song_id and the file's sha256), after their old rows are dropped."""
+
+    todo: pd.DataFrame  # song_id, audio_path, input_hash
+    catalog_songs: int
+    new: int  # song ids in neither table
+    changed: int  # recorded with another input hash (or before hashes were recorded)
+    replaced_rows: int  # their old rows dropped from mels/ and quarantine/
+
+    def summary(self) -> dict:
+        return {"catalog_songs": self.catalog_songs, "new": self.new, "changed": self.changed,
+                "unchanged_skipped": self.catalog_songs - self.new - self.changed,
+                "replaced_stale_rows": self.replaced_rows}
+
+
+def plan_preprocess(cfg: Config, catalog: pd.DataFrame, force: bool = False) -> PreprocessPlan:
+    """Hash every catalog song's audio file, compare with what mels/ and quarantine/ recorded, and
+    drop the rows of changed songs (htcl.delta); force: start from empty tables."""
+    from htcl.delta import drop_stale_rows, new_or_changed, recorded_hashes
+    from htcl.towers import audio_hashes
+
     mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
     if force:
         for d in (mels_dir, q_dir):
             for f in d.glob("*.parquet"):
                 f.unlink()
-    done = done_song_ids(mels_dir, q_dir)
-    todo = df[~df[S.SONG_ID].isin(done)]
+    paths = [str(p) for p in catalog[S.AUDIO_PATH]]
+    inputs = pd.DataFrame({S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths,
+                           S.INPUT_HASH: audio_hashes(paths)})
+    recorded = recorded_hashes(mels_dir, q_dir)
+    todo = new_or_changed(inputs, recorded)
+    new = int((~todo[S.SONG_ID].isin(list(recorded))).sum()) if len(todo) else 0
+    current = dict(zip(inputs[S.SONG_ID].tolist(), inputs[S.INPUT_HASH]))
+    replaced = sum(drop_stale_rows(d, current, SHARD_ROW_GROUP_ROWS) for d in (mels_dir, q_dir))
+    return PreprocessPlan(todo, len(inputs), new, len(todo) - new, replaced)
+
+
+def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> dict:
+    """Decode + log-Mel every catalog song that is new or whose audio changed; bad files go to quarantine/."""
+    from htcl.delta import new_shard_name
+
+    catalog = Path(catalog or catalog_path(cfg))
+    plan = plan_preprocess(cfg, read_catalog(catalog), force)
+    todo = plan.todo
+    mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
     extractor = MelExtractor(cfg.audio)
     mels, quarantine = [], []
     t0 = time.perf_counter()
-    for sid, path in tqdm(zip(todo[S.SONG_ID], todo[S.AUDIO_PATH]), total=len(todo), desc="preprocess", unit="song"):
-        row, bad = extractor.extract_one(sid, path)
+    for sid, path, h in tqdm(zip(todo[S.SONG_ID], todo[S.AUDIO_PATH], todo[S.INPUT_HASH]), total=len(todo),
+                             desc="preprocess", unit="song"):
+        row, bad = extractor.extract_one(sid, path, h)
         (mels if row is not None else quarantine).append(row if row is not None else bad)
     elapsed = time.perf_counter() - t0
-    part = f"part-{len(list(mels_dir.glob('*.parquet'))):05d}.parquet"
+    part = new_shard_name()
     if mels:
         write_table(mels, S.MELS_SCHEMA, mels_dir / part)
     if quarantine:
@@ -92,7 +130,8 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
     save_config(cfg, out_path(cfg, "mels", "_config.yaml"))
     return {
         "catalog": str(catalog),
-        "skipped_already_done": len(df) - len(todo),
+        **plan.summary(),
+        "skipped_already_done": plan.catalog_songs - len(todo),
         "processed": len(mels),
         "quarantined": len(quarantine),
         "seconds": round(elapsed, 2),
@@ -252,16 +291,19 @@ def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.nd
 AUDIO_INPUT = "audio encoder input (mels/ or the backbone's cached features)"  # names it in refusals
 
 
-def audio_reader(cfg: Config, cache_rows: int) -> ShardReader:
+def audio_reader(cfg: Config, cache_rows: int, model_cfg=None, audio_cfg=None,
+                 files: list[Path] | None = None) -> ShardReader:
     """The songs of audio_inputs(cfg), read from their shards on demand (htcl.streaming) through
-    a cache of at most cache_rows rows: what training reads instead of holding them all."""
-    if cfg.model.audio_backbone == "none":
-        return ShardReader(mel_shards(out_path(cfg, "mels")), MEL_COLUMNS,
-                           lambda t: mels_from_table(t, cfg.audio.n_mels), AUDIO_INPUT, cache_rows)
+    a cache of at most cache_rows rows: what training reads instead of holding them all.
+    model_cfg / audio_cfg: a checkpoint's own (default: cfg's); files: only these input shards."""
+    model_cfg, audio_cfg = model_cfg or cfg.model, audio_cfg or cfg.audio
+    if model_cfg.audio_backbone == "none":
+        return ShardReader(files or mel_shards(out_path(cfg, "mels")), MEL_COLUMNS,
+                           lambda t: mels_from_table(t, audio_cfg.n_mels), AUDIO_INPUT, cache_rows)
     from htcl.towers import FEATURES_SCHEMA, audio_tower_spec, feature_shards, features_from_table, tower_dir
 
-    directory = tower_dir(cfg.output_dir, audio_tower_spec(cfg.model, cfg.audio))
-    return ShardReader(feature_shards(directory), FEATURES_SCHEMA.names,
+    directory = tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg))
+    return ShardReader(files or feature_shards(directory), FEATURES_SCHEMA.names,
                        lambda t: features_from_table(t, where=directory), AUDIO_INPUT, cache_rows)
 
 
@@ -284,8 +326,8 @@ class TowerPlan:
 def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = False) -> list[TowerPlan]:
     """For each tower cfg locks: check its cache folder's spec, drop rows whose input changed,
     and list the songs to compute."""
-    from htcl.towers import INPUT_HASH, cached_inputs, check_tower, drop_rows, locked_tower_specs
-    from htcl.towers import songs_to_compute, tower_dir, tower_inputs
+    from htcl.delta import drop_stale_rows, new_or_changed, recorded_hashes
+    from htcl.towers import INPUT_HASH, check_tower, locked_tower_specs, tower_dir, tower_inputs
 
     catalog_df = read_catalog(Path(catalog or catalog_path(cfg)))
     plans = []
@@ -296,15 +338,16 @@ def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = 
                 f.unlink()
         check_tower(directory, spec)
         inputs = tower_inputs(cfg, catalog_df, tower)
-        todo = songs_to_compute(directory, inputs).reset_index(drop=True)
+        todo = new_or_changed(inputs, recorded_hashes(directory))
         skipped = 0
         if tower == "audio":  # as preprocess: a quarantined file is not retried (--force retries it)
             q_dir = out_path(cfg, "quarantine")
             quarantined = done_song_ids(q_dir) if not force else set()
             skipped = int(todo[S.SONG_ID].isin(quarantined).sum())
             todo = todo[~todo[S.SONG_ID].isin(quarantined)].reset_index(drop=True)
-        current = {**cached_inputs(directory), **dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))}
-        plans.append(TowerPlan(tower, spec, directory, inputs, todo, drop_rows(directory, current), skipped))
+        current = dict(zip(inputs[S.SONG_ID].tolist(), inputs[INPUT_HASH]))
+        dropped = drop_stale_rows(directory, current, SHARD_ROW_GROUP_ROWS)
+        plans.append(TowerPlan(tower, spec, directory, inputs, todo, dropped, skipped))
     return plans
 
 
@@ -502,29 +545,143 @@ def embed_mels(model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64) -
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
-def run_embed(cfg: Config, checkpoint: str | Path) -> Path:
-    model, ckpt_cfg, _ = model_from_checkpoint(checkpoint)
+@dataclass
+class EmbedPlan:
+    """What an embed run does for one model version: the input rows (mels/, or a backbone's cached
+    features) whose song is not in embeddings/<version>/ yet or whose input hash changed, after the
+    old rows of changed songs are dropped from it."""
+
+    checkpoint: Path
+    version: str
+    model_cfg: ModelConfig  # the checkpoint's: which inputs it reads
+    inputs_dir: Path
+    columns: list[str]  # what the embedder reads of an input shard
+    shards: list[Path]  # the input shards that hold a row to embed
+    todo: dict[int, str]  # song_id -> input_hash to embed
+    input_songs: int
+    new: int
+    changed: int
+    replaced_rows: int
+    out_dir: Path
+
+    def summary(self) -> dict:
+        return {"input_songs": self.input_songs, "new": self.new, "changed": self.changed,
+                "unchanged_skipped": self.input_songs - self.new - self.changed,
+                "replaced_stale_rows": self.replaced_rows}
+
+
+def embed_inputs(cfg: Config, model_cfg, audio_cfg) -> tuple[Path, list[str]]:
+    """(folder, columns) of what a model of model_cfg embeds from: mels/ for the paper family, the
+    backbone's cached patch features for a backbone family."""
+    if model_cfg.audio_backbone == "none":
+        return out_path(cfg, "mels"), [*MEL_COLUMNS, S.INPUT_HASH]
+    from htcl.towers import FEATURE, SHAPE, audio_tower_spec, tower_dir
+
+    return tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg)), [S.SONG_ID, SHAPE, FEATURE, S.INPUT_HASH]
+
+
+def plan_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> EmbedPlan:
+    """Compare the inputs' hashes with embeddings/<version>/'s, drop the rows of changed songs
+    (htcl.delta) and list what to embed; force: re-embed every song."""
+    from htcl.config import config_from_dict
+    from htcl.delta import drop_stale_rows, recorded_hashes
+    from htcl.training import load_checkpoint
+
+    checkpoint = Path(checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    ckpt_cfg = config_from_dict(load_checkpoint(checkpoint)["config"])
+    inputs_dir, columns = embed_inputs(cfg, ckpt_cfg.model, ckpt_cfg.audio)
+    shards = sorted(inputs_dir.glob("*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no input shards (*.parquet) in {inputs_dir}; run preprocess (and features) first")
     version = model_version(checkpoint)
-    mels = audio_inputs(cfg, ckpt_cfg.model, ckpt_cfg.audio)
-    ids = sorted(mels)
-    emb = embed_mels(model, [mels[i] for i in tqdm(ids, desc="embed", unit="song")])
-    now = datetime.now(timezone.utc)
-    rows = [
-        {S.SONG_ID: sid, S.EMBEDDING: e.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: now}
-        for sid, e in zip(ids, emb)
-    ]
-    path = out_path(cfg, "embeddings", version, "part-0.parquet")
-    write_table(rows, S.embeddings_schema(model.cfg.embed_dim), path)
-    save_config(cfg, path.parent / "_config.yaml")  # "_": Parquet dataset readers skip it
-    build_index(cfg, path.parent)
-    return path
+    out_dir = out_path(cfg, "embeddings", version)
+    if force:
+        for f in out_dir.glob("*.parquet"):
+            f.unlink()
+    recorded = recorded_hashes(out_dir)
+    inputs: dict[int, str] = {}
+    todo: dict[int, str] = {}
+    todo_shards = []
+    for f in shards:
+        if S.INPUT_HASH not in pq.read_schema(f).names:
+            raise ValueError(f"{f}: no {S.INPUT_HASH} column (written by an older htcl): run `htcl preprocess` "
+                             f"once, which records every song's audio hash, then embed again")
+        t = pq.read_table(f, columns=[S.SONG_ID, S.INPUT_HASH])
+        pairs = dict(zip(t.column(S.SONG_ID).to_pylist(), t.column(S.INPUT_HASH).to_pylist()))
+        inputs.update(pairs)
+        stale = {sid: h for sid, h in pairs.items() if sid not in recorded or recorded[sid] != h}
+        if stale:
+            todo.update(stale)
+            todo_shards.append(f)
+    new = sum(1 for sid in todo if sid not in recorded)
+    replaced = drop_stale_rows(out_dir, inputs)
+    return EmbedPlan(checkpoint, version, ckpt_cfg.model, inputs_dir, columns, todo_shards, todo, len(inputs),
+                     new, len(todo) - new, replaced, out_dir)
+
+
+def run_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Path:
+    """Embed, in this process, the songs whose input is new or changed for this checkpoint's
+    version; append them to embeddings/<version>/ and rebuild its index when rows changed.
+    Returns the embeddings folder."""
+    from htcl.delta import new_shard_name
+
+    plan = plan_embed(cfg, checkpoint, force)
+    if plan.todo:
+        model, ckpt_cfg, _ = model_from_checkpoint(plan.checkpoint)
+        # only the shards holding songs to embed, a chunk of songs at a time: memory is the chunk
+        reader = audio_reader(cfg, EMBED_CHUNK, ckpt_cfg.model, ckpt_cfg.audio, plan.shards)
+        ids = sorted(plan.todo)
+        parts = []
+        with tqdm(total=len(ids), desc="embed", unit="song") as bar:
+            for i in range(0, len(ids), EMBED_CHUNK):
+                chunk = reader.read(ids[i : i + EMBED_CHUNK])
+                parts.append(embed_mels(model, [chunk[s] for s in ids[i : i + EMBED_CHUNK]]))
+                bar.update(len(chunk))
+        emb = np.concatenate(parts)
+        now = datetime.now(timezone.utc)
+        rows = [
+            {S.SONG_ID: sid, S.EMBEDDING: e.tolist(), S.MODEL_VERSION: plan.version, S.EVENT_TIMESTAMP: now,
+             S.INPUT_HASH: plan.todo[sid]}
+            for sid, e in zip(ids, emb)
+        ]
+        write_table(rows, S.embeddings_schema(model.cfg.embed_dim), plan.out_dir / new_shard_name())
+        save_config(cfg, plan.out_dir / "_config.yaml")  # "_": Parquet dataset readers skip it
+    print(json.dumps({"model_version": plan.version, **plan.summary(), "embedded": len(plan.todo)}), flush=True)
+    if plan.todo or plan.replaced_rows or not index_is_current(cfg, plan.out_dir):
+        build_index(cfg, plan.out_dir)
+    return plan.out_dir
+
+
+EMBED_CHUNK = 1024  # songs read and embedded at a time by the local embed
+
+INDEX_SOURCE = "source.json"  # beside an index: the embeddings parts it was built from
+
+
+def embeddings_fingerprint(embeddings_dir: Path) -> list[list]:
+    """[name, bytes, mtime_ns] of each part of embeddings/<version>/: changes with any rewrite."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(embeddings_dir).glob("part-*.parquet"))]
+
+
+def index_is_current(cfg: Config, embeddings_dir: Path) -> bool:
+    """Whether index/<version>/ was built from exactly the parts embeddings/<version>/ holds now."""
+    source = out_path(cfg, "index", Path(embeddings_dir).name, INDEX_SOURCE)
+    try:
+        return json.loads(source.read_text()) == embeddings_fingerprint(embeddings_dir)
+    except (OSError, ValueError):
+        return False
 
 
 def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
-    """The matching index of one embeddings/<version>/ folder, at <output_dir>/index/<version>/."""
+    """The matching index of one embeddings/<version>/ folder, at <output_dir>/index/<version>/,
+    rebuilt from every part (new songs included), with the parts it was built from beside it."""
     from htcl.retrieval import build_index_from_embeddings
 
-    return build_index_from_embeddings(embeddings_dir, out_path(cfg, "index"))
+    fingerprint = embeddings_fingerprint(Path(embeddings_dir))
+    index_dir = build_index_from_embeddings(embeddings_dir, out_path(cfg, "index"))
+    (index_dir / INDEX_SOURCE).write_text(json.dumps(fingerprint))
+    return index_dir
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -612,8 +769,9 @@ def variant_embeddings(cfg: Config, verbose: bool = True, models: list[Variant] 
 def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarray], model_cfg) -> list[np.ndarray]:
     """The audio encoder inputs of real recordings: log-Mel for the paper family; for a backbone,
     its patch features, cached under features/real_audio/ (keyed by the files' hashes)."""
+    from htcl.delta import new_or_changed, recorded_hashes
     from htcl.towers import (INPUT_HASH, BackboneFeatures, audio_file_hash, audio_tower_spec, read_features,
-                             songs_to_compute, tower_dir, write_features, write_tower_spec)
+                             tower_dir, write_features, write_tower_spec)
 
     if model_cfg.audio_backbone == "none":
         from htcl.audio import LogMel
@@ -625,7 +783,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
     directory = out_path(cfg, "features", "real_audio", tower_dir("", spec).name)
     hashes = [audio_file_hash(p) for p in manifest["path"]]
     inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
-    todo = songs_to_compute(directory, inputs)
+    todo = new_or_changed(inputs, recorded_hashes(directory))
     if len(todo):
         from htcl.towers import feature_row
 

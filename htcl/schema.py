@@ -72,7 +72,12 @@ SESSIONS_SCHEMA = pa.schema(
 N_FRAMES = "n_frames"
 MEL = "mel"  # float16 bytes of a (n_mels, n_frames) array, C order
 
-MELS_SCHEMA = pa.schema([(SONG_ID, pa.int64()), (N_FRAMES, pa.int32()), (MEL, pa.binary())])
+# The sha256 of the audio file a row was computed from (mels, quarantine, a backbone's features),
+# carried into embeddings: a rerun on a grown or changed catalog recomputes only the songs whose
+# hash is new or differs (htcl.delta).
+INPUT_HASH = "input_hash"
+
+MELS_SCHEMA = pa.schema([(SONG_ID, pa.int64()), (N_FRAMES, pa.int32()), (MEL, pa.binary()), (INPUT_HASH, pa.string())])
 
 STAGE = "stage"
 ERROR_TYPE = "error_type"
@@ -85,6 +90,7 @@ QUARANTINE_SCHEMA = pa.schema(
         (STAGE, pa.string()),
         (ERROR_TYPE, pa.string()),
         (MESSAGE, pa.string()),
+        (INPUT_HASH, pa.string()),
     ]
 )
 
@@ -99,6 +105,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
             (EMBEDDING, pa.list_(pa.float32(), dim)),
             (MODEL_VERSION, pa.string()),
             (EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC")),
+            (INPUT_HASH, pa.string()),
         ]
     )
 

@@ -45,7 +45,8 @@ FEATURES_DIR = "features"
 TEXT_TOWER = "text"
 FEATURE_FORMAT = 1  # bump when what a tower's feature means changes
 TOWER_FILE = "_tower.json"  # "_": Parquet dataset readers skip it
-INPUT_HASH, SHAPE, FEATURE, TEXT = "input_hash", "shape", "feature", "text"
+INPUT_HASH = S.INPUT_HASH
+SHAPE, FEATURE, TEXT = "shape", "feature", "text"
 FEATURES_SCHEMA = pa.schema([
     pa.field(S.SONG_ID, pa.int64(), nullable=False),
     pa.field(INPUT_HASH, pa.string(), nullable=False),
@@ -85,6 +86,14 @@ def audio_file_hash(path: str) -> str:
                 h.update(chunk)
         return h.hexdigest()
     return sha256_file(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def audio_hashes(paths: list[str]) -> list[str]:
+    """audio_file_hash of each path, on a few threads; htcl.delta.UNREADABLE for a file that cannot
+    be read (decoding then quarantines it, and it is retried once its hash changes)."""
+    from htcl.delta import hash_files
+
+    return hash_files(paths, audio_file_hash)
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
@@ -179,39 +188,6 @@ def check_tower(directory: Path, spec: Mapping[str, Any]) -> None:
         recorded = json.loads(path.read_text()).get("hash")
         if recorded != tower_hash(spec):
             raise StaleFeaturesError(f"{directory}: cached for tower hash {recorded}, not {tower_hash(spec)}")
-
-
-def cached_inputs(directory: Path) -> dict[int, str]:
-    """song_id -> input_hash of every cached row."""
-    out: dict[int, str] = {}
-    for f in sorted(Path(directory).glob("*.parquet")):
-        t = pq.read_table(f, columns=[S.SONG_ID, INPUT_HASH]).to_pydict()
-        out.update(zip(t[S.SONG_ID], t[INPUT_HASH]))
-    return out
-
-
-def songs_to_compute(directory: Path, inputs: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `inputs` (song_id, input_hash, ...) whose features are missing or stale."""
-    have = cached_inputs(directory)
-    stale = [have.get(int(s)) != h for s, h in zip(inputs[S.SONG_ID], inputs[INPUT_HASH])]
-    return inputs[np.array(stale, dtype=bool)] if len(inputs) else inputs
-
-
-def drop_rows(directory: Path, keep: Mapping[int, str]) -> int:
-    """Rewrite the shards without rows whose (song_id, input_hash) is not in `keep`: features
-    of changed inputs are replaced, never kept beside the new ones. Returns rows dropped."""
-    dropped = 0
-    for f in sorted(Path(directory).glob("*.parquet")):
-        t = pq.read_table(f)
-        ids, hashes = t.column(S.SONG_ID).to_pylist(), t.column(INPUT_HASH).to_pylist()
-        mask = [keep.get(int(s)) == h for s, h in zip(ids, hashes)]
-        if all(mask):
-            continue
-        dropped += len(mask) - sum(mask)
-        tmp = f.with_name(f"{f.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(t.filter(pa.array(mask)), tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
-        os.replace(tmp, f)
-    return dropped
 
 
 def write_features(rows: list[dict], directory: Path) -> Path | None:
@@ -337,7 +313,7 @@ class BackboneFeatures:
             try:
                 wave = load_audio(path, self.sample_rate, self.max_seconds)
             except AudioDecodeError as e:
-                quarantine.append(MelExtractor.quarantine_row(sid, path, "features", e.reason, str(e)))
+                quarantine.append(MelExtractor.quarantine_row(sid, path, "features", e.reason, str(e), h))
                 continue
             rows.append(feature_row(sid, h, self.waveform_features(wave)))
         return {"features": rows, "quarantine": quarantine}
@@ -354,12 +330,7 @@ def tower_inputs(cfg: Config, catalog: pd.DataFrame, tower: str) -> pd.DataFrame
         return pd.DataFrame({S.SONG_ID: ids, TEXT: [texts[i] for i in ids],
                              INPUT_HASH: [text_hash(texts[i]) for i in ids]})
     paths = [str(p) for p in catalog[S.AUDIO_PATH]]
-    hashes = []
-    for p in paths:
-        try:
-            hashes.append(audio_file_hash(p))
-        except OSError:  # missing or unreadable: the tower's decode quarantines it
-            hashes.append("unreadable")
+    hashes = audio_hashes(paths)
     return pd.DataFrame({S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths,
                          INPUT_HASH: hashes})
 

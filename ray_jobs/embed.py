@@ -1,22 +1,26 @@
 """Ray Data batch inference: mels/ (or a backbone's cached features) + a checkpoint -> embeddings/<model_version>/.
 
-    python -m ray_jobs.embed --config configs/demo.yaml [key=value ...] [--checkpoint P]
+    python -m ray_jobs.embed --config configs/demo.yaml [key=value ...] [--checkpoint P] [--force]
     ray job submit --working-dir . -- python -m ray_jobs.embed --config configs/demo.yaml
 
 The same result as `htcl.pipeline.run_embed` (to float tolerance: padding never changes an
 embedding, so batch composition does not matter), computed by an actor pool: each actor loads
-the checkpoint once and embeds batches of mels. With GPUs in the cluster (or --gpu), each actor
+the checkpoint once and embeds batches of inputs. With GPUs in the cluster (or --gpu), each actor
 takes one GPU and the pool has one actor per GPU; otherwise one single-threaded actor per CPU.
 
-Output: embeddings/<model_version>/part-*.parquet (Ray Data's write_parquet) with htcl.schema.embeddings_schema(D)
-(song_id, embedding list<float32>[D], model_version, event_timestamp) and _config.yaml beside it;
-model_version = htcl.pipeline.model_version(checkpoint). A rerun for the same version replaces
-that version's shards (no duplicate rows).
+Output: embeddings/<model_version>/part-*.parquet with htcl.schema.embeddings_schema(D) (song_id,
+embedding list<float32>[D], model_version, event_timestamp, input_hash) and _config.yaml beside
+it; model_version = htcl.pipeline.model_version(checkpoint); then index/<model_version>/.
+Incremental (htcl.pipeline.plan_embed): only the songs not in this version yet, or whose input
+hash changed since, are embedded and appended as new parts (a changed song's old row is dropped
+first); the index is rebuilt only when rows changed, so a rerun with nothing new does no work.
+--force re-embeds every song. The summary's "nodes" counts the songs each Ray node embedded.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,15 +28,21 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
 
 from htcl import schema as S
 from htcl.config import Config
+from htcl.delta import new_shard_name
 from htcl.pipeline import out_path
 from ray_jobs.common import (
+    NODE_ID,
     add_config_args,
     add_ray_args,
+    count_by_node,
+    current_node_id,
     default_workers,
     init_ray,
     job_banner,
@@ -43,19 +53,9 @@ from ray_jobs.common import (
 )
 
 
-class PartFilenames(FilenameProvider):
-    """part-<write uuid>-<task>.parquet, so `embeddings/<version>/part-*.parquet` finds the shards
-    of either pipeline (the local one writes part-0.parquet)."""
-
-    def __init__(self):
-        super().__init__(file_format="parquet")
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{write_uuid}-{task_index:06d}.parquet"
-
-
 class EmbedUDF:
-    """Ray Data class UDF: loads the model once per actor; mel rows -> embedding rows."""
+    """Ray Data class UDF: loads the model once per actor; input rows -> embedding rows (with the
+    node that computed them, for the summary; the sink drops that column)."""
 
     def __init__(self, checkpoint: str, version: str, event_timestamp: datetime, n_mels: int,
                  use_gpu: bool = False, torch_threads: int = 1):
@@ -68,7 +68,8 @@ class EmbedUDF:
         self.model, _, _ = model_from_checkpoint(checkpoint, map_location="cpu")
         self.model.to(self.device).eval()
         self.version, self.ts, self.n_mels = version, event_timestamp, n_mels
-        self.schema = S.embeddings_schema(self.model.cfg.embed_dim)
+        self.schema = S.embeddings_schema(self.model.cfg.embed_dim).append(pa.field(NODE_ID, pa.string()))
+        self.node = current_node_id()
 
     def __call__(self, batch: dict) -> pa.Table:
         import torch
@@ -92,9 +93,48 @@ class EmbedUDF:
                 S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
                 S.MODEL_VERSION: pa.array([self.version] * len(ids), pa.string()),
                 S.EVENT_TIMESTAMP: pa.array([self.ts] * len(ids), pa.timestamp("us", tz="UTC")),
+                S.INPUT_HASH: pa.array([str(h) for h in batch[S.INPUT_HASH]], pa.string()),
+                NODE_ID: pa.array([self.node] * len(ids), pa.string()),
             },
             schema=self.schema,
         )
+
+
+class EmbeddingsDatasink(Datasink):
+    """Each write task's rows -> one new part of embeddings/<version>/ (temp file, then rename),
+    without the node column; the driver sums the rows per node in on_write_complete."""
+
+    def __init__(self, out_dir: Path, dim: int):
+        self.out_dir, self.schema = Path(out_dir), S.embeddings_schema(dim)
+        self.result: dict = {"rows": 0, "nodes": {}, "files": []}
+
+    @property
+    def supports_distributed_writes(self) -> bool:
+        return False  # a local output path: write on the driver's node, where output_dir is
+
+    def write(self, blocks, ctx) -> dict:
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        if not tables:
+            return {"rows": 0, "nodes": {}, "files": []}
+        table = pa.concat_tables(tables)
+        nodes = count_by_node(table.column(NODE_ID).to_pylist())
+        path = self.out_dir / new_shard_name()
+        write_table_atomic(table.select(self.schema.names).cast(self.schema), path)
+        return {"rows": table.num_rows, "nodes": nodes, "files": [str(path)]}
+
+    def on_write_complete(self, write_result) -> None:
+        for r in write_result.write_returns:
+            self.result["rows"] += r["rows"]
+            self.result["files"] += r["files"]
+            for k, v in r["nodes"].items():
+                self.result["nodes"][k] = self.result["nodes"].get(k, 0) + v
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
 
 
 def detect_gpu(flag: bool | None) -> bool:
@@ -107,68 +147,63 @@ def detect_gpu(flag: bool | None) -> bool:
 
 
 def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None = None,
-        batch_size: int = 64, use_gpu: bool | None = None) -> dict:
+        batch_size: int = 64, use_gpu: bool | None = None, force: bool = False) -> dict:
     import ray
 
-    from htcl.pipeline import model_version
-
-    from htcl.pipeline import run_dir_name
+    from htcl.pipeline import build_index, index_is_current, plan_embed, run_dir_name
 
     checkpoint = Path(checkpoint or out_path(cfg, run_dir_name(cfg, "finetune"), "model.pt")).resolve()
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    from htcl.config import config_from_dict
-    from htcl.towers import FEATURE, SHAPE, audio_tower_spec, tower_dir
-    from htcl.training import load_checkpoint
-
-    ckpt_cfg = config_from_dict(load_checkpoint(checkpoint)["config"])
-    if ckpt_cfg.model.audio_backbone == "none":
-        inputs_dir, columns = out_path(cfg, "mels"), [S.SONG_ID, S.N_FRAMES, S.MEL]
-    else:  # the same tower's cached features that training read
-        inputs_dir = tower_dir(cfg.output_dir, audio_tower_spec(ckpt_cfg.model, ckpt_cfg.audio))
-        columns = [S.SONG_ID, SHAPE, FEATURE]
-    shards = sorted(str(p.resolve()) for p in inputs_dir.glob("*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"no input shards (*.parquet) in {inputs_dir}; run preprocess (and features) first")
-    version = model_version(checkpoint)
-    out_dir = out_path(cfg, "embeddings", version)
-    for f in out_dir.glob("*.parquet"):  # a rerun replaces this version, never duplicates it
-        f.unlink()
+    plan = plan_embed(cfg, checkpoint, force)
     use_gpu = detect_gpu(use_gpu)
     workers = default_workers(workers, use_gpu)
     now = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    # Reading is light: it must not wait for a CPU the actors hold.
-    ds = ray.data.read_parquet(shards, ray_remote_args={"num_cpus": 0}).select_columns(columns)
-    ds = ds.map_batches(
-        EmbedUDF,
-        fn_constructor_kwargs={"checkpoint": str(checkpoint), "version": version, "event_timestamp": now,
-                               "n_mels": cfg.audio.n_mels, "use_gpu": use_gpu},
-        batch_size=batch_size,
-        # Autoscaling from 1: the file listing before the read takes a CPU, and a fixed pool that
-        # holds every CPU of a small node would starve it (a deadlock on 2 cores).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-    )
-    ds.write_parquet(str(out_dir), filename_provider=PartFilenames(), ray_remote_args={"num_cpus": 0})
-    elapsed = time.perf_counter() - t0
-    save_resolved_config(cfg, out_dir, "_config.yaml")  # "_": Parquet readers skip it
-    rows = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("*.parquet"))
-    # The matching index of this version, beside the embeddings (serving loads it by version).
-    from htcl.pipeline import build_index
+    sink = None
+    if plan.todo:
+        import torch
 
-    index_dir = build_index(cfg, out_dir)
+        dim = int(torch.load(plan.checkpoint, map_location="cpu", weights_only=False)["config"]["model"]["embed_dim"])
+        sink = EmbeddingsDatasink(plan.out_dir, dim)
+        # Reading is light: it must not wait for a CPU the actors hold.
+        ds = ray.data.read_parquet([str(f) for f in plan.shards], columns=plan.columns,
+                                   ray_remote_args={"num_cpus": 0})
+        if sum(pq.read_metadata(f).num_rows for f in plan.shards) > len(plan.todo):  # some rows there are done
+            todo_ids = pa.array(list(plan.todo), pa.int64())
+            ds = ds.map_batches(lambda t: t.filter(pc.is_in(t[S.SONG_ID], value_set=todo_ids)),
+                                batch_format="pyarrow", num_cpus=0)
+        ds = ds.map_batches(
+            EmbedUDF,
+            fn_constructor_kwargs={"checkpoint": str(plan.checkpoint), "version": plan.version, "event_timestamp": now,
+                                   "n_mels": cfg.audio.n_mels, "use_gpu": use_gpu},
+            batch_size=batch_size,
+            # Autoscaling from 1: the file listing before the read takes a CPU, and a fixed pool that
+            # holds every CPU of a small node would starve it (a deadlock on 2 cores).
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+        )
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+        save_resolved_config(cfg, plan.out_dir, "_config.yaml")  # "_": Parquet readers skip it
+    elapsed = time.perf_counter() - t0
+    rows = sum(pq.read_metadata(f).num_rows for f in plan.out_dir.glob("*.parquet"))
+    # The matching index of this version, beside the embeddings (serving loads it by version):
+    # rebuilt when rows changed, so it holds the new songs; left alone when nothing did.
+    rebuilt = bool(plan.todo or plan.replaced_rows or not index_is_current(cfg, plan.out_dir))
+    index_dir = build_index(cfg, plan.out_dir) if rebuilt else out_path(cfg, "index", plan.version)
     return {
-        "checkpoint": str(checkpoint),
-        "model_version": version,
+        "checkpoint": str(plan.checkpoint),
+        "model_version": plan.version,
+        **plan.summary(),
+        "embedded": sink.result["rows"] if sink else 0,
+        "nodes": sink.result["nodes"] if sink else {},
         "songs": rows,
         "workers": workers,
         "gpu": use_gpu,
         "seconds": round(elapsed, 2),
-        "songs_per_s": round(rows / elapsed, 2) if elapsed > 0 and rows else None,
-        "embeddings": str(out_dir),
+        "songs_per_s": round(len(plan.todo) / elapsed, 2) if elapsed > 0 and plan.todo else None,
+        "embeddings": str(plan.out_dir),
         "index": str(index_dir),
+        "index_rebuilt": rebuilt,
     }
 
 
@@ -179,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="default: the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)")
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="songs per forward pass (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per actor (default: when the cluster has GPUs)")
     return p
@@ -189,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = init_ray(args.num_cpus)
     job_banner("embed")
     try:
-        summary = run(cfg, args.checkpoint, args.workers, args.batch_size, args.gpu)
+        summary = run(cfg, args.checkpoint, args.workers, args.batch_size, args.gpu, args.force)
     finally:
         if started:
             import ray

@@ -4,9 +4,13 @@ apply the repo, materialize incrementally into the online store, switch the curr
     python -m ray_jobs.materialize --config configs/demo.yaml [k=v ...]
         [--model-version V] [--no-switch] [--online-store redis://127.0.0.1:6379/0]
 
-Offline sources go to <output_dir>/feast/ (song_stats, listener_stats, song_embeddings Parquet),
-beside Feast's registry and SQLite online store (or Redis: --online-store / HTCL_ONLINE_STORE).
-Idempotent: a second run rewrites identical sources, and materializes nothing new.
+Offline sources go to <output_dir>/feast/ (song_stats.parquet, listener_stats.parquet, and the
+song_embeddings/ folder: one file per part of embeddings/<V>/, named <V>--<part>.parquet), beside
+Feast's registry and SQLite online store (or Redis: --online-store / HTCL_ONLINE_STORE).
+Incremental: an embeddings part is converted once (song_embeddings_parts.json records from what),
+and an online store receives only the rows of source files it has not received yet
+(<state>/materialized_sources.json), so a grown catalog's second publish writes just its new
+songs, and a run with nothing new writes no source file and materializes nothing.
 
 Publishes take turns: each holds the data folder's publish lock (feature_repo.store.publish_lock)
 from its first read to its last write, and replaces every file by rename. A run repairs what an
@@ -40,7 +44,9 @@ from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args,
 
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 CURRENT = "current_model_version"
-MATERIALIZED = "materialized_versions.json"
+MATERIALIZED = "materialized_sources.json"  # per online store: the source files it holds, by fingerprint
+OFFLINE_PARTS = "song_embeddings_parts.json"  # which embeddings part each source file was made from
+LEGACY_EMBEDDINGS_FILE = "song_embeddings.parquet"  # earlier releases' one-file source
 STATS_INPUTS = "stats_inputs.json"  # hashes of the logs the stats files were computed from
 
 
@@ -147,13 +153,11 @@ def compute_stats(interactions_path: Path, catalog_path: Path) -> tuple[pd.DataF
     return songs, listeners, info
 
 
-def embedding_rows(cfg, model_version: str) -> pd.DataFrame:
-    folder = Path(cfg.output_dir) / "embeddings" / model_version
-    if not any(folder.glob("*.parquet")):
-        raise FileNotFoundError(f"no embeddings for model_version {model_version!r} in {folder}")
-    emb = pq.ParquetDataset(sorted(str(p) for p in folder.glob("*.parquet"))).read().to_pandas()
-    if emb[S.MODEL_VERSION].nunique() != 1 or emb[S.MODEL_VERSION].iloc[0] != model_version:
-        raise ValueError(f"{folder}: model_version column {sorted(emb[S.MODEL_VERSION].unique())} does not match the folder")
+def embedding_rows(part: Path, model_version: str) -> pd.DataFrame:
+    """One part of embeddings/<model_version>/ as rows of the Feast source."""
+    emb = pq.read_table(part).to_pandas()
+    if len(emb) and (emb[S.MODEL_VERSION].nunique() != 1 or emb[S.MODEL_VERSION].iloc[0] != model_version):
+        raise ValueError(f"{part}: model_version column {sorted(emb[S.MODEL_VERSION].unique())} does not match its folder")
     return pd.DataFrame({
         S.SONG_ID: emb[S.SONG_ID].astype("int64"),
         S.MODEL_VERSION: emb[S.MODEL_VERSION].astype(str),
@@ -163,62 +167,102 @@ def embedding_rows(cfg, model_version: str) -> pd.DataFrame:
     })
 
 
-def published_versions(data_dir: Path) -> set[str]:
-    """Every version a completed publish put in this data folder, by the markers of its online stores."""
-    from feature_repo.store import state_dirs
-
-    versions: set[str] = set()
-    for state in state_dirs(data_dir):
-        versions |= set(_read_json(state / MATERIALIZED) or [])
-        if (state / CURRENT).is_file():
-            versions.add((state / CURRENT).read_text().strip())
-    return versions
+def _fingerprint(path: Path) -> list[int]:
+    """[bytes, mtime_ns]: changes whenever the file is rewritten (atomic writers rename a new inode)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
-def published_embeddings(cfg, path: Path) -> pd.DataFrame | None:
-    """The embeddings source as the last publish wrote it; rebuilt from embeddings/<V>/ of the
-    published versions when the file is unreadable."""
-    frame = _read_parquet(path)
-    if frame is not None or not path.is_file():
-        return frame
+def offline_name(version: str, part: Path) -> str:
+    return f"{version}--{part.stem}.parquet"
+
+
+def _vector_size(path: Path) -> int | None:
+    t = pq.read_table(path, columns=[S.EMBEDDING])
+    return len(t.column(0)[0].as_py()) if t.num_rows else None
+
+
+def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
+    """The embeddings source folder (one file per embeddings part) brought up to date with
+    embeddings/<V>/ of `version` and of every version already in it: a part not converted yet or
+    rewritten since (an incremental embed dropped its changed songs) is converted again, a part
+    that is gone is removed (unless its whole version folder is: published versions stay), a
+    source file that is unreadable or altered is rebuilt. Unchanged parts cost a stat each.
+    Returns {"written": [names], "removed": [names], "files": n, "rows": n, "dim": D}."""
+    from feature_repo.definitions import SONG_EMBEDDINGS
+
+    folder = data_dir / SONG_EMBEDDINGS
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = data_dir / OFFLINE_PARTS
+    manifest: dict = _read_json(manifest_path) or {}
     root = Path(cfg.output_dir) / "embeddings"
-    versions = sorted(v for v in published_versions(path.parent) if any((root / v).glob("*.parquet")))
-    return pd.concat([embedding_rows(cfg, v) for v in versions], ignore_index=True) if versions else None
+    if not any((root / version).glob("part-*.parquet")):
+        raise FileNotFoundError(f"no embeddings for model_version {version!r} in {root / version}")
+    versions = {version} | {e["version"] for e in manifest.values() if isinstance(e, dict) and "version" in e}
+    wanted = {offline_name(v, part): (v, part) for v in sorted(versions) for part in sorted((root / v).glob("part-*.parquet"))}
+    written, removed = [], []
+    for name, (v, part) in wanted.items():
+        entry, target = manifest.get(name), folder / name
+        if (isinstance(entry, dict) and entry.get("source") == _fingerprint(part) and target.is_file()
+                and entry.get("file") == _fingerprint(target)):
+            continue
+        _write_atomic(embedding_rows(part, v), target)
+        manifest[name] = {"version": v, "source": _fingerprint(part), "file": _fingerprint(target)}
+        written.append(name)
+    for name in sorted(set(manifest) - set(wanted)):
+        entry = manifest[name]
+        if isinstance(entry, dict) and (root / entry.get("version", "")).is_dir():
+            (folder / name).unlink(missing_ok=True)
+            del manifest[name]
+            removed.append(name)
+    sizes = {}
+    for name, entry in manifest.items():  # one vector size for all versions
+        if entry["version"] not in sizes and (folder / name).is_file():
+            if (size := _vector_size(folder / name)) is not None:
+                sizes[entry["version"]] = size
+    if len(set(sizes.values())) > 1:
+        new_dim = sizes.get(version)
+        other = next(d for v, d in sizes.items() if d != new_dim)
+        raise ValueError(
+            f"the feature store holds {other}-float embeddings, model {version} gives {new_dim}: "
+            f"one feature store holds one vector size; use another output_dir for the new model"
+        )
+    _write_text_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    legacy = data_dir / LEGACY_EMBEDDINGS_FILE
+    if legacy.is_file():  # the one-file source of earlier releases, replaced by the folder
+        legacy.unlink()
+    files = sorted(folder.glob("*.parquet"))
+    return {"written": written, "removed": removed, "files": len(files),
+            "rows": sum(pq.read_metadata(f).num_rows for f in files), "dim": sizes.get(version)}
 
 
-def merge_embeddings(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
-    """Existing versions stay; the given version's rows are replaced. One vector size for all."""
-    if old is not None:
-        old = old[~old[S.MODEL_VERSION].isin(new[S.MODEL_VERSION].unique())]
-        if len(old):
-            old_dim, new_dim = len(old[S.EMBEDDING].iloc[0]), len(new[S.EMBEDDING].iloc[0])
-            if old_dim != new_dim:
-                raise ValueError(
-                    f"the feature store holds {old_dim}-float embeddings, model {new[S.MODEL_VERSION].iloc[0]} gives {new_dim}: "
-                    f"one feature store holds one vector size; use another output_dir for the new model"
-                )
-        new = pd.concat([old, new], ignore_index=True)
-    return new.sort_values([S.MODEL_VERSION, S.SONG_ID], ignore_index=True)
-
-
-def materialize(store, state: Path, versions: set[str], now: datetime) -> dict:
-    """Online store up to `now`: embeddings when the source holds a version not yet materialized,
-    stats incrementally; any view that is not AVAILABLE_ONLINE (an interrupted publish left it
-    MATERIALIZING, or it was applied afresh) over all time."""
+def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
+    """Online store up to `now`. Embeddings: only the rows of source files this online store has
+    not received yet (store.write_to_online_store), or every file over all time when the view is
+    not AVAILABLE_ONLINE (an interrupted publish left it MATERIALIZING, it was applied afresh) or
+    this store has no record; stats incrementally."""
     from feast.feature_view import FeatureViewState
 
     t0 = time.perf_counter()
     done_path = state / MATERIALIZED
-    done = set(_read_json(done_path) or [])
+    done = _read_json(done_path)
+    current = {f.name: _fingerprint(f) for f in sorted(source_folder.glob("*.parquet"))}
     wrote: dict[str, str] = {}
     embedding_view = store.get_feature_view("song_embedding")
-    if not versions <= done or embedding_view.state != FeatureViewState.AVAILABLE_ONLINE:
+    if not isinstance(done, dict) or embedding_view.state != FeatureViewState.AVAILABLE_ONLINE:
         # Embedding rows are stamped 1970 (valid at any time), which an incremental window never
-        # reaches: the source (every version in it) is materialized over all time.
+        # reaches: the whole source is materialized over all time.
         store.materialize(EPOCH.to_pydatetime(), now, feature_views=["song_embedding"])
-        _write_text_atomic(done_path, json.dumps(sorted(versions)))
-        why = f"new {sorted(versions - done)}" if not versions <= done else f"was {embedding_view.state.name}"
-        wrote["song_embedding"] = f"versions {sorted(versions)} ({why})"
+        why = "no record of this store" if not isinstance(done, dict) else f"was {embedding_view.state.name}"
+        wrote["song_embedding"] = f"all {len(current)} source files ({why})"
+    else:
+        new_files = [name for name, fp in current.items() if done.get(name) != fp]
+        if new_files:
+            frame = pd.concat([pq.read_table(source_folder / n).to_pandas() for n in new_files], ignore_index=True)
+            store.write_to_online_store("song_embedding", frame)
+            wrote["song_embedding"] = f"{len(frame)} rows of {len(new_files)} new source files"
+    if "song_embedding" in wrote or done != current:
+        _write_text_atomic(done_path, json.dumps(current, indent=1, sort_keys=True))
     for view in ("song_stats", "listener_stats"):
         fv = store.get_feature_view(view)
         if fv.materialization_intervals and fv.state == FeatureViewState.AVAILABLE_ONLINE:
@@ -256,7 +300,7 @@ def publish(args, cfg, data_dir: Path) -> int:
     state = state_dir(data_dir, args.online_store)
     # What a killed publish may have left: its half-written files, a registry torn by Feast's
     # in-place rewrite (before AtomicFileRegistryStore).
-    repaired = {"partial_files_removed": [name for folder in (data_dir, *state_dirs(data_dir))
+    repaired = {"partial_files_removed": [name for folder in (data_dir, data_dir / SONG_EMBEDDINGS, *state_dirs(data_dir))
                                           for name in remove_partial_files(folder)]}
     if aside := set_aside_unreadable_registry(repo_config(data_dir, args.online_store)):
         repaired["unreadable_registry_moved_to"] = str(aside)
@@ -284,21 +328,19 @@ def publish(args, cfg, data_dir: Path) -> int:
         _write_atomic(listeners, stats_paths[1])
         _write_text_atomic(data_dir / STATS_INPUTS, json.dumps({"inputs": fingerprint, "info": info}, indent=2))
         info = {**info, "stats": "computed with Ray Data"}
-    embeddings_path = data_dir / SONG_EMBEDDINGS
-    embeddings = merge_embeddings(published_embeddings(cfg, embeddings_path), embedding_rows(cfg, version))
-    _write_atomic(embeddings, embeddings_path)
-    embed_dim = len(embeddings[S.EMBEDDING].iloc[0])
+    offline = sync_offline_embeddings(cfg, data_dir, version)
+    embed_dim = offline["dim"]
 
     store = open_store(data_dir, args.online_store)
     # Every run applies every object: one that an interrupted or racing run lost comes back.
     apply_definitions(store, data_dir, embed_dim)
     now = datetime.now(timezone.utc)
-    result = materialize(store, state, set(embeddings[S.MODEL_VERSION]), now)
+    result = materialize(store, state, data_dir / SONG_EMBEDDINGS, now)
     previous = read_current_version(data_dir, args.online_store)
     if not args.no_switch:
         _write_text_atomic(state / CURRENT, version + "\n")  # readers see the old or the new name
     save_resolved_config(cfg, data_dir)
-    rows = len(songs) + len(listeners) + int((embeddings[S.MODEL_VERSION] == version).sum())
+    rows = len(songs) + len(listeners) + offline["rows"]
     print_summary({
         "feature_data": str(data_dir),
         "online_store": type(store.config.online_store).__name__,
@@ -308,7 +350,9 @@ def publish(args, cfg, data_dir: Path) -> int:
         "previous_model_version": previous,
         "embed_dim": embed_dim,
         "rows": {"song_stats": len(songs), "listener_stats": len(listeners),
-                 "song_embeddings (all versions)": len(embeddings)},
+                 "song_embeddings (all versions)": offline["rows"]},
+        "embedding_source_files": {"written": len(offline["written"]), "removed": len(offline["removed"]),
+                                   "total": offline["files"]},
         **info,
         "materialized": result["views"],
         **({"repaired": repaired} if any(repaired.values()) else {}),

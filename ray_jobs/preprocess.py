@@ -19,7 +19,10 @@ only its first max_seconds are decoded, so it lands in mels/ with the frames of 
 A catalog that breaks the contract (a missing column, a song_id that is not an integer, a
 song_id twice) is refused before Ray starts: exit status 1 and one line naming the file, row and
 column. Relative audio_path values are relative to the catalog file's folder.
-A rerun skips songs already in mels/ or quarantine/ (idempotent); --force recomputes everything.
+A rerun on a grown or changed catalog computes only the songs that are new or whose audio file
+changed (by song_id and the file's sha256, recorded in each row's input_hash): their old rows are
+dropped first, the new ones appended; a rerun with nothing new computes nothing (htcl.delta).
+--force recomputes everything. The summary's "nodes" counts the songs each Ray node handled.
 Both tables are written shard by shard as results stream in (MelsDatasink), so an interrupted
 job keeps what it finished and the rerun does the rest.
 """
@@ -45,10 +48,13 @@ from ray.data.datasource import Datasink
 from htcl import schema as S
 from htcl.config import AudioConfig, Config
 from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
-from htcl.pipeline import catalog_path, done_song_ids, out_path
+from htcl.pipeline import catalog_path, out_path, plan_preprocess
 from ray_jobs.common import (
     add_config_args,
+    NODE_ID,
     add_ray_args,
+    count_by_node,
+    current_node_id,
     default_workers,
     init_ray,
     job_banner,
@@ -69,6 +75,8 @@ RESULT_SCHEMA = pa.schema(
         (S.STAGE, pa.string()),
         (S.ERROR_TYPE, pa.string()),
         (S.MESSAGE, pa.string()),
+        (S.INPUT_HASH, pa.string()),
+        (NODE_ID, pa.string()),
     ]
 )
 
@@ -82,14 +90,16 @@ class MelUDF:
 
     def __call__(self, batch: dict) -> pa.Table:
         rows = []
-        for song_id, path in zip(batch[S.SONG_ID], batch[S.AUDIO_PATH]):
+        node = current_node_id()
+        hashes = batch[S.INPUT_HASH] if S.INPUT_HASH in batch else [None] * len(batch[S.SONG_ID])
+        for song_id, path, input_hash in zip(batch[S.SONG_ID], batch[S.AUDIO_PATH], hashes):
             song_id, path = int(song_id), str(path)
             try:
-                good, bad = self.extractor.extract_one(song_id, path)
+                good, bad = self.extractor.extract_one(song_id, path, input_hash)
             except Exception as e:  # a bug or a decoder surprise must not stop the job
                 msg = f"{path}: {type(e).__name__}: {e} | {traceback.format_exc(limit=-3)}"
-                good, bad = None, MelExtractor.quarantine_row(song_id, path, "extract", "unexpected", msg)
-            rows.append({**good, S.AUDIO_PATH: path} if good is not None else bad)
+                good, bad = None, MelExtractor.quarantine_row(song_id, path, "extract", "unexpected", msg, input_hash)
+            rows.append({**(good if good is not None else bad), S.AUDIO_PATH: path, NODE_ID: node})
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
@@ -125,7 +135,7 @@ class MelsDatasink(Datasink):
         self.mels_dir, self.quarantine_dir = Path(mels_dir), Path(quarantine_dir)
         self.rows_per_file = rows_per_file
         self.run_id = uuid.uuid4().hex[:12]
-        self.result: dict = {"processed": 0, "quarantined": 0, "reasons": {}, "files": []}
+        self.result: dict = {"processed": 0, "quarantined": 0, "reasons": {}, "files": [], "nodes": {}}
 
     @property
     def supports_distributed_writes(self) -> bool:
@@ -139,7 +149,7 @@ class MelsDatasink(Datasink):
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"processed": 0, "quarantined": 0, "reasons": {}, "files": []}
+            return {"processed": 0, "quarantined": 0, "reasons": {}, "files": [], "nodes": {}}
         table = pa.concat_tables(tables).cast(RESULT_SCHEMA)
         name = f"part-{self.run_id}-{ctx.task_idx:06d}.parquet"
         good, bad = mel_rows(table), quarantine_rows(table)
@@ -155,7 +165,9 @@ class MelsDatasink(Datasink):
         reasons: dict[str, int] = {}
         for r in bad.column(S.ERROR_TYPE).to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
-        return {"processed": good.num_rows, "quarantined": bad.num_rows, "reasons": reasons, "files": files}
+        nodes = count_by_node(table.column(NODE_ID).to_pylist())
+        return {"processed": good.num_rows, "quarantined": bad.num_rows, "reasons": reasons, "files": files,
+                "nodes": nodes}
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
@@ -164,12 +176,8 @@ class MelsDatasink(Datasink):
             self.result["files"] += r["files"]
             for k, v in r["reasons"].items():
                 self.result["reasons"][k] = self.result["reasons"].get(k, 0) + v
-
-
-def clear_outputs(*dirs: Path) -> None:
-    for d in dirs:
-        for f in d.glob("*.parquet"):
-            f.unlink()
+            for k, v in r["nodes"].items():
+                self.result["nodes"][k] = self.result["nodes"].get(k, 0) + v
 
 
 def run(
@@ -187,14 +195,12 @@ def run(
     import ray
 
     catalog = Path(catalog or catalog_path(cfg))
-    # checked against the contract on the driver (relative paths resolved); only ids + paths travel
+    # checked against the contract on the driver (relative paths resolved); only ids, paths and
+    # the files' hashes travel
     df = read_catalog(catalog) if catalog_table is None else catalog_table
     mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
-    if force:
-        clear_outputs(mels_dir, q_dir)
-    done = done_song_ids(mels_dir, q_dir)
-    todo = df.loc[~df[S.SONG_ID].isin(done), [S.SONG_ID, S.AUDIO_PATH]].reset_index(drop=True)
-    todo[S.AUDIO_PATH] = todo[S.AUDIO_PATH].astype(str)
+    plan = plan_preprocess(cfg, df, force)
+    todo = plan.todo
     workers = default_workers(workers)
     sink = MelsDatasink(mels_dir, q_dir, rows_per_file)
     t0 = time.perf_counter()
@@ -214,10 +220,12 @@ def run(
     save_resolved_config(cfg, mels_dir, "_config.yaml")  # "_": Parquet readers of mels/ skip it
     return {
         "catalog": str(catalog),
+        **plan.summary(),
         "skipped_already_done": len(df) - len(todo),
         "processed": sink.result["processed"],
         "quarantined": sink.result["quarantined"],
         "quarantine_reasons": sink.result["reasons"],
+        "nodes": sink.result["nodes"],
         "workers": workers,
         "seconds": round(elapsed, 2),
         "songs_per_s": round(len(todo) / elapsed, 2) if elapsed > 0 and len(todo) else None,

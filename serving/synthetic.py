@@ -4,7 +4,7 @@ the way the pipeline makes it, without training.
     write_world(out, songs=100_000, dim=128, versions={"v1": vectors, ...}, current="v1")
 
 writes, under `out` (an htcl output_dir):
-    embeddings/<V>/part-0.parquet   as `htcl embed` writes them
+    embeddings/<V>/part-0.parquet   as `htcl embed` writes them (one part)
     feast/                          offline sources, registry and SQLite (or Redis) online store,
                                     materialized; `current_model_version` = current
     index/<V>/                      HNSW index (htcl.retrieval)
@@ -43,6 +43,7 @@ def write_embeddings(out: Path, version: str, song_ids: np.ndarray, vectors: np.
         S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1]),
         S.MODEL_VERSION: pa.array([version] * len(song_ids)),
         S.EVENT_TIMESTAMP: pa.array([made_at] * len(song_ids), pa.timestamp("us", tz="UTC")),
+        S.INPUT_HASH: pa.nulls(len(song_ids), pa.string()),  # no audio behind synthetic vectors
     }).cast(S.embeddings_schema(vectors.shape[1]))
     pq.write_table(table, path)
     return path
@@ -52,6 +53,7 @@ def write_world(out: Path, versions: dict[str, np.ndarray], current: str, users:
                 impressions: int | None = None, online_store: str = "", ranker_rows: int = 3000,
                 seed: int = 0, n_estimators: int = 30) -> dict:
     """versions: model_version -> (songs, D) unit vectors for song ids 1..songs."""
+    from feature_repo.definitions import SONG_EMBEDDINGS
     from feature_repo.store import apply_definitions, open_store, state_dir
     from htcl.features import listener_stats, song_stats
     from htcl.ranking import RankerParams, train_rankers
@@ -81,13 +83,12 @@ def write_world(out: Path, versions: dict[str, np.ndarray], current: str, users:
 
     feast = out / "feast"
     feast.mkdir(parents=True, exist_ok=True)
-    emb_rows = []
+    (feast / SONG_EMBEDDINGS).mkdir(exist_ok=True)
     for v, x in versions.items():
-        write_embeddings(out, v, ids, x, now)
-        emb_rows.append(pd.DataFrame({S.SONG_ID: ids, S.MODEL_VERSION: v, S.EMBEDDING: list(x),
-                                      S.EVENT_TIMESTAMP: EPOCH, "created": now}))
+        part = write_embeddings(out, v, ids, x, now)
+        pd.DataFrame({S.SONG_ID: ids, S.MODEL_VERSION: v, S.EMBEDDING: list(x), S.EVENT_TIMESTAMP: EPOCH,
+                      "created": now}).to_parquet(feast / SONG_EMBEDDINGS / f"{v}--{part.stem}.parquet", index=False)
         AnnIndex.build(ids, x, v).save(out / "index" / v)
-    pd.concat(emb_rows, ignore_index=True).to_parquet(feast / "song_embeddings.parquet", index=False)
     start, end = log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()
     genre = dict(zip(ids.tolist(), pd.read_parquet(world / "catalog.parquet")[S.GENRE]))
     for name, frame in (("song_stats", song_stats(log, start, end)), ("listener_stats", listener_stats(log, start, end, genre))):

@@ -104,11 +104,11 @@ def problems(published, versions: set[str]) -> list[str]:
 
     found = []
     try:
-        table = pq.read_table(published["feast"] / "song_embeddings.parquet").to_pandas()
+        table = pq.read_table(published["feast"] / "song_embeddings").to_pandas()
         if set(table[S.MODEL_VERSION]) != versions or len(table) != N_SONGS * len(versions):
-            found.append(f"song_embeddings.parquet holds {sorted(set(table[S.MODEL_VERSION]))}, {len(table)} rows")
+            found.append(f"song_embeddings/ holds {sorted(set(table[S.MODEL_VERSION]))}, {len(table)} rows")
     except Exception as e:  # noqa: BLE001 - any unreadable file is the finding
-        found.append(f"song_embeddings.parquet unreadable: {e!r}")
+        found.append(f"song_embeddings/ unreadable: {e!r}")
     if (current := read_current_version(published["feast"], "")) != "v1":
         found.append(f"current_model_version is {current!r}")
     try:
@@ -228,9 +228,10 @@ def set_embedding_view_state(feast: Path, state) -> None:
 
 # Each damage is one thing an interrupted (or, before the publish lock, a racing) publish left.
 def torn_embeddings_source(feast: Path) -> None:
-    tear(feast / "song_embeddings.parquet")
+    source = sorted((feast / "song_embeddings").glob("*.parquet"))[0]
+    tear(source)
     with pytest.raises(Exception):
-        pq.read_table(feast / "song_embeddings.parquet")
+        pq.read_table(source)
 
 
 def embedding_view_stuck_materializing(feast: Path) -> None:
@@ -259,9 +260,10 @@ def torn_registry(feast: Path) -> None:
 
 
 def torn_markers_and_partial_files(feast: Path) -> None:
-    for marker in (feast / "stats_inputs.json", feast / "online" / "sqlite" / "materialized_versions.json"):
+    for marker in (feast / "stats_inputs.json", feast / "online" / "sqlite" / "materialized_sources.json"):
         marker.write_text(marker.read_text()[:5])
     (feast / "song_embeddings.parquet.4242-0badf00d.partial").write_bytes(b"PAR1 half")
+    (feast / "song_embeddings" / ".v1--part-0.parquet.4242-0badf00d.partial").write_bytes(b"PAR1 half")
 
 
 @pytest.mark.slow
@@ -290,3 +292,46 @@ def test_readers_keep_serving_a_view_that_a_publish_is_materializing(published):
     rows = [{S.SONG_ID: s, S.MODEL_VERSION: "v1"} for s in range(1, N_SONGS + 1)]
     got = store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()["embedding"]
     np.testing.assert_allclose(np.array(got), published["v1"], rtol=1e-6)
+
+
+def _last_summary(capsys) -> dict:
+    """The JSON summary a publish printed last (an indented object: its only "{" at a line start)."""
+    out = capsys.readouterr().out
+    return json.loads(out[out.rindex("\n{") + 1 if "\n{" in out else out.index("{"):])
+
+
+@pytest.mark.slow
+def test_a_grown_version_publishes_only_its_new_rows_and_a_rerun_nothing(published, capsys):
+    """An incremental embed appends a part to embeddings/v1/: the next publish converts that part
+    alone and writes its rows alone to the online store; a publish after it writes nothing."""
+    from feature_repo.store import open_store
+
+    source = published["feast"] / "song_embeddings"
+    before = {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet")}
+    extra = np.random.default_rng(7).standard_normal((5, DIM)).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    rows = [{S.SONG_ID: N_SONGS + 1 + i, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: "v1", S.EVENT_TIMESTAMP: T0}
+            for i, v in enumerate(extra)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=S.embeddings_schema(DIM)),
+                   published["out"] / "embeddings" / "v1" / "part-1.parquet")
+
+    capsys.readouterr()
+    publish(published, "--model-version", "v1")
+    grown = _last_summary(capsys)
+    assert grown["embedding_source_files"] == {"written": 1, "removed": 0, "total": 2}
+    assert grown["materialized"]["song_embedding"] == "5 rows of 1 new source files"
+    assert {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet") if p.name in before} == before
+    store = open_store(published["feast"], "")
+    got = store.get_online_features(features=["song_embedding:embedding"], entity_rows=[
+        {S.SONG_ID: N_SONGS + 1 + i, S.MODEL_VERSION: "v1"} for i in range(5)]).to_dict()["embedding"]
+    np.testing.assert_allclose(np.array(got), extra, rtol=1e-6)
+    old = store.get_online_features(features=["song_embedding:embedding"], entity_rows=[
+        {S.SONG_ID: s, S.MODEL_VERSION: "v1"} for s in range(1, N_SONGS + 1)]).to_dict()["embedding"]
+    np.testing.assert_allclose(np.array(old), published["v1"], rtol=1e-6)
+
+    after = {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet")}
+    publish(published, "--model-version", "v1")
+    again = _last_summary(capsys)
+    assert again["embedding_source_files"] == {"written": 0, "removed": 0, "total": 2}
+    assert "song_embedding" not in again["materialized"]
+    assert {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet")} == after

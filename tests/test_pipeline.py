@@ -53,7 +53,7 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
     assert steps == [1, 2]
 
     assert main(["embed", "--local", "--config", "configs/demo.yaml", *ov]) == 0
-    emb_files = list((out / "embeddings").glob("*/part-0.parquet"))
+    emb_files = list((out / "embeddings").glob("*/part-*.parquet"))
     assert len(emb_files) == 1
     emb = pq.read_table(emb_files[0]).to_pandas()
     assert sorted(emb.song_id) == list(range(1, 13))

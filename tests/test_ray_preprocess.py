@@ -226,10 +226,10 @@ def test_unexpected_exception_becomes_a_quarantine_row(tmp_path):
     udf = MelUDF(config_from_dict({}, TINY_MODEL).audio)
     real = udf.extractor.extract_one
 
-    def flaky(song_id, p):
+    def flaky(song_id, p, input_hash=None):
         if song_id == 2:
             raise MemoryError("simulated")
-        return real(song_id, p)
+        return real(song_id, p, input_hash)
 
     udf.extractor.extract_one = flaky
     table = udf({"song_id": np.array([1, 2]), "audio_path": np.array([str(path), str(path)])})
@@ -268,7 +268,7 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     model = HTCLModel(cfg.model, cfg.audio)
     ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
     local = pd.read_parquet(run_embed(cfg, ckpt)).sort_values("song_id")
-    local_file = out / "embeddings" / model_version(ckpt) / "part-0.parquet"
+    (local_file,) = (out / "embeddings" / model_version(ckpt)).glob("part-*.parquet")
     local_file.rename(tmp_path / "local.parquet")
 
     capsys.readouterr()
@@ -282,10 +282,14 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     np.testing.assert_allclose(np.stack(ours.embedding), np.stack(local.embedding), rtol=0, atol=1e-5)
     assert set(ours.model_version) == {model_version(ckpt)}
 
-    # A rerun replaces that version's shards instead of adding duplicate rows.
+    # A rerun with nothing new embeds nothing and leaves the shards and the index as they were.
+    index_meta = out / "index" / model_version(ckpt) / "index.json"
+    stamp = (index_meta.stat().st_mtime_ns, [f.stat().st_mtime_ns for f in files])
+    capsys.readouterr()
     assert embed_main(["--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt)]) == 0
     again = pq.read_table(sorted((out / "embeddings" / model_version(ckpt)).glob("*.parquet"))).to_pandas()
     assert sorted(again.song_id) == sorted(keep)
+    assert (index_meta.stat().st_mtime_ns, [f.stat().st_mtime_ns for f in files]) == stamp
 
 
 def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_local, tmp_path, capsys):
@@ -510,3 +514,55 @@ def test_relative_audio_paths_resolve_against_the_catalog_folder(tmp_path, monke
     assert summary["processed"] == 3  # the relative ones; the others are quarantined, each for itself
     q = pq.read_table(tmp_path / "out" / "quarantine").to_pandas().set_index("song_id")
     assert q.error_type.to_dict() == {11: "missing", 12: "missing"}
+
+
+def test_jobs_on_a_grown_catalog_compute_only_what_is_new(ray_local, tmp_path, capsys):
+    """The preprocess and embed jobs on a catalog with 2 new songs and 1 changed file: 3 songs
+    computed (each counted on the node that did it), a changed song's old rows gone, the index
+    holding the new songs; a rerun with nothing new computes and writes nothing."""
+    import torch
+
+    from conftest import write_tiny_world
+    from htcl.model import HTCLModel
+    from htcl.pipeline import model_version
+    from htcl.retrieval import AnnIndex
+    from htcl.training import TrainState, build_optimizer, save_checkpoint
+    from ray_jobs.embed import main as embed_main
+    from ray_jobs.preprocess import main as preprocess_main
+    from test_incremental import grow, mtimes
+
+    world = write_tiny_world(tmp_path / "world")
+    out = tmp_path / "out"
+    ov = ["--config", "configs/demo.yaml", *TINY_MODEL, f"output_dir={out}", f"data.root={world}",
+          "audio.max_seconds=3", f"model.text_model={write_tiny_bert(tmp_path / 'bert')}"]
+    cfg = config_from_dict({}, ov[2:])
+    torch.manual_seed(0)
+    model = HTCLModel(cfg.model, cfg.audio)
+    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    embed = [*ov, "--checkpoint", str(ckpt)]
+    node = ray.get_runtime_context().get_node_id()
+
+    def summary(main, argv) -> dict:
+        capsys.readouterr()
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        return json.loads(text[text.index("\n{") + 1 if not text.startswith("{") else 0 : text.rindex("}") + 1])
+
+    first = summary(preprocess_main, ov)
+    assert first["processed"] == 12 and first["nodes"] == {node: 12}
+    assert summary(embed_main, embed)["nodes"] == {node: 12}
+    grow(world)
+    second = summary(preprocess_main, ov)
+    assert (second["new"], second["changed"], second["processed"], second["replaced_stale_rows"]) == (2, 1, 3, 1)
+    assert second["nodes"] == {node: 3}
+    grown = summary(embed_main, embed)
+    assert (grown["new"], grown["changed"], grown["embedded"], grown["index_rebuilt"]) == (2, 1, 3, True)
+    assert sorted(pq.read_table(out / "embeddings" / model_version(ckpt)).column(S.SONG_ID).to_pylist()) == \
+        list(range(1, 15))
+    assert sorted(AnnIndex.load(out / "index" / model_version(ckpt)).song_ids.tolist()) == list(range(1, 15))
+
+    files = (mtimes(out / "mels"), mtimes(out / "embeddings" / model_version(ckpt)))
+    assert summary(preprocess_main, ov)["processed"] == 0
+    again = summary(embed_main, embed)
+    assert (again["embedded"], again["index_rebuilt"], again["nodes"]) == (0, False, {})
+    assert (mtimes(out / "mels"), mtimes(out / "embeddings" / model_version(ckpt))) == files
