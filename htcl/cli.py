@@ -262,7 +262,7 @@ def demo(cfg, args) -> int:
         finally:
             if started:
                 importlib.import_module("ray").shutdown()
-        emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime)
+        emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime).parent
         # Ray Serve on the current model version: one /v1/recommend over HTTP, printed, then down.
         serving = importlib.import_module("serving.run")
         step("serve", lambda: serving.demo_recommend(args.config, list(args.overrides)))
@@ -272,10 +272,10 @@ def demo(cfg, args) -> int:
     print(f"cached features    {pipeline.out_path(cfg, 'features')}")
     print(f"stage-1 checkpoint {s1}  (curves: {Path(s1).parent / 'training_curves.png'})")
     print(f"stage-2 checkpoint {s2}  (curves: {Path(s2).parent / 'training_curves.png'})")
-    print(f"embeddings         {emb}  (ANN index: {pipeline.out_path(cfg, 'index', Path(emb).parent.name)})")
+    print(f"embeddings         {emb}  (ANN index: {pipeline.out_path(cfg, 'index', Path(emb).name)})")
     if not args.local:
         print(f"feature store      {pipeline.out_path(cfg, 'feast')}")
-        print(f"rankers            {pipeline.out_path(cfg, 'rankers', Path(emb).parent.name)}")
+        print(f"rankers            {pipeline.out_path(cfg, 'rankers', Path(emb).name)}")
     print(f"evaluation         {pipeline.out_path(cfg, 'evaluation', 'results.md')}  (+ results.json, cosine_histograms.png)")
     print("seconds per step   " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"total seconds      {round(sum(timings.values()), 1)}")
