@@ -216,8 +216,9 @@ def data_parallel(model: HTCLModel, stage: str, device: torch.device | str = "cp
         would wait for them forever; find_unused_parameters=True would also work but walks the
         autograd graph every step, where a static graph records the unused set once (step 1).
         Globally unused parameters keep grad None, as without DDP (so AdamW skips them).
-      broadcast_buffers=False: no buffer changes in training (the locked tagger's batch norm stays
-        in eval mode; the BERT's buffers are constants), so rank 0's need not be sent every forward.
+      forward_sync_buffers=False: no buffer changes in training (the locked tagger's batch norm
+        stays in eval mode; the BERT's buffers are constants), so rank 0's are sent once, when DDP
+        is built, not before every forward.
     The wrapped model stays `model` (checkpoints save it, no "module." prefixes).
     """
     device = torch.device(device)
@@ -225,7 +226,7 @@ def data_parallel(model: HTCLModel, stage: str, device: torch.device | str = "cp
     if not is_distributed():
         return net
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False, static_graph=True)
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False, static_graph=True)
 
 
 
