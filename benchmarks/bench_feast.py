@@ -26,12 +26,11 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from feature_repo.definitions import SONG_EMBEDDINGS  # noqa: E402
+from feature_repo.definitions import EPOCH, SONG_EMBEDDINGS, embedding_source_file  # noqa: E402
 from feature_repo.store import apply_definitions, open_store  # noqa: E402
 from htcl import schema as S  # noqa: E402
 from htcl.features import listener_stats, song_stats  # noqa: E402
 
-EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
 
 def write_sources(data: Path, songs: int, dim: int, users: int) -> int:
@@ -41,7 +40,7 @@ def write_sources(data: Path, songs: int, dim: int, users: int) -> int:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     now = pd.Timestamp.now(tz="UTC").floor("s")
     emb = pd.DataFrame({S.SONG_ID: np.arange(1, songs + 1), S.MODEL_VERSION: "bench", S.EMBEDDING: list(vectors),
-                        S.EVENT_TIMESTAMP: EPOCH, "created": now})
+                        S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH), "created": now})
     n = songs * 5
     t0 = now - pd.Timedelta(days=20)
     clicked = rng.random(n) < 0.3
@@ -56,7 +55,7 @@ def write_sources(data: Path, songs: int, dim: int, users: int) -> int:
             frame.to_parquet(data / f"{name}.parquet", index=False)
         else:  # a folder of files, one per embeddings part (ray_jobs.materialize)
             (data / SONG_EMBEDDINGS).mkdir(parents=True, exist_ok=True)
-            frame.to_parquet(data / SONG_EMBEDDINGS / "bench--part-0.parquet", index=False)
+            frame.to_parquet(data / SONG_EMBEDDINGS / embedding_source_file("bench", Path("part-0.parquet")), index=False)
     return sum(len(f) for f in tables.values())
 
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
             store = open_store(data, url)
             apply_definitions(store, data, args.dim)
             t0 = time.perf_counter()
-            store.materialize(EPOCH.to_pydatetime(), pd.Timestamp.now(tz="UTC").to_pydatetime())
+            store.materialize(EPOCH, pd.Timestamp.now(tz="UTC").to_pydatetime())
             seconds = time.perf_counter() - t0
             materialize_rows[name] = {"rows": n_rows, "seconds": round(seconds, 2), "rows_per_s": round(n_rows / seconds, 1)}
             ranker = store.get_feature_service("ranker_v1")

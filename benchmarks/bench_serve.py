@@ -84,9 +84,9 @@ def start_feast_server(out: Path, online_store: str, port: int) -> tuple[subproc
     """`feast serve` over the same registry and online store the app reads."""
     import yaml
 
-    from feature_repo.store import repo_config
+    from feature_repo.store import FEAST_DIR, repo_config
 
-    cfg = repo_config(out / "feast", online_store)
+    cfg = repo_config(out / FEAST_DIR, online_store)
     repo = Path(tempfile.mkdtemp(prefix="htcl_feast_serve_"))
     raw = yaml.safe_load((REPO / "feature_repo" / "feature_store.yaml").read_text())
     raw["registry"] = cfg.registry.path if hasattr(cfg.registry, "path") else cfg.registry

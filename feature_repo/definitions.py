@@ -13,13 +13,20 @@ by asking for the other version: no gap, and never a mix of two models' vectors 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
+# The event_timestamp of every embedding row: an embedding is valid at any time (see song_embedding).
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SONG_EMBEDDINGS = "song_embeddings"  # a folder: one file per embeddings part of each model version
+
+
+def embedding_source_file(model_version: str, part: Path) -> str:
+    """The name, in SONG_EMBEDDINGS, of the source file made from embeddings/<model_version>/<part>."""
+    return f"{model_version}--{Path(part).stem}.parquet"
 SONG_STATS = "song_stats.parquet"
 LISTENER_STATS = "listener_stats.parquet"
 WINDOWS = (7, 30)

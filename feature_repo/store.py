@@ -150,6 +150,27 @@ def state_dir(data_dir: str | Path, online_store: str | None = None) -> Path:
     return path
 
 
+FEAST_DIR = "feast"  # <output_dir>/feast/: a run's feature data folder
+CURRENT_VERSION = "current_model_version"  # in a state folder: the version readers of that store use
+
+
+def feast_dir(cfg) -> Path:
+    """A config's feature data folder: offline sources, and one state folder per online store."""
+    return Path(cfg.output_dir) / FEAST_DIR
+
+
+def read_current_version(data_dir: str | Path, online_store: str | None = None) -> str | None:
+    """The model version readers of this online store use (None before the first publish)."""
+    path = state_dir(data_dir, online_store) / CURRENT_VERSION
+    return path.read_text().strip() if path.is_file() else None
+
+
+def write_current_version(data_dir: str | Path, online_store: str | None, version: str) -> None:
+    """Name `version` current for this online store, by rename: a reader sees the old or the new
+    name, never a torn one. The one writer of the pointer (publishes, and serving's synthetic world)."""
+    write_atomically(state_dir(data_dir, online_store) / CURRENT_VERSION, lambda tmp: tmp.write_text(version + "\n"))
+
+
 def state_dirs(data_dir: str | Path) -> list[Path]:
     """The state folders of every online store this data folder has published to."""
     return sorted(p for p in (Path(data_dir).resolve() / ONLINE_STATES).glob("*") if p.is_dir())

@@ -64,10 +64,8 @@ def stage2_loss(
     With the song ids given, repeated songs in the batch are not negatives (`same_song_mask`):
     in a small catalog a batch of favor pairs repeats songs often, and each repeat would
     otherwise push a song away from its own copy.
-    pref_logit_scale: the scale of the two preference losses (L_aa, L_af); None = logit_scale.
-    Favor pairs are noisy positives: at stage 1's sharp scale (~1/0.07) the audio geometry
-    stage 1 leaves scores far worse than a collapsed, uniform one, so training first collapses
-    the space (see TrainConfig.pref_logit_scale).
+    pref_logit_scale: the scale of the two preference losses (L_aa, L_af); None = logit_scale
+    (why a separate one: TrainConfig.pref_logit_scale).
     Returns the weighted total and each unweighted part.
     """
     pref = logit_scale if pref_logit_scale is None else pref_logit_scale

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from htcl.cli import add_embeddings_arg, external_embeddings
 from htcl.pipeline import run_evaluate
-from ray_jobs.backfill import whole_log_frame
+from feature_repo.history import whole_log_frame
 from ray_jobs.common import add_config_args, parse_args
 
 

@@ -40,18 +40,14 @@ import pyarrow.parquet as pq
 
 from htcl import schema as S
 from htcl.features import listener_stats, song_stats
+from feature_repo.definitions import EPOCH, embedding_source_file
+from feature_repo.store import feast_dir, read_current_version, write_current_version
 from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
-EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
-CURRENT = "current_model_version"
 MATERIALIZED = "materialized_sources.json"  # per online store: the source files it holds, by fingerprint
 OFFLINE_PARTS = "song_embeddings_parts.json"  # which embeddings part each source file was made from
 LEGACY_EMBEDDINGS_FILE = "song_embeddings.parquet"  # earlier releases' one-file source
 STATS_INPUTS = "stats_inputs.json"  # hashes of the logs the stats files were computed from
-
-
-def feast_dir(cfg) -> Path:
-    return Path(cfg.output_dir) / "feast"
 
 
 def newest_model_version(cfg) -> str:
@@ -60,14 +56,6 @@ def newest_model_version(cfg) -> str:
     if not versions:
         raise FileNotFoundError(f"no embeddings under {root}; run `htcl embed` first")
     return versions[-1].name
-
-
-def read_current_version(data_dir: str | Path, online_store: str | None = None) -> str | None:
-    """The model version readers of this online store use (None before the first publish)."""
-    from feature_repo.store import state_dir
-
-    path = state_dir(data_dir, online_store) / CURRENT
-    return path.read_text().strip() if path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
@@ -162,7 +150,7 @@ def embedding_rows(part: Path, model_version: str) -> pd.DataFrame:
         S.SONG_ID: emb[S.SONG_ID].astype("int64"),
         S.MODEL_VERSION: emb[S.MODEL_VERSION].astype(str),
         S.EMBEDDING: [np.asarray(v, dtype=np.float32) for v in emb[S.EMBEDDING]],
-        S.EVENT_TIMESTAMP: EPOCH,  # valid at any time (see feature_repo/definitions.py)
+        S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH),  # valid at any time (see feature_repo/definitions.py)
         "created": pd.to_datetime(emb[S.EVENT_TIMESTAMP], utc=True),
     })
 
@@ -171,10 +159,6 @@ def _fingerprint(path: Path) -> list[int]:
     """[bytes, mtime_ns]: changes whenever the file is rewritten (atomic writers rename a new inode)."""
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
-
-
-def offline_name(version: str, part: Path) -> str:
-    return f"{version}--{part.stem}.parquet"
 
 
 def _vector_size(path: Path) -> int | None:
@@ -199,7 +183,7 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
     if not any((root / version).glob("part-*.parquet")):
         raise FileNotFoundError(f"no embeddings for model_version {version!r} in {root / version}")
     versions = {version} | {e["version"] for e in manifest.values() if isinstance(e, dict) and "version" in e}
-    wanted = {offline_name(v, part): (v, part) for v in sorted(versions) for part in sorted((root / v).glob("part-*.parquet"))}
+    wanted = {embedding_source_file(v, part): (v, part) for v in sorted(versions) for part in sorted((root / v).glob("part-*.parquet"))}
     written, removed = [], []
     for name, (v, part) in wanted.items():
         entry, target = manifest.get(name), folder / name
@@ -252,7 +236,7 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
     if not isinstance(done, dict) or embedding_view.state != FeatureViewState.AVAILABLE_ONLINE:
         # Embedding rows are stamped 1970 (valid at any time), which an incremental window never
         # reaches: the whole source is materialized over all time.
-        store.materialize(EPOCH.to_pydatetime(), now, feature_views=["song_embedding"])
+        store.materialize(EPOCH, now, feature_views=["song_embedding"])
         why = "no record of this store" if not isinstance(done, dict) else f"was {embedding_view.state.name}"
         wrote["song_embedding"] = f"all {len(current)} source files ({why})"
     else:
@@ -269,7 +253,7 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
             store.materialize_incremental(now, feature_views=[view])
             wrote[view] = f"incremental from {max(e for _, e in fv.materialization_intervals)}"
         else:
-            store.materialize(EPOCH.to_pydatetime(), now, feature_views=[view])
+            store.materialize(EPOCH, now, feature_views=[view])
             wrote[view] = "all time (first run)" if not fv.materialization_intervals else f"all time (was {fv.state.name})"
     return {"views": wrote, "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -338,7 +322,7 @@ def publish(args, cfg, data_dir: Path) -> int:
     result = materialize(store, state, data_dir / SONG_EMBEDDINGS, now)
     previous = read_current_version(data_dir, args.online_store)
     if not args.no_switch:
-        _write_text_atomic(state / CURRENT, version + "\n")  # readers see the old or the new name
+        write_current_version(data_dir, args.online_store, version)
     save_resolved_config(cfg, data_dir)
     rows = len(songs) + len(listeners) + offline["rows"]
     print_summary({

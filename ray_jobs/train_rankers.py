@@ -22,7 +22,7 @@ from htcl import schema as S
 from htcl.pairs import split_time
 from htcl.ranking import RankerParams, ranker_auc, train_rankers
 from htcl.retrieval import read_embeddings
-from ray_jobs.backfill import whole_log_frame
+from feature_repo.history import whole_log_frame
 from ray_jobs.common import add_config_args, parse_args, print_summary, save_resolved_config
 
 

@@ -17,8 +17,8 @@ Overload: every deployment bounds `max_ongoing_requests` (per replica) and `max_
 proxy's `request_timeout_s` and the ingress's own per-call deadline bound a request's time. The
 ingress's bounds are wide (it holds no real work; see Ingress) and a request reaches it with its
 body in (serving/gate.py), so neither slow clients nor a crowd of /healthz probes fill it.
-The ingress retries a call once more when the replica it went to died (idempotent reads), so a
-killed replica costs latency, not answers, while Serve replaces it.
+The ingress tries a call up to CALL_ATTEMPTS times when the replica it went to died (idempotent
+reads), so a killed replica costs latency, not answers, while Serve replaces it.
 
 Args (a dict: the `args:` of serving/config.yaml, or built by `htcl serve`):
     config: htcl YAML config (default configs/demo.yaml)   overrides: [dotted k=v, ...]
@@ -112,13 +112,14 @@ def plan(args: dict | None = None) -> AppPlan:
     args = dict(args or {})
     cfg = load_config(str(_path(args.get("config") or "configs/demo.yaml")), list(args.get("overrides") or []))
     out = _path(cfg.output_dir)
-    feast_dir = out / "feast"
-    from feature_repo.store import online_store_url  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
+    from feature_repo.store import FEAST_DIR, online_store_url  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
+
+    feast_dir = out / FEAST_DIR
 
     online_store = online_store_url(None if args.get("online_store") is None else str(args["online_store"]))
     version = args.get("model_version")
     if not version:
-        from ray_jobs.materialize import read_current_version
+        from feature_repo.store import read_current_version
 
         version = read_current_version(feast_dir, online_store)
         if not version:
@@ -388,6 +389,9 @@ class Encoder(_Worker):
 # --- ingress -----------------------------------------------------------------------------------
 
 
+CALL_ATTEMPTS = 3  # a replica's death is retried twice: Serve routes the retry to a live replica
+
+
 class Overloaded(ApiError):
     """A deployment's queue is full (Serve's BackPressureError): 503, retry later."""
 
@@ -410,11 +414,12 @@ class ServeBackend:
         self._health_round: asyncio.Future | None = None
 
     async def _call(self, handle, method: str, *args):
-        """One deployment call with a deadline; retried once when its replica died under it."""
+        """One deployment call with a deadline; tried again (CALL_ATTEMPTS in all, a short pause
+        between) when its replica died under it."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        for attempt in range(3):
+        for attempt in range(CALL_ATTEMPTS):
             response = getattr(handle, method).remote(*args)
             try:
                 return await asyncio.wait_for(_wait(response), self.timeout_s)
@@ -424,7 +429,7 @@ class ServeBackend:
                 response.cancel()
                 raise ApiError(504, None, f"no answer within {self.timeout_s} s") from None
             except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError):
-                if attempt == 2:
+                if attempt == CALL_ATTEMPTS - 1:
                     raise ApiError(503, None, "a replica is restarting: retry", {"Retry-After": "1"}) from None
                 await asyncio.sleep(0.05 * (attempt + 1))
 

@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 
 from htcl import schema as S
 
-EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -53,8 +52,8 @@ def write_world(out: Path, versions: dict[str, np.ndarray], current: str, users:
                 impressions: int | None = None, online_store: str = "", ranker_rows: int = 3000,
                 seed: int = 0, n_estimators: int = 30) -> dict:
     """versions: model_version -> (songs, D) unit vectors for song ids 1..songs."""
-    from feature_repo.definitions import SONG_EMBEDDINGS
-    from feature_repo.store import apply_definitions, open_store, state_dir
+    from feature_repo.definitions import EPOCH, LISTENER_STATS, SONG_EMBEDDINGS, SONG_STATS, embedding_source_file
+    from feature_repo.store import FEAST_DIR, apply_definitions, open_store, write_current_version
     from htcl.features import listener_stats, song_stats
     from htcl.ranking import RankerParams, train_rankers
     from htcl.retrieval import AnnIndex
@@ -81,24 +80,23 @@ def write_world(out: Path, versions: dict[str, np.ndarray], current: str, users:
                         S.EVENT_TIMESTAMP: now - pd.Timedelta(days=20) + pd.to_timedelta(np.sort(rng.integers(0, 19 * 86400, n)), unit="s")})
     log.to_parquet(world / "interactions.parquet")
 
-    feast = out / "feast"
+    feast = out / FEAST_DIR
     feast.mkdir(parents=True, exist_ok=True)
     (feast / SONG_EMBEDDINGS).mkdir(exist_ok=True)
     for v, x in versions.items():
         part = write_embeddings(out, v, ids, x, now)
-        pd.DataFrame({S.SONG_ID: ids, S.MODEL_VERSION: v, S.EMBEDDING: list(x), S.EVENT_TIMESTAMP: EPOCH,
-                      "created": now}).to_parquet(feast / SONG_EMBEDDINGS / f"{v}--{part.stem}.parquet", index=False)
+        pd.DataFrame({S.SONG_ID: ids, S.MODEL_VERSION: v, S.EMBEDDING: list(x), S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH),
+                      "created": now}).to_parquet(feast / SONG_EMBEDDINGS / embedding_source_file(v, part), index=False)
         AnnIndex.build(ids, x, v).save(out / "index" / v)
     start, end = log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()
     genre = dict(zip(ids.tolist(), pd.read_parquet(world / "catalog.parquet")[S.GENRE]))
-    for name, frame in (("song_stats", song_stats(log, start, end)), ("listener_stats", listener_stats(log, start, end, genre))):
+    for file, frame in ((SONG_STATS, song_stats(log, start, end)), (LISTENER_STATS, listener_stats(log, start, end, genre))):
         frame["created"] = frame[S.EVENT_TIMESTAMP]
-        frame.to_parquet(feast / f"{name}.parquet", index=False)
+        frame.to_parquet(feast / file, index=False)
     store = open_store(feast, online_store)
     apply_definitions(store, feast, dim)
-    store.materialize(EPOCH.to_pydatetime(), pd.Timestamp.now(tz="UTC").to_pydatetime())
-    state = state_dir(feast, online_store)
-    (state / "current_model_version").write_text(current + "\n")
+    store.materialize(EPOCH, pd.Timestamp.now(tz="UTC").to_pydatetime())
+    write_current_version(feast, online_store, current)
 
     # Rankers per version, on the online ranker_v1 features of the log's last rows (served = trained on).
     service = store.get_feature_service("ranker_v1")

@@ -100,7 +100,7 @@ def problems(published, versions: set[str]) -> list[str]:
     from feast.feature_view import FeatureViewState
 
     from feature_repo.store import open_store
-    from ray_jobs.materialize import read_current_version
+    from feature_repo.store import read_current_version
 
     found = []
     try:
