@@ -29,6 +29,10 @@ import numpy as np
 import pandas as pd
 
 from htcl import schema as S
+from htcl.intervals import bootstrap_ci
+from htcl.plots import plot_training_curves, save_figure
+from htcl.ranking import (CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING, RankerParams, RankingError, ranker_auc,
+                          train_rankers)
 
 # Variant names, in the paper's table order. "no embedding" exists for the rankers only.
 RANDOM_INIT = "random-init encoder"
@@ -49,56 +53,6 @@ FAMILY_VARIANTS = {"scratch": (STAGE1, HTCL, HTCL_CF), "backbone": (STAGE1_BACKB
 # Every row name htcl gives its own variants; an external table (`--embeddings NAME=PATH`) may not take one.
 BUILTIN_VARIANTS = (RANDOM_INIT, MEL_STATS, STAGE1, HTCL, HTCL_CF, NO_EMBEDDING, BACKBONE_AS_IS, STAGE1_BACKBONE,
                     HTCL_BACKBONE, HTCL_CF_BACKBONE)
-
-
-def _save_figure(fig, png: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def plot_training_curves(metric_files: Sequence[str | Path], png: str | Path) -> Path:
-    """Loss parts, in-batch top-1 and logit scale against step, one line per run and metric;
-    the validation's (val_loss*, val_top1*) dashed, in the training line's colour."""
-    import matplotlib
-
-    from htcl.training import read_jsonl
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for f in metric_files:
-        records = read_jsonl(f)
-        if not records:
-            continue
-        run = Path(f).parent.name
-        steps = [r["step"] for r in records]
-        colours: dict[str, str] = {}
-        for key in sorted({k for r in records for k in r}, key=lambda k: (k.startswith("val_"), k)):
-            values = [r.get(key) for r in records]
-            name = key[len("val_"):] if key.startswith("val_") else key
-            ax = axes[0] if name.startswith("loss") else axes[1] if name.startswith("top1") else None
-            if ax is None:
-                continue
-            if key.startswith("val_"):  # only the log steps that carry it
-                pts = [(s, v) for s, v in zip(steps, values) if v is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color=colours.get(name), label=f"{run}: {key}")
-            else:
-                colours[name] = ax.plot(steps, values, label=f"{run}: {key}")[0].get_color()
-        axes[2].plot(steps, [r["logit_scale"] for r in records], label=run)
-    for ax, title in zip(axes, ("contrastive losses", "in-batch top-1", "logit scale")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    return _save_figure(fig, png)
 
 
 @dataclass
@@ -551,18 +505,6 @@ def hit_rate_at_k(emb: Embeddings, triggers, targets, ks: Sequence[int], ranks: 
     return out
 
 
-def bootstrap_ci(values: np.ndarray, statistic=np.mean, resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap interval of a statistic over the rows (held-out pairs or
-    impressions): how far the figure moves with the test sample alone, not with training seeds."""
-    n = len(values)
-    if n < 2:
-        return [float("nan"), float("nan")]
-    rng = np.random.default_rng(seed)
-    stats = [statistic(values[rng.integers(0, n, n)]) for _ in range(resamples)]
-    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 class _WeightedAUC:
     """ROC AUC of fixed labels and scores under item weights (a bootstrap resample's counts), a tie
     counting half as in roc_auc_score: the scores are sorted once, each resample costs O(n)."""
@@ -654,8 +596,6 @@ def with_variant_embeddings(frame: pd.DataFrame, emb: Embeddings) -> pd.DataFram
     An embedding is a function of the song alone (no time), so swapping it by song id keeps the
     frame point-in-time correct; the stats columns are untouched.
     """
-    from htcl.ranking import CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING
-
     out = frame.copy()
     out[CANDIDATE_EMBEDDING] = list(emb.lookup(frame[S.SONG_ID]))
     out[TRIGGER_EMBEDDING] = list(emb.lookup(frame[S.TRIGGER_SONG_ID]))
@@ -671,8 +611,6 @@ def ranking_aucs(frame: pd.DataFrame, cut: pd.Timestamp, emb: Embeddings | None,
     songs the table has. per_item: a dict to fill with "ctr_auc" (clicked, CTR score) over the
     held-out impressions and "cvr_auc" (favored, CVR score) over the clicked ones, what the
     paired claims resample."""
-    from htcl.ranking import RankerParams, RankingError, ranker_auc, train_rankers
-
     ts = pd.to_datetime(frame[S.EVENT_TIMESTAMP], utc=True)
     if emb is not None:
         frame = with_variant_embeddings(frame, emb)
@@ -1040,7 +978,7 @@ def plot_cosine_histograms(cosines: Mapping[str, tuple[np.ndarray, np.ndarray]],
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("cosine similarity")
     axes[0][0].legend(fontsize=7)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 def write_report(results: dict, out_dir: str | Path, metric_files: Sequence[str | Path] = (), title: str = "HTCL evaluation") -> dict[str, Path]:

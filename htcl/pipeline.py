@@ -512,7 +512,7 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
         val_batches=validation_batches(rows, tokenizer, tcfg.batch_size, tcfg.val_max_rows),
         on_best=(lambda s: save_checkpoint(run_dir / "best.pt", s, cfg, stage)) if tcfg.save_best else None,
     )
-    from htcl.evaluation import plot_training_curves
+    from htcl.plots import plot_training_curves
 
     plot_training_curves([run_dir / "metrics.jsonl"], run_dir / "training_curves.png")
     return ckpt_path

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from htcl import schema as S
+from htcl.intervals import bootstrap_ci
 
 CANDIDATE_EMBEDDING = "candidate_embedding__embedding"
 TRIGGER_EMBEDDING = "trigger_embedding__embedding"
@@ -230,7 +231,6 @@ def _auc_interval(labels: np.ndarray, scores: np.ndarray) -> list[float]:
     """95% bootstrap interval of the AUC over the scored rows (a one-class resample is skipped)."""
     from sklearn.metrics import roc_auc_score
 
-    from htcl.evaluation import bootstrap_ci
 
     def auc(rows: np.ndarray) -> float:
         y = labels[rows]

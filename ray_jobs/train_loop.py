@@ -358,7 +358,7 @@ def fit(
         shutil.copyfile(Path(d) / "model.pt", tmp)
         os.replace(tmp, ckpt_path)
     save_config(cfg, run_dir / "config.yaml")
-    from htcl.evaluation import plot_training_curves
+    from htcl.plots import plot_training_curves
 
     plot_training_curves([run_dir / METRICS], run_dir / "training_curves.png")
     return FitResult(ckpt_path, run_dir, storage / run_name, run_name, seconds)

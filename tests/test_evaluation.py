@@ -385,7 +385,8 @@ def verdict_of(claims: dict, name: str) -> str:
 def test_paired_difference_by_hand():
     from sklearn.metrics import roc_auc_score
 
-    from htcl.evaluation import bootstrap_ci, paired_difference
+    from htcl.evaluation import paired_difference
+    from htcl.intervals import bootstrap_ci
 
     # one pair of four differs, in A's favour: the difference is 1/4, and no resample can turn it round
     diff, ci, n = paired_difference([1, 1, 1, 0], [0, 1, 1, 0])
