@@ -1,7 +1,9 @@
 """How the pipeline scales with the catalog: 10k, 100k and 1M songs (issue 14).
 
 Synthetic catalogs, written straight to Parquet (no audio is rendered or decoded): catalog.parquet
-and interactions.parquet (--impressions-per-song impressions a song, over 30 days), and the two
+and interactions.parquet (--interactions impressions over 30 days, of songs drawn from the whole
+catalog: the same log size at every catalog size, so materialize's cost of the log's song and
+listener stats, which follow traffic rather than the catalog, is a constant here), and the two
 locked towers' feature caches a backbone-family model reads (htcl.towers layout, row groups of
 htcl.mels.SHARD_ROW_GROUP_ROWS): random musicnn pooled patch features (1506, 1) float32 a song
 (audio.max_seconds=3: one 3 s patch, 6 KB) and random text features (32,) of a tiny BERT, each
@@ -18,8 +20,9 @@ process), in this order, per size:
                 tokenizer, then --train-steps batches of rank 0 of 2 at global batch 32 through
                 batch_stream (the per-rank streaming reader); rows/s = the streamed rows a second
                 after the first batch
-  embed         ray_jobs.embed.run on a local Ray instance (Ray Data actor pool, then the job
-                builds the version's HNSW index); whatever the job does, incremental or not
+  embed         ray_jobs.embed.main, as `python -m ray_jobs.embed` runs (a local Ray instance,
+                Ray Data actor pool, then the version's HNSW index); whatever the job does,
+                incremental or not
   index         htcl.pipeline.build_index alone, again from the embeddings just written
   mat-sqlite    ray_jobs.materialize.main (stats with Ray Data, embeddings, Feast apply +
                 materialize) into the SQLite online store
@@ -128,8 +131,9 @@ def size_config(root: Path, bert: Path, embed_dim: int):
     return cfg
 
 
-def write_world(cfg, n: int, impressions_per_song: float) -> None:
-    """catalog.parquet (songs 1..n) and interactions.parquet (n x impressions_per_song rows)."""
+def write_world(cfg, n: int, interactions: int) -> None:
+    """catalog.parquet (songs 1..n) and interactions.parquet (`interactions` rows, 1 listener a
+    20 impressions)."""
     import pandas as pd
 
     from htcl import schema as S
@@ -153,10 +157,10 @@ def write_world(cfg, n: int, impressions_per_song: float) -> None:
         "language": "instrumental",
         "updated_at": t0,
     }).to_parquet(world / "catalog.parquet", index=False)
-    m = max(1, int(round(n * impressions_per_song)))
+    m = interactions
     clicked = rng.random(m) < 0.3
     pd.DataFrame({
-        S.USER_ID: rng.integers(1, max(2, n // 50) + 1, m),
+        S.USER_ID: rng.integers(1, max(2, m // 20) + 1, m),
         S.TRIGGER_SONG_ID: rng.integers(1, n + 1, m),
         S.REC_SONG_ID: rng.integers(1, n + 1, m),
         S.CLICKED: clicked,
@@ -291,7 +295,7 @@ STEP_IMPORTS = {
     "imports": ["htcl.pipeline"],
     "train-check": ["htcl.pipeline"],
     "train-read": ["htcl.pipeline", "htcl.text"],
-    "embed": ["ray", "ray.data", "ray_jobs.common", "ray_jobs.embed", "htcl.pipeline"],
+    "embed": ["ray", "ray.data", "ray_jobs.common", "ray_jobs.embed", "htcl.pipeline", "htcl.retrieval", "faiss"],
     "index": ["htcl.pipeline", "htcl.retrieval", "faiss"],
     "mat-sqlite": ["ray", "ray.data", "feast", "feature_repo.store", "feature_repo.definitions", "ray_jobs.materialize"],
     "similar": ["htcl.retrieval", "faiss"],
@@ -299,6 +303,23 @@ STEP_IMPORTS = {
 }
 STEP_IMPORTS["mat-redis"] = STEP_IMPORTS["mat-sqlite"]
 STEP_IMPORTS["feast-redis"] = STEP_IMPORTS["feast-sqlite"]
+
+
+def job_summary(main, argv: list[str], name: str) -> dict:
+    """Run a job's entry point (`python -m ray_jobs.<name>` as a function) and return the summary
+    it prints (print_summary's indented JSON object); its other output goes to stderr (the log)."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(argv)
+    text = printed.getvalue()
+    print(text, file=sys.stderr)
+    if code:
+        raise RuntimeError(f"{name} exited {code}: {text[-2000:]}")
+    start = text.rfind("\n{\n") + 1 if "\n{\n" in text else text.index("{")
+    return json.loads(text[start : text.rfind("\n}") + 2])
 
 
 def run_step(spec: dict) -> dict:
@@ -340,17 +361,9 @@ def run_step(spec: dict) -> dict:
             out["reader_row_group_reads"] = rows.mels.row_group_reads
             stream.close()
         elif base == "embed":
-            import ray
+            from ray_jobs.embed import main
 
-            from ray_jobs.common import init_ray
-            from ray_jobs.embed import run
-
-            started = init_ray(None, quiet=True)
-            try:
-                summary = run(cfg, spec["checkpoint"])
-            finally:
-                if started:
-                    ray.shutdown()
+            summary = job_summary(main, ["--config", spec["config"], "--checkpoint", spec["checkpoint"]], "embed")
             out["job"] = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
         elif step == "index":
             from htcl.pipeline import build_index
@@ -358,21 +371,12 @@ def run_step(spec: dict) -> dict:
             embeddings = Path(cfg.output_dir, "embeddings", spec["version"])
             out["index_dir"] = str(build_index(cfg, embeddings))
         elif base in ("mat-sqlite", "mat-redis"):
-            import contextlib
-            import io
-
             from ray_jobs.materialize import main
 
             argv = ["--config", spec["config"], "--model-version", spec["version"]]
             if base == "mat-redis":
                 argv += ["--online-store", spec["online_store"]]
-            printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):
-                code = main(argv)
-            if code:
-                raise RuntimeError(f"materialize exited {code}: {printed.getvalue()[-2000:]}")
-            text = printed.getvalue()  # print_summary's indented JSON comes last
-            summary = json.loads(text[text.rfind("\n{\n") + 1 if "\n{\n" in text else text.index("{"):])
+            summary = job_summary(main, argv, "materialize")
             out["job"] = {k: summary.get(k) for k in ("materialized", "stats", "rows", "materialize_seconds",
                                                       "rows_per_s_materialize", "seconds", "repaired")}
         elif step == "similar":
@@ -496,6 +500,76 @@ def summarize(results: list[dict], sizes: list[int]) -> tuple[dict, dict]:
     return exponents, goals
 
 
+def affine_fit(sizes: list[int], values: list[float]) -> tuple[float, float] | None:
+    """(a, b) of values ≈ a + b·n, least squares: a fixed cost (Ray's start, imports of Feast)
+    plus a cost a song, which a power law fitted over small sizes reads as k < 1."""
+    if len(set(sizes)) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)
+    return float(a), float(b)
+
+
+def report(data: dict) -> dict:
+    """Print the table, the exponents, the extrapolations to 1M and the goals of a run's results;
+    return `data` with them added (what the JSON holds)."""
+    results, sizes = data["results"], sorted(data["sizes"])
+    top = max(sizes)
+    exponents, goals = summarize(results, sizes)
+    print(f"\nbackbone family (musicnn_msd features (1506, 1), tiny model, embed_dim {data['embed_dim']}); "
+          f"{data['interactions']} impressions in the log; peak RSS of the child process "
+          f"(imports alone: {data['imports_peak_rss_mb']:.0f} MB), tree = with its Ray processes\n")
+    head = ("songs", "step", "seconds", "rows/s", "peak RSS MB", "tree peak MB")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in results:
+        print(f"| {r['songs']} | {r['step']} | {r['seconds']:.2f} | {r['rows_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['tree_peak_rss_mb']:.0f} |")
+    extrapolate = top < 1_000_000
+    print("\n| step | k (time ∝ n^k) | fixed s + ms a song |" +
+          (" 1M s by n^k | 1M s by a + b·n |" if extrapolate else "") + "\n|---|---|---|" + ("---|---|" if extrapolate else ""))
+    by_power, by_affine, fits = {}, {}, {}
+    for step, k in exponents.items():
+        rows = sorted((r for r in results if r["step"] == step), key=lambda r: r["songs"])
+        fit = affine_fit([r["songs"] for r in rows], [r["seconds"] for r in rows])
+        fits[step] = None if fit is None else {"fixed_s": fit[0], "ms_per_song": fit[1] * 1e3}
+        line = f"| {step} | {'-' if k is None else f'{k:.2f}'} | " + \
+            ("-" if fit is None else f"{fit[0]:.1f} + {fit[1] * 1e3:.3f}") + " |"
+        if extrapolate and k is not None:
+            by_power[step] = rows[-1]["seconds"] * (1_000_000 / top) ** k
+            by_affine[step] = max(rows[-1]["seconds"], fit[0] + fit[1] * 1_000_000)
+            line += f" {by_power[step]:.0f} | {by_affine[step]:.0f} |"
+        print(line)
+    memory = {}
+    for step in ("train-read", "mat-sqlite", "embed"):
+        rows = sorted((r for r in results if r["step"] == step), key=lambda r: r["songs"])
+        fit = affine_fit([r["songs"] for r in rows], [r["peak_rss_mb"] for r in rows])
+        if fit is not None:
+            memory[step] = {"fixed_mb": fit[0], "kb_per_song": fit[1] * 1024,
+                            "peak_rss_mb_at_1m": fit[0] + fit[1] * 1_000_000}
+    if extrapolate and by_power:
+        write_min = data["setup"][str(top)]["write_seconds"] * 1_000_000 / top / 60
+        print(f"\nextrapolated time at 1M: {sum(by_power.values()) / 60:.0f} min by each step's n^k, "
+              f"{sum(by_affine.values()) / 60:.0f} min by its fixed + per-song cost (+ writing the catalog: "
+              f"{write_min:.0f} min)")
+    for step, m in memory.items():
+        print(f"peak RSS {step}: {m['fixed_mb']:.0f} MB + {m['kb_per_song']:.2f} KB a song "
+              f"-> {m['peak_rss_mb_at_1m']:.0f} MB at 1M (driver process)")
+    if "train-read" in memory and extrapolate:
+        lo = next(r for r in results if r["step"] == "train-read" and r["songs"] == min(sizes))
+        at_1m = memory["train-read"]["peak_rss_mb_at_1m"]
+        goals["train_worker_peak_rss_flat_extrapolated_to_1m"] = {
+            "goal": "the same, the largest size replaced by 1M on the a + b·n fit of the measured sizes",
+            "sizes": [min(sizes), 1_000_000], "peak_rss_mb": [lo["peak_rss_mb"], at_1m],
+            "ratio": at_1m / lo["peak_rss_mb"], "measured": False, "met": at_1m / lo["peak_rss_mb"] <= 1.2}
+    print()
+    for name, g in goals.items():
+        shown = {k: v for k, v in g.items() if k not in ("goal", "met")}
+        print(f"{'MET    ' if g['met'] else 'NOT MET'}  {name}: {json.dumps(shown, default=str)}")
+    print(f"\n(load average {data['load_average']:.1f} on {data['cpus']} CPUs at the end of the run)")
+    return {**data, "k_exponents": exponents, "affine_fits": fits, "peak_rss_fits": memory,
+            "extrapolated_seconds_at_1m": {"power_law": by_power, "affine": by_affine} if by_power else None,
+            "goals": goals}
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -507,16 +581,26 @@ def main(argv=None) -> int:
     p.add_argument("--online-store", default="redis://127.0.0.1:6379/12",
                    help="Redis for the mat-redis/feast-redis steps; its database is flushed (default: %(default)s)")
     p.add_argument("--embed-dim", type=int, default=32, help="embedding size (default: %(default)s, the tests' tiny model)")
-    p.add_argument("--impressions-per-song", type=float, default=1.0, help="interaction rows = songs x this")
+    p.add_argument("--interactions", type=int, default=2000,
+                   help="impressions in the log at every size (default: %(default)s; materialize's stats cost "
+                        "follows it: one Ray Data group a song and a listener)")
     p.add_argument("--train-steps", type=int, default=64, help="batches one worker reads after the first")
     p.add_argument("--queries", type=int, default=200, help="/similar and Feast lookups a size")
     p.add_argument("--k", type=int, default=100, help="neighbours a /similar query asks for (serving's default)")
     p.add_argument("--keep", action="store_true", help="keep each size's folder (default: removed after the size)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_scale.json"))
+    p.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON again (and rewrite "
+                   "it with the fits and goals of this version) instead of running")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_step(json.loads(args.child))))
+        return 0
+    if args.report:
+        path = Path(args.report)
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps(report(data), indent=2, default=str))
+        print(f"wrote {path}")
         return 0
 
     work = Path(args.work_dir).resolve()
@@ -545,7 +629,7 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
         cfg = size_config(root, bert, args.embed_dim)
-        write_world(cfg, n, args.impressions_per_song)
+        write_world(cfg, n, args.interactions)
         write_features(cfg, n)
         checkpoint = write_checkpoint(cfg, root / "checkpoint" / "model.pt")
         from htcl.pipeline import model_version
@@ -576,46 +660,18 @@ def main(argv=None) -> int:
     if not redis_skip:
         flush_redis_db(args.online_store)
 
-    sizes = sorted(args.sizes)
-    exponents, goals = summarize(results, sizes)
-    print(f"\nbackbone family (musicnn_msd features (1506, 1), tiny model, embed_dim {args.embed_dim}); "
-          f"{args.impressions_per_song:g} impressions a song; peak RSS of the child process "
-          f"(imports alone: {imports['peak_rss_mb']:.0f} MB), tree = with its Ray processes\n")
-    head = ("songs", "step", "seconds", "rows/s", "peak RSS MB", "tree peak MB")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in results:
-        print(f"| {r['songs']} | {r['step']} | {r['seconds']:.2f} | {r['rows_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['tree_peak_rss_mb']:.0f} |")
-    print("\n| step | k (time ∝ n^k) |" + (" extrapolated s at 1M |" if max(sizes) < 1_000_000 else "") + "\n|---|---|" +
-          ("---|" if max(sizes) < 1_000_000 else ""))
-    extrapolated = {}
-    for step, k in exponents.items():
-        line = f"| {step} | {'-' if k is None else f'{k:.2f}'} |"
-        if max(sizes) < 1_000_000 and k is not None:
-            last = next(r for r in results if r["step"] == step and r["songs"] == max(sizes))
-            extrapolated[step] = last["seconds"] * (1_000_000 / max(sizes)) ** k
-            line += f" {extrapolated[step]:.0f} |"
-        print(line)
-    if extrapolated:
-        print(f"\nextrapolated total at 1M: {sum(extrapolated.values()) / 60:.0f} min "
-              f"(+ writing the catalog: {setup[max(sizes)]['write_seconds'] * 1_000_000 / max(sizes) / 60:.0f} min)")
-    print()
-    for name, g in goals.items():
-        shown = {k: v for k, v in g.items() if k not in ("goal", "met")}
-        print(f"{'MET ' if g['met'] else 'NOT MET'}  {name}: {json.dumps(shown, default=str)}")
-    print(f"\n(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    data = {
         "benchmark": "bench_scale", "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_average": os.getloadavg()[0], "sizes": sizes, "embed_dim": args.embed_dim,
-        "impressions_per_song": args.impressions_per_song, "train_batch": TRAIN_BATCH, "train_world": TRAIN_WORLD,
+        "load_average": os.getloadavg()[0], "sizes": sorted(args.sizes), "embed_dim": args.embed_dim,
+        "interactions": args.interactions, "train_batch": TRAIN_BATCH, "train_world": TRAIN_WORLD,
         "train_steps": args.train_steps, "queries": args.queries, "k": args.k,
         "redis": None if redis_skip else args.online_store, "redis_skipped": redis_skip,
         "imports_peak_rss_mb": imports["peak_rss_mb"], "setup": {str(n): s for n, s in setup.items()},
-        "results": results, "k_exponents": exponents, "extrapolated_seconds_at_1m": extrapolated or None,
-        "goals": goals,
-    }, indent=2, default=str))
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report(data), indent=2, default=str))
     print(f"wrote {out}")
     return 0
 
