@@ -47,8 +47,12 @@ exponent k of a log-log least-squares fit of seconds against n (time ∝ n^k), a
   - a second, no-change embed + materialize under 5% of the first, at the largest size
 
     nice -n 10 .venv/bin/python benchmarks/bench_scale.py [--sizes 10000 100000 1000000]
-        [--work-dir /tmp/bench_scale] [--online-store redis://127.0.0.1:6379/12] [--keep]
-        [--out benchmarks/results/bench_scale.json]
+        [--work-dir /tmp/bench_scale] [--online-store redis://127.0.0.1:6379/12] [--interactions 2000]
+        [--embed-dim 32] [--keep] [--out benchmarks/results/bench_scale.json]
+    .venv/bin/python benchmarks/bench_scale.py --report benchmarks/results/bench_scale.json
+
+The k of a fit over 10k-100k reads fixed costs (a Ray instance's start, the log's stats) as
+k < 1; the report also fits seconds = fixed + per-song cost and extrapolates both ways to 1M.
 """
 
 from __future__ import annotations
