@@ -19,6 +19,8 @@ from pathlib import Path
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Array, Float32, Int64, String
 
+from htcl import schema as S
+
 # The event_timestamp of every embedding row: an embedding is valid at any time (see song_embedding).
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 SONG_EMBEDDINGS = "song_embeddings"  # a folder: one file per embeddings part of each model version
@@ -27,13 +29,14 @@ SONG_EMBEDDINGS = "song_embeddings"  # a folder: one file per embeddings part of
 def embedding_source_file(model_version: str, part: Path) -> str:
     """The name, in SONG_EMBEDDINGS, of the source file made from embeddings/<model_version>/<part>."""
     return f"{model_version}--{Path(part).stem}.parquet"
-SONG_STATS = "song_stats.parquet"
-LISTENER_STATS = "listener_stats.parquet"
-WINDOWS = (7, 30)
 
-song = Entity(name="song", join_keys=["song_id"], value_type=ValueType.INT64, description="a catalog song")
-listener = Entity(name="listener", join_keys=["user_id"], value_type=ValueType.INT64, description="a listener")
-model = Entity(name="model", join_keys=["model_version"], value_type=ValueType.STRING,
+
+SONG_STATS = f"{S.SONG_STATS_VIEW}.parquet"
+LISTENER_STATS = f"{S.LISTENER_STATS_VIEW}.parquet"
+
+song = Entity(name="song", join_keys=[S.SONG_ID], value_type=ValueType.INT64, description="a catalog song")
+listener = Entity(name="listener", join_keys=[S.USER_ID], value_type=ValueType.INT64, description="a listener")
+model = Entity(name="model", join_keys=[S.MODEL_VERSION], value_type=ValueType.STRING,
                description="the embedding model version (checkpoint + config hash)")
 
 
@@ -60,35 +63,26 @@ def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
         tags={"embed_dim": str(embed_dim)},
         description="HTCL audio embeddings per song and model version",
     )
-    stat_fields = []
-    for w in WINDOWS:
-        stat_fields += [Field(name=f"impressions_{w}d", dtype=Int64), Field(name=f"clicks_{w}d", dtype=Int64),
-                        Field(name=f"favors_{w}d", dtype=Int64), Field(name=f"ctr_{w}d", dtype=Float32),
-                        Field(name=f"cvr_{w}d", dtype=Float32)]
+    dtypes = {"int64": Int64, "float32": Float32, "string": String}
     song_stats = FeatureView(
-        name="song_stats",
+        name=S.SONG_STATS_VIEW,
         entities=[song],
         # No expiry: a snapshot is written whenever a window changes, zeros included (htcl/features.py),
         # and Feast 0.67's file store drops training rows whose features fall outside a ttl.
         ttl=timedelta(0),
-        schema=stat_fields,
-        source=source("song_stats", SONG_STATS),
+        schema=[Field(name=name, dtype=dtypes[kind]) for name, kind in S.song_stats_features().items()],
+        source=source(S.SONG_STATS_VIEW, SONG_STATS),
         online=True,
-        description="popularity, click and favor rates of a song as a candidate, trailing 7 and 30 days",
+        description=f"popularity, click and favor rates of a song as a candidate, trailing {S.STAT_WINDOWS} days",
     )
     listener_stats = FeatureView(
-        name="listener_stats",
+        name=S.LISTENER_STATS_VIEW,
         entities=[listener],
         ttl=timedelta(0),
-        schema=[
-            Field(name="impressions_30d", dtype=Int64), Field(name="clicks_30d", dtype=Int64),
-            Field(name="favors_30d", dtype=Int64), Field(name="active_days_30d", dtype=Int64),
-            Field(name="ctr_30d", dtype=Float32), Field(name="top_genre_30d", dtype=String),
-            Field(name="top_genre_share_30d", dtype=Float32), Field(name="genre_entropy_30d", dtype=Float32),
-        ],
-        source=source("listener_stats", LISTENER_STATS),
+        schema=[Field(name=name, dtype=dtypes[kind]) for name, kind in S.listener_stats_features().items()],
+        source=source(S.LISTENER_STATS_VIEW, LISTENER_STATS),
         online=True,
-        description="activity, click rate and genre-affinity summary of a listener, trailing 30 days",
+        description=f"activity, click rate and genre-affinity summary of a listener, trailing {S.LISTENER_WINDOW} days",
     )
     # The ranker reads the candidate (song_id) and the trigger (trigger_song_id) side by side.
     # Both projections carry an alias: Feast 0.67 cannot sort a service's projections when one
@@ -105,14 +99,14 @@ def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
     )
     return {
         "song": song, "listener": listener, "model": model,
-        "song_embedding": song_embedding, "song_stats": song_stats, "listener_stats": listener_stats,
+        "song_embedding": song_embedding, S.SONG_STATS_VIEW: song_stats, S.LISTENER_STATS_VIEW: listener_stats,
         "ranker_v1": ranker_v1, "matching_v1": matching_v1,
     }
 
 
 _objects = definitions(os.environ.get("HTCL_FEAST_DATA", "outputs/demo/feast"), int(os.environ.get("HTCL_EMBED_DIM", "128")))
 song_embedding = _objects["song_embedding"]
-song_stats = _objects["song_stats"]
-listener_stats = _objects["listener_stats"]
+song_stats = _objects[S.SONG_STATS_VIEW]
+listener_stats = _objects[S.LISTENER_STATS_VIEW]
 ranker_v1 = _objects["ranker_v1"]
 matching_v1 = _objects["matching_v1"]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from htcl import schema as S
 
-WINDOWS = (7, 30)  # days
+WINDOWS = S.STAT_WINDOWS
 PRIOR_STRENGTH = 10.0  # pseudo-impressions of the global rate: smooths rates of rarely shown songs
 DAY = pd.Timedelta(days=1)
 
@@ -126,13 +126,10 @@ def song_stats(
 
 
 def song_stats_columns(windows: Sequence[int] = WINDOWS) -> list[str]:
-    cols = [S.SONG_ID, S.EVENT_TIMESTAMP]
-    for w in windows:
-        cols += [f"impressions_{w}d", f"clicks_{w}d", f"favors_{w}d", f"ctr_{w}d", f"cvr_{w}d"]
-    return cols
+    return [S.SONG_ID, S.EVENT_TIMESTAMP, *S.song_stats_features(windows)]
 
 
-LISTENER_WINDOW = 30
+LISTENER_WINDOW = S.LISTENER_WINDOW
 
 
 def listener_stats(
@@ -198,9 +195,7 @@ def listener_stats(
 
 
 def listener_stats_columns(window: int = LISTENER_WINDOW) -> list[str]:
-    w = window
-    return [S.USER_ID, S.EVENT_TIMESTAMP, f"impressions_{w}d", f"clicks_{w}d", f"favors_{w}d", f"active_days_{w}d",
-            f"ctr_{w}d", f"top_genre_{w}d", f"top_genre_share_{w}d", f"genre_entropy_{w}d"]
+    return [S.USER_ID, S.EVENT_TIMESTAMP, *S.listener_stats_features(window)]
 
 
 def point_in_time_stats(interactions: pd.DataFrame, song_genre: Mapping[int, str] | None = None) -> pd.DataFrame:
@@ -217,8 +212,9 @@ def point_in_time_stats(interactions: pd.DataFrame, song_genre: Mapping[int, str
     songs = song_stats(log, start, end, priors)
     users = listener_stats(log, start, end, song_genre, priors)
     frame = log.rename(columns={S.REC_SONG_ID: S.SONG_ID}).assign(**{S.EVENT_TIMESTAMP: ts, "_row": np.arange(len(log))})
-    for table, key, view in ((songs, S.SONG_ID, "song_stats"), (users, S.USER_ID, "listener_stats")):
-        table = table.rename(columns={c: f"{view}__{c}" for c in table.columns if c not in (key, S.EVENT_TIMESTAMP)})
+    for table, key, view in ((songs, S.SONG_ID, S.SONG_STATS_VIEW), (users, S.USER_ID, S.LISTENER_STATS_VIEW)):
+        table = table.rename(columns={c: S.full_feature_name(view, c) for c in table.columns
+                                      if c not in (key, S.EVENT_TIMESTAMP)})
         table = table.assign(**{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")})
         frame = pd.merge_asof(frame.sort_values(S.EVENT_TIMESTAMP), table.sort_values(S.EVENT_TIMESTAMP),
                               on=S.EVENT_TIMESTAMP, by=key, direction="backward", allow_exact_matches=True)

@@ -31,7 +31,7 @@ from htcl.intervals import bootstrap_ci
 
 CANDIDATE_EMBEDDING = "candidate_embedding__embedding"
 TRIGGER_EMBEDDING = "trigger_embedding__embedding"
-STATS_PREFIXES = ("song_stats__", "listener_stats__")
+STATS_PREFIXES = (S.full_feature_name(S.SONG_STATS_VIEW, ""), S.full_feature_name(S.LISTENER_STATS_VIEW, ""))
 BUNDLE_FILE = "rankers.json"
 
 

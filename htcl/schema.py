@@ -110,6 +110,35 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
+# --- behaviour features: htcl.features computes them, feature_repo/definitions.py serves them ---
+SONG_STATS_VIEW = "song_stats"  # the Feast feature views (and their offline sources' stems)
+LISTENER_STATS_VIEW = "listener_stats"
+STAT_WINDOWS = (7, 30)  # days, song_stats
+LISTENER_WINDOW = 30  # days, listener_stats
+
+
+def song_stats_features(windows=STAT_WINDOWS) -> dict[str, str]:
+    """The song_stats view's features, name -> dtype ("int64" | "float32" | "string"), in column order."""
+    out: dict[str, str] = {}
+    for w in windows:
+        out.update({f"impressions_{w}d": "int64", f"clicks_{w}d": "int64", f"favors_{w}d": "int64",
+                    f"ctr_{w}d": "float32", f"cvr_{w}d": "float32"})
+    return out
+
+
+def listener_stats_features(window: int = LISTENER_WINDOW) -> dict[str, str]:
+    """The listener_stats view's features, name -> dtype, in column order."""
+    w = window
+    return {f"impressions_{w}d": "int64", f"clicks_{w}d": "int64", f"favors_{w}d": "int64",
+            f"active_days_{w}d": "int64", f"ctr_{w}d": "float32", f"top_genre_{w}d": "string",
+            f"top_genre_share_{w}d": "float32", f"genre_entropy_{w}d": "float32"}
+
+
+def full_feature_name(view: str, feature: str) -> str:
+    """How Feast names a feature with full_feature_names=True (the rankers' columns)."""
+    return f"{view}__{feature}"
+
+
 def missing_columns(columns, required) -> list[str]:
     """Required column names absent from `columns`, in contract order."""
     present = set(columns)

@@ -247,7 +247,7 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
             wrote["song_embedding"] = f"{len(frame)} rows of {len(new_files)} new source files"
     if "song_embedding" in wrote or done != current:
         _write_text_atomic(done_path, json.dumps(current, indent=1, sort_keys=True))
-    for view in ("song_stats", "listener_stats"):
+    for view in (S.SONG_STATS_VIEW, S.LISTENER_STATS_VIEW):
         fv = store.get_feature_view(view)
         if fv.materialization_intervals and fv.state == FeatureViewState.AVAILABLE_ONLINE:
             store.materialize_incremental(now, feature_views=[view])
@@ -333,7 +333,7 @@ def publish(args, cfg, data_dir: Path) -> int:
         "online_state": str(state),
         "previous_model_version": previous,
         "embed_dim": embed_dim,
-        "rows": {"song_stats": len(songs), "listener_stats": len(listeners),
+        "rows": {S.SONG_STATS_VIEW: len(songs), S.LISTENER_STATS_VIEW: len(listeners),
                  "song_embeddings (all versions)": offline["rows"]},
         "embedding_source_files": {"written": len(offline["written"]), "removed": len(offline["removed"]),
                                    "total": offline["files"]},

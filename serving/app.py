@@ -50,6 +50,7 @@ import numpy as np
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
+from htcl import schema as S
 from serving.api import ApiError, ApiSettings, create_api, error_for_unknown, jsonable, key_digest
 from serving.gate import BodyLimits
 
@@ -297,10 +298,10 @@ class Ranker(_Worker):
         self.index = AnnIndex.load(index_dir, model_version)
         self.store = open_store(feast_dir, online_store)
         service = self.store.get_feature_service("ranker_v1")
-        self.song_refs = [f"{v.name}:{f.name}" for v in service.feature_view_projections if v.name == "song_stats"
-                          for f in v.features]
+        self.song_refs = [f"{v.name}:{f.name}" for v in service.feature_view_projections
+                          if v.name == S.SONG_STATS_VIEW for f in v.features]
         self.listener_refs = [f"{v.name}:{f.name}" for v in service.feature_view_projections
-                              if v.name == "listener_stats" for f in v.features]
+                              if v.name == S.LISTENER_STATS_VIEW for f in v.features]
         self._stats(0, [0])  # warm the registry and connection
 
     def _stats(self, user_id: int, candidates: list[int]):
@@ -312,7 +313,7 @@ class Ranker(_Worker):
                                                   full_feature_names=True).to_dict()
         frame = pd.DataFrame(songs)
         for name, values in listener.items():
-            if name.startswith("listener_stats__"):
+            if name.startswith(S.full_feature_name(S.LISTENER_STATS_VIEW, "")):
                 frame[name] = [values[0]] * len(frame)  # one listener for every candidate row
         return frame
 
