@@ -146,14 +146,35 @@ def detect_gpu(flag: bool | None) -> bool:
     return cluster_resources().get("GPU", 0) > 0
 
 
+def default_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
+    from htcl.pipeline import run_dir_name
+
+    return Path(checkpoint or out_path(cfg, run_dir_name(cfg, "finetune"), "model.pt")).resolve()
+
+
+def up_to_date(cfg: Config, plan) -> bool:
+    """Nothing to embed, no row dropped, and the index built from the parts there are: no work."""
+    from htcl.pipeline import index_is_current
+
+    return not plan.todo and not plan.replaced_rows and index_is_current(cfg, plan.out_dir)
+
+
+def summary_without_work(cfg: Config, plan) -> dict:
+    rows = sum(pq.read_metadata(f).num_rows for f in plan.out_dir.glob("*.parquet"))
+    return {"checkpoint": str(plan.checkpoint), "model_version": plan.version, **plan.summary(), "embedded": 0,
+            "nodes": {}, "songs": rows, "workers": 0, "gpu": None, "seconds": 0.0, "songs_per_s": None,
+            "embeddings": str(plan.out_dir), "index": str(out_path(cfg, "index", plan.version)), "index_rebuilt": False}
+
+
 def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None = None,
-        batch_size: int = 64, use_gpu: bool | None = None, force: bool = False) -> dict:
+        batch_size: int = 64, use_gpu: bool | None = None, force: bool = False, plan=None) -> dict:
+    """Embed what plan_embed finds new or changed on the connected Ray cluster (plan: one already
+    made for this checkpoint); returns the summary."""
     import ray
 
-    from htcl.pipeline import build_index, index_is_current, plan_embed, run_dir_name
+    from htcl.pipeline import build_index, index_is_current, plan_embed
 
-    checkpoint = Path(checkpoint or out_path(cfg, run_dir_name(cfg, "finetune"), "model.pt")).resolve()
-    plan = plan_embed(cfg, checkpoint, force)
+    plan = plan or plan_embed(cfg, default_checkpoint(cfg, checkpoint), force)
     use_gpu = detect_gpu(use_gpu)
     workers = default_workers(workers, use_gpu)
     now = datetime.now(timezone.utc)
@@ -164,6 +185,10 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
 
         dim = int(torch.load(plan.checkpoint, map_location="cpu", weights_only=False)["config"]["model"]["embed_dim"])
         sink = EmbeddingsDatasink(plan.out_dir, dim)
+        # Batches go to the least busy actor on any node, not to one on the node that read the
+        # block: an input row is small beside its forward pass, and locality would keep a small
+        # catalog on the node its read tasks ran on.
+        ray.data.DataContext.get_current().execution_options.actor_locality_enabled = False
         # Reading is light: it must not wait for a CPU the actors hold.
         ds = ray.data.read_parquet([str(f) for f in plan.shards], columns=plan.columns,
                                    ray_remote_args={"num_cpus": 0})
@@ -176,11 +201,14 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
             fn_constructor_kwargs={"checkpoint": str(plan.checkpoint), "version": plan.version, "event_timestamp": now,
                                    "n_mels": cfg.audio.n_mels, "use_gpu": use_gpu},
             batch_size=batch_size,
-            # Autoscaling from 1: the file listing before the read takes a CPU, and a fixed pool that
-            # holds every CPU of a small node would starve it (a deadlock on 2 cores).
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+            # All but one actor from the start (so a cluster's nodes all take part), up to `workers`:
+            # the file listing before the read takes a CPU, and a pool that holds every CPU of a
+            # small node from the start would starve it (a deadlock on 2 cores).
+            compute=ray.data.ActorPoolStrategy(min_size=max(1, workers - 1), max_size=workers),
             num_cpus=1,
             num_gpus=1 if use_gpu else 0,
+            # over every node, not packed on the driver's first: batch inference scales with nodes
+            scheduling_strategy="SPREAD",
         )
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
         save_resolved_config(cfg, plan.out_dir, "_config.yaml")  # "_": Parquet readers skip it
@@ -222,10 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg = parse_args(build_parser(), argv)
+    from htcl.pipeline import plan_embed
+
+    # Planned before Ray starts: a catalog with nothing new costs a read of the hash columns only.
+    plan = plan_embed(cfg, default_checkpoint(cfg, args.checkpoint), args.force)
+    if up_to_date(cfg, plan):
+        print_summary(summary_without_work(cfg, plan))
+        print(f"embeddings: {plan.out_dir} (up to date: nothing new or changed)", flush=True)
+        return 0
     started = init_ray(args.num_cpus)
     job_banner("embed")
     try:
-        summary = run(cfg, args.checkpoint, args.workers, args.batch_size, args.gpu, args.force)
+        summary = run(cfg, workers=args.workers, batch_size=args.batch_size, use_gpu=args.gpu, plan=plan)
     finally:
         if started:
             import ray
