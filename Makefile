@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml constraints.txt scripts/install_system_deps.sh
 demo: $(STAMP)
 	$(VENV)/bin/htcl demo --config $(CONFIG)
 
-test: $(STAMP)
+# ruff (lint and format check, config in pyproject.toml) before the tests: CI runs `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q --durations=15 tests
+
+# the quick tests only (not marked slow: no Ray cluster, Feast publish or training run): ~3 min on 2 cores
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

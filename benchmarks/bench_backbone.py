@@ -68,8 +68,8 @@ def best_cpu_s(fn, items, repeats: int) -> float:
 
 def run_tf(args) -> int:
     import librosa
-    import tensorflow as tf
     import musicnn
+    import tensorflow as tf
     from musicnn import configuration as config
     from musicnn import models
 
@@ -77,11 +77,12 @@ def run_tf(args) -> int:
     waves = clips(args.clips)
 
     def front(y):  # musicnn.extractor.batch_data, on an array instead of a file
-        rep = librosa.feature.melspectrogram(y=y, sr=SR, hop_length=config.FFT_HOP, n_fft=config.FFT_SIZE,
-                                             n_mels=config.N_MELS).T
+        rep = librosa.feature.melspectrogram(
+            y=y, sr=SR, hop_length=config.FFT_HOP, n_fft=config.FFT_SIZE, n_mels=config.N_MELS
+        ).T
         rep = np.log10(10000 * rep.astype(np.float16) + 1)
         n = rep.shape[0] // PATCH
-        return rep[:n * PATCH].reshape(n, PATCH, config.N_MELS)
+        return rep[: n * PATCH].reshape(n, PATCH, config.N_MELS)
 
     rows = {}
     mels = [front(y) for y in waves]
@@ -93,8 +94,9 @@ def run_tf(args) -> int:
             x = tf.compat.v1.placeholder(tf.float32, [None, PATCH, config.N_MELS])
             is_training = tf.compat.v1.placeholder(tf.bool)
             y = tf.nn.sigmoid(models.define_model(x, is_training, folder, len(labels))[0])
-        sess = tf.compat.v1.Session(config=tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1,
-                                                                     inter_op_parallelism_threads=1))
+        sess = tf.compat.v1.Session(
+            config=tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
+        )
         tf.compat.v1.train.Saver().restore(sess, str(Path(musicnn.__file__).parent / folder) + "/")
         net = best_cpu_s(lambda m: sess.run(y, feed_dict={x: m, is_training: False}), mels, args.repeats)
         rows[f"TF {key} network"] = net
@@ -104,11 +106,22 @@ def run_tf(args) -> int:
         print(f"{k:<36}{v:>9.3f} CPU-s/clip")
     out = Path(args.out or RESULTS / "bench_backbone_tf.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_backbone --tf", "tensorflow": tf.__version__,
-                               "numpy": np.__version__, "librosa": librosa.__version__,
-                               "machine": platform.machine(), "threads": 1, "clips": args.clips,
-                               "repeats": args.repeats, "cpu_s_per_clip": {k: round(v, 4) for k, v in rows.items()}},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_backbone --tf",
+                "tensorflow": tf.__version__,
+                "numpy": np.__version__,
+                "librosa": librosa.__version__,
+                "machine": platform.machine(),
+                "threads": 1,
+                "clips": args.clips,
+                "repeats": args.repeats,
+                "cpu_s_per_clip": {k: round(v, 4) for k, v in rows.items()},
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 
@@ -139,18 +152,25 @@ def run_port(args) -> int:
     tf_path = RESULTS / "bench_backbone_tf.json"
     tf_rows = json.loads(tf_path.read_text())["cpu_s_per_clip"] if tf_path.exists() else {}
 
-    print(f"musicnn on {SECONDS} s clips at {SR} Hz, 1 thread, CPU-seconds per clip (process_time), "
-          f"best of {args.repeats} over {args.clips} clips")
+    print(
+        f"musicnn on {SECONDS} s clips at {SR} Hz, 1 thread, CPU-seconds per clip (process_time), "
+        f"best of {args.repeats} over {args.clips} clips"
+    )
     print(f"{'row':<40}{'CPU-s/clip':>11}{'TF':>9}{'port/TF':>9}")
     table = []
     for k, v in rows.items():
         tfk = k.replace("port ", "TF ").replace("front end (log_mel + patches)", "front end (librosa)")
         tv = tf_rows.get(tfk)
         ratio = v / tv if tv else None
-        table.append({"row": k, "cpu_s_per_clip": round(v, 4), "tf_cpu_s_per_clip": tv,
-                      "port_over_tf": None if ratio is None else round(ratio, 3)})
-        print(f"{k:<40}{v:>11.3f}{'' if tv is None else f'{tv:.3f}':>9}"
-              f"{'' if ratio is None else f'{ratio:.2f}x':>9}")
+        table.append(
+            {
+                "row": k,
+                "cpu_s_per_clip": round(v, 4),
+                "tf_cpu_s_per_clip": tv,
+                "port_over_tf": None if ratio is None else round(ratio, 3),
+            }
+        )
+        print(f"{k:<40}{v:>11.3f}{'' if tv is None else f'{tv:.3f}':>9}{'' if ratio is None else f'{ratio:.2f}x':>9}")
     print("batched log_mel, per-song ms:")
     base = batch_rows[1]
     for b, v in batch_rows.items():
@@ -164,12 +184,23 @@ def run_port(args) -> int:
         print(f"goal {g}: {'met' if ok else 'NOT met'}")
     out = Path(args.out or RESULTS / "bench_backbone.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_backbone", "torch": torch.__version__,
-                               "machine": platform.machine(), "threads": 1, "clips": args.clips,
-                               "repeats": args.repeats, "rows": table,
-                               "log_mel_batched_ms_per_song": {str(b): round(v * 1000, 3) for b, v in batch_rows.items()},
-                               "tf_results": str(tf_path.relative_to(REPO)) if tf_rows else None,
-                               "goals": goals}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_backbone",
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": 1,
+                "clips": args.clips,
+                "repeats": args.repeats,
+                "rows": table,
+                "log_mel_batched_ms_per_song": {str(b): round(v * 1000, 3) for b, v in batch_rows.items()},
+                "tf_results": str(tf_path.relative_to(REPO)) if tf_rows else None,
+                "goals": goals,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -66,8 +66,9 @@ def flat_all_reduce(parameters) -> None:
 def bench_config(overrides=()):
     from htcl.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml", [
-        "model.audio_backbone=none", "model.text_trainable=true", *overrides])
+    return load_config(
+        REPO / "configs" / "demo.yaml", ["model.audio_backbone=none", "model.text_trainable=true", *overrides]
+    )
 
 
 def local_batch(cfg, stage: str, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -87,8 +88,14 @@ def local_batch(cfg, stage: str, n: int, seed: int) -> dict[str, torch.Tensor]:
         (m, mm), (ids, att) = mel(), text()
         return {"mel": m, "mel_mask": mm, "input_ids": ids, "attention_mask": att}
     (tm, tmm), (rm, rmm), (ids, att) = mel(), mel(), text()
-    return {"trigger_mel": tm, "trigger_mask": tmm, "rec_mel": rm, "rec_mask": rmm,
-            "rec_input_ids": ids, "rec_attention_mask": att}
+    return {
+        "trigger_mel": tm,
+        "trigger_mask": tmm,
+        "rec_mel": rm,
+        "rec_mask": rmm,
+        "rec_input_ids": ids,
+        "rec_attention_mask": att,
+    }
 
 
 def _worker(rank: int, port: int, args, out_path: str) -> None:
@@ -130,14 +137,15 @@ def _worker(rank: int, port: int, args, out_path: str) -> None:
                     dist.barrier()
                     step(mode)
             for rep in range(args.repeats):
-                for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
+                for mode in MODES if rep % 2 == 0 else MODES[::-1]:
                     parts = []
                     for _ in range(args.steps):
                         dist.barrier()
                         parts.append(step(mode))
                     median = {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
-                    results["runs"].append({"stage": stage, "mode": mode, "repeat": rep, **median,
-                                            "load_1min": os.getloadavg()[0]})
+                    results["runs"].append(
+                        {"stage": stage, "mode": mode, "repeat": rep, **median, "load_1min": os.getloadavg()[0]}
+                    )
             # The flat all-reduce alone, on the last step's gradients (what overlap could hide).
             times = []
             for _ in range(args.steps):
@@ -152,7 +160,7 @@ def _worker(rank: int, port: int, args, out_path: str) -> None:
                 "with_grad": sum(p.numel() for p in with_grad),
                 "gradient_mb": round(sum(p.numel() * p.element_size() for p in with_grad) / 2**20, 1),
             }
-            del nets
+            nets = None  # free both wrappers before the next stage builds its own
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -172,8 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     ap.add_argument("--repeats", type=int, default=3, help="runs per mode, order alternated")
-    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD),
-                    help="torch threads per rank")
+    ap.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) // WORLD), help="torch threads per rank"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="config overrides (dotted), e.g. audio.max_seconds=10")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_train_ddp.json"))
     args = ap.parse_args(argv)
@@ -190,44 +199,73 @@ def main(argv=None) -> int:
 
     rows = []
     for stage in args.stages:
-        row = {"stage": stage, **results["params"][stage], "flat_all_reduce_alone_s": round(results["flat_all_reduce_s"][stage], 4)}
+        row = {
+            "stage": stage,
+            **results["params"][stage],
+            "flat_all_reduce_alone_s": round(results["flat_all_reduce_s"][stage], 4),
+        }
         for mode in MODES:
             mine = [r for r in results["runs"] if (r["stage"], r["mode"]) == (stage, mode)]
-            row[mode] = {k: round(float(np.median([r[k] for r in mine])), 4)
-                         for k in ("step_s", "forward_s", "backward_s", "all_reduce_s")}
+            row[mode] = {
+                k: round(float(np.median([r[k] for r in mine])), 4)
+                for k in ("step_s", "forward_s", "backward_s", "all_reduce_s")
+            }
             row[mode]["runs_step_s"] = [round(r["step_s"], 4) for r in mine]
         row["ddp_over_flat_step"] = round(row["ddp"]["step_s"] / row["flat"]["step_s"], 3)
         rows.append(row)
 
-    header = (f"{'stage':<10}{'mode':<6}{'step s':>9}{'fwd s':>8}{'bwd s':>8}{'all-red s':>10}"
-              f"{'samples/s':>11}  runs (step s)")
+    header = (
+        f"{'stage':<10}{'mode':<6}{'step s':>9}{'fwd s':>8}{'bwd s':>8}{'all-red s':>10}"
+        f"{'samples/s':>11}  runs (step s)"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         for mode in MODES:
             m = row[mode]
-            print(f"{row['stage']:<10}{mode:<6}{m['step_s']:>9.3f}{m['forward_s']:>8.3f}{m['backward_s']:>8.3f}"
-                  f"{m['all_reduce_s']:>10.3f}{args.batch / m['step_s']:>11.2f}  {m['runs_step_s']}")
-        print(f"{row['stage']:<10}ddp/flat step time {row['ddp_over_flat_step']:.3f}; flat all-reduce alone "
-              f"{row['flat_all_reduce_alone_s']:.3f} s for {row['gradient_mb']} MB of gradients "
-              f"({row['with_grad']:,} of {row['trainable']:,} trainable parameters get one)")
-    print(f"median over {args.repeats} runs x {args.steps} steps (modes alternated), global batch {args.batch}, "
-          f"{WORLD} gloo ranks x {args.threads} thread(s); ddp's all-reduce runs inside its backward")
-    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+            print(
+                f"{row['stage']:<10}{mode:<6}{m['step_s']:>9.3f}{m['forward_s']:>8.3f}{m['backward_s']:>8.3f}"
+                f"{m['all_reduce_s']:>10.3f}{args.batch / m['step_s']:>11.2f}  {m['runs_step_s']}"
+            )
+        print(
+            f"{row['stage']:<10}ddp/flat step time {row['ddp_over_flat_step']:.3f}; flat all-reduce alone "
+            f"{row['flat_all_reduce_alone_s']:.3f} s for {row['gradient_mb']} MB of gradients "
+            f"({row['with_grad']:,} of {row['trainable']:,} trainable parameters get one)"
+        )
+    print(
+        f"median over {args.repeats} runs x {args.steps} steps (modes alternated), global batch {args.batch}, "
+        f"{WORLD} gloo ranks x {args.threads} thread(s); ddp's all-reduce runs inside its backward"
+    )
+    print(
+        f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores; "
+        f"{time.perf_counter() - t_start:.0f} s in all"
+    )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_ddp", "command": "python benchmarks/bench_ddp.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "world": WORLD, "threads_per_rank": args.threads, "global_batch": args.batch,
-        "config": "configs/demo.yaml model.audio_backbone=none model.text_trainable=true " + " ".join(args.set),
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "note": ("median step time (forward with gathered embeddings, backward, all-reduce, clip, AdamW; no data "
-                 "loading) per mode; ddp's all-reduce is inside its backward_s, flat's is all_reduce_s"),
-        "rows": rows, "runs": results["runs"],
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_ddp",
+                "command": "python benchmarks/bench_ddp.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "world": WORLD,
+                "threads_per_rank": args.threads,
+                "global_batch": args.batch,
+                "config": "configs/demo.yaml model.audio_backbone=none model.text_trainable=true " + " ".join(args.set),
+                "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+                "note": (
+                    "median step time (forward with gathered embeddings, backward, all-reduce, clip, AdamW; no data "
+                    "loading) per mode; ddp's all-reduce is inside its backward_s, flat's is all_reduce_s"
+                ),
+                "rows": rows,
+                "runs": results["runs"],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -40,6 +40,7 @@ def measure(cfg, batch, steps, device, amp_dtype=None, backend=None) -> float:
     n_frames = frames_for(cfg)
     mel = torch.randn(batch, cfg.audio.n_mels, n_frames, device=device) * 5 - 6
     mask = torch.ones(batch, n_frames, dtype=torch.bool, device=device)
+
     def contexts():  # fresh context managers each step (a generator-based one enters once)
         amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         kernel = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
@@ -81,9 +82,18 @@ def main(argv=None) -> int:
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         batch = args.batch if name == "demo" else args.paper_batch
         params = count_parameters(AudioEncoder(cfg.model, cfg.audio.n_mels))
-        rows.append({"config": name, "device": "cpu", "precision": "fp32", "attention": "default SDPA",
-                     "frames": frames_for(cfg), "params_M": round(params / 1e6, 1), "batch": batch,
-                     "samples_per_s": round(measure(cfg, batch, args.steps, cpu), 3)})
+        rows.append(
+            {
+                "config": name,
+                "device": "cpu",
+                "precision": "fp32",
+                "attention": "default SDPA",
+                "frames": frames_for(cfg),
+                "params_M": round(params / 1e6, 1),
+                "batch": batch,
+                "samples_per_s": round(measure(cfg, batch, args.steps, cpu), 3),
+            }
+        )
     for r in rows:  # the reference is the first row of the same device
         r["ratio"] = round(r["samples_per_s"] / rows[0]["samples_per_s"], 4)
     if torch.cuda.is_available():
@@ -93,27 +103,53 @@ def main(argv=None) -> int:
         batch, steps = args.gpu_batch, args.steps * 5
         measure(cfg, batch, 2, gpu)  # warm-up: cuDNN/cuBLAS autotuning, allocator
         gpu_rows = []
-        for precision, dtype, backend in (("fp32", None, None), ("bf16 autocast", torch.bfloat16, None),
-                                          ("bf16 autocast", torch.bfloat16, SDPBackend.MATH)):
-            gpu_rows.append({"config": "paper", "device": name, "precision": precision,
-                             "attention": "math only" if backend else "default SDPA (fused)",
-                             "frames": frames_for(cfg), "params_M": rows[-1]["params_M"], "batch": batch,
-                             "samples_per_s": round(measure(cfg, batch, steps, gpu, dtype, backend), 2)})
+        for precision, dtype, backend in (
+            ("fp32", None, None),
+            ("bf16 autocast", torch.bfloat16, None),
+            ("bf16 autocast", torch.bfloat16, SDPBackend.MATH),
+        ):
+            gpu_rows.append(
+                {
+                    "config": "paper",
+                    "device": name,
+                    "precision": precision,
+                    "attention": "math only" if backend else "default SDPA (fused)",
+                    "frames": frames_for(cfg),
+                    "params_M": rows[-1]["params_M"],
+                    "batch": batch,
+                    "samples_per_s": round(measure(cfg, batch, steps, gpu, dtype, backend), 2),
+                }
+            )
         for r in gpu_rows:
             r["ratio"] = round(r["samples_per_s"] / gpu_rows[0]["samples_per_s"], 3)
         rows += gpu_rows
 
-    header = f"{'config':<7}{'device':<24}{'precision':<15}{'attention':<22}{'frames':>7}{'params':>9}{'batch':>6}{'samples/s':>11}{'ratio':>8}"
+    header = (
+        f"{'config':<7}{'device':<24}{'precision':<15}{'attention':<22}"
+        f"{'frames':>7}{'params':>9}{'batch':>6}{'samples/s':>11}{'ratio':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<7}{r['device'][:23]:<24}{r['precision']:<15}{r['attention']:<22}{r['frames']:>7}"
-              f"{r['params_M']:>8}M{r['batch']:>6}{r['samples_per_s']:>11}{r['ratio']:>8}")
+        print(
+            f"{r['config']:<7}{r['device'][:23]:<24}{r['precision']:<15}{r['attention']:<22}{r['frames']:>7}"
+            f"{r['params_M']:>8}M{r['batch']:>6}{r['samples_per_s']:>11}{r['ratio']:>8}"
+        )
     print("ratio: samples/s over the first row of the same device (CPU: demo fp32; GPU: paper fp32)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_encoder", "torch": torch.__version__, "machine": platform.machine(),
-                               "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_encoder",
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -76,9 +76,23 @@ def default_name(songs: int) -> str:
 
 
 def world_command(world: Path, songs: int, seed: int, workers: int) -> list[str]:
-    return ["sample-data", "--out", str(world), "--songs", str(songs), "--seed", str(seed), "--seconds", "30",
-            "--source", f"midi:{SHARED / 'midi_genres'}", "--listeners", f"lastfm:{SHARED / 'lastfm_hetrec2011'}",
-            "--workers", str(workers)]
+    return [
+        "sample-data",
+        "--out",
+        str(world),
+        "--songs",
+        str(songs),
+        "--seed",
+        str(seed),
+        "--seconds",
+        "30",
+        "--source",
+        f"midi:{SHARED / 'midi_genres'}",
+        "--listeners",
+        f"lastfm:{SHARED / 'lastfm_hetrec2011'}",
+        "--workers",
+        str(workers),
+    ]
 
 
 def ensure_world(world: Path, args) -> dict:
@@ -92,14 +106,19 @@ def ensure_world(world: Path, args) -> dict:
         return {**info, "reused": True}
     for path in (SHARED / "midi_genres", SHARED / "lastfm_hetrec2011"):
         if not path.is_dir():
-            raise SystemExit(f"bench_evaluation: {path} is missing (rendering the benchmark world needs "
-                             "../shared/data beside the repo; or pass --world-dir)")
+            raise SystemExit(
+                f"bench_evaluation: {path} is missing (rendering the benchmark world needs "
+                "../shared/data beside the repo; or pass --world-dir)"
+            )
     cmd = world_command(world, args.songs, args.world_seed, args.workers)
     t0 = time.perf_counter()
     if htcl(cmd):
         raise SystemExit("bench_evaluation: sample-data failed")
-    info = {"command": "htcl " + " ".join(cmd), "seconds": round(time.perf_counter() - t0, 1),
-            "machine": platform.platform()}
+    info = {
+        "command": "htcl " + " ".join(cmd),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": platform.platform(),
+    }
     info_path.write_text(json.dumps(info, indent=2))
     return {**info, "reused": False}
 
@@ -126,16 +145,26 @@ def seed_caches(first: Path, seed_dir: Path) -> list[str]:
     return done
 
 
-def seed_settings(seed: int, seed_dir: Path, world: Path, args, overrides: list[str],
-                  tables: dict[str, Path] | None = None) -> dict:
-    return {"config": args.config,
-            "overrides": [f"output_dir={seed_dir}", f"data.root={world}", f"data.songs={args.songs}",
-                          f"pretrain.seed={seed}", f"finetune.seed={seed}", *overrides],
-            "embeddings": {name: str(path) for name, path in (tables or {}).items()}}
+def seed_settings(
+    seed: int, seed_dir: Path, world: Path, args, overrides: list[str], tables: dict[str, Path] | None = None
+) -> dict:
+    return {
+        "config": args.config,
+        "overrides": [
+            f"output_dir={seed_dir}",
+            f"data.root={world}",
+            f"data.songs={args.songs}",
+            f"pretrain.seed={seed}",
+            f"finetune.seed={seed}",
+            *overrides,
+        ],
+        "embeddings": {name: str(path) for name, path in (tables or {}).items()},
+    }
 
 
-def finished_seed(seed: int, seed_dir: Path, world: Path, args, overrides: list[str],
-                  tables: dict[str, Path]) -> dict | None:
+def finished_seed(
+    seed: int, seed_dir: Path, world: Path, args, overrides: list[str], tables: dict[str, Path]
+) -> dict | None:
     """The seed's record when it finished with these settings, else None."""
     marker, results_path = seed_dir / SEED_FILE, seed_dir / "evaluation" / "results.json"
     if marker.is_file() and results_path.is_file():
@@ -145,8 +174,9 @@ def finished_seed(seed: int, seed_dir: Path, world: Path, args, overrides: list[
     return None
 
 
-def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, overrides: list[str],
-             tables: dict[str, Path]) -> dict:
+def run_seed(
+    seed: int, seed_dir: Path, first: Path | None, world: Path, args, overrides: list[str], tables: dict[str, Path]
+) -> dict:
     """One training seed's demo run (or its earlier results when it ran with the same settings)."""
     from htcl.cli import main as htcl
 
@@ -168,9 +198,14 @@ def run_seed(seed: int, seed_dir: Path, first: Path | None, world: Path, args, o
     code = htcl(["demo", "--local", "--config", args.config, *external, *seed_overrides])
     if code:
         raise SystemExit(f"bench_evaluation: seed {seed}: htcl demo failed with exit status {code}")
-    record = {"seed": seed, "output_dir": str(seed_dir), "settings": settings, "caches_from": str(first) if linked else None,
-              "seconds": round(time.perf_counter() - t0, 1),
-              "timings": json.loads((seed_dir / "demo_timings.json").read_text())}
+    record = {
+        "seed": seed,
+        "output_dir": str(seed_dir),
+        "settings": settings,
+        "caches_from": str(first) if linked else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "timings": json.loads((seed_dir / "demo_timings.json").read_text()),
+    }
     marker.write_text(json.dumps(record, indent=2))
     return record
 
@@ -180,7 +215,9 @@ def write_embedding_table(path: Path, ids, vectors: np.ndarray) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame({"song_id": np.asarray(ids, np.int64), "embedding": list(np.asarray(vectors, np.float32))}).to_parquet(tmp)
+    pd.DataFrame({"song_id": np.asarray(ids, np.int64), "embedding": list(np.asarray(vectors, np.float32))}).to_parquet(
+        tmp
+    )
     os.replace(tmp, path)
     return path
 
@@ -225,7 +262,10 @@ def external_table_paths(out: Path, cfg) -> dict[str, Path]:
 def write_external_tables(tables: dict[str, Path], world: Path, cfg) -> dict[str, float]:
     """Write the tables not yet there (cfg: seed 0's, whose caches the later seeds link); the
     seconds each took."""
-    writers = {TASTE_ORACLE: lambda p: taste_oracle_table(world, p), BACKBONE_POOLED: lambda p: backbone_pooled_table(cfg, p)}
+    writers = {
+        TASTE_ORACLE: lambda p: taste_oracle_table(world, p),
+        BACKBONE_POOLED: lambda p: backbone_pooled_table(cfg, p),
+    }
     seconds = {}
     for name, path in tables.items():
         if not path.is_file():
@@ -249,8 +289,11 @@ def _get(row: dict, path: tuple) -> float:
 
 def _stat(values: list[float]) -> dict:
     v = np.asarray([x for x in values if not np.isnan(x)], float)
-    return {"mean": float(v.mean()) if len(v) else None, "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
-            "values": [None if np.isnan(x) else x for x in values]}
+    return {
+        "mean": float(v.mean()) if len(v) else None,
+        "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+        "values": [None if np.isnan(x) else x for x in values],
+    }
 
 
 def derived_claims(claims: dict) -> dict:
@@ -265,15 +308,24 @@ def derived_claims(claims: dict) -> dict:
         ci = c.get("ci95")
         verdict = "n/a" if not ci else ("holds" if ci[1] >= 0 else "does NOT hold")
         out[f"{htcl} genre accuracy not significantly below {stage1}"] = {
-            **c, "verdict": verdict, "threshold": 0.0, "derived_from": "the within-3-points claim's interval"}
+            **c,
+            "verdict": verdict,
+            "threshold": 0.0,
+            "derived_from": "the within-3-points claim's interval",
+        }
     return out
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
     seeds = sorted(per_seed)
     names = list(dict.fromkeys(n for s in seeds for n in per_seed[s]["variants"]))
-    variants = {name: {col: _stat([_get(per_seed[s]["variants"].get(name, {}), path) * scale for s in seeds])
-                       for col, path, scale in CELLS} for name in names}
+    variants = {
+        name: {
+            col: _stat([_get(per_seed[s]["variants"].get(name, {}), path) * scale for s in seeds])
+            for col, path, scale in CELLS
+        }
+        for name in names
+    }
     claims: dict[str, dict] = {}
     for s in seeds:
         cs = {**per_seed[s]["claims"], **derived_claims(per_seed[s]["claims"])}
@@ -286,8 +338,11 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     for entry in claims.values():
         v = list(entry["verdicts"].values())
         entry["holds_in_every_seed"] = len(v) == len(seeds) and all(x == "holds" for x in v)
-        entry["summary"] = ("holds in every seed" if entry["holds_in_every_seed"]
-                            else f"holds in {sum(x == 'holds' for x in v)} of {len(seeds)} seeds")
+        entry["summary"] = (
+            "holds in every seed"
+            if entry["holds_in_every_seed"]
+            else f"holds in {sum(x == 'holds' for x in v)} of {len(seeds)} seeds"
+        )
     return {"seeds": seeds, "variants": variants, "claims": claims}
 
 
@@ -308,25 +363,42 @@ def _claim_seed(verdict: str | None, diff, ci) -> str:
 def markdown(agg: dict, first: dict, bench: dict) -> str:
     seeds = agg["seeds"]
     cols = [c for c, _, _ in CELLS if any(v[c]["mean"] is not None for v in agg["variants"].values())]
-    lines = [f"# HTCL evaluation over {len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({bench['songs']}-song "
-             "benchmark world)", "",
-             f"World {bench['world']}; held out: events from {first['split_time']} on ({first['heldout_favor_pairs']} "
-             f"distinct favor pairs); catalog {first['catalog_songs']} songs. Training seeds {seeds} "
-             "(pretrain.seed = finetune.seed = s; world, held-out split and probe folds fixed). Each cell is the mean ± "
-             "sd over the seeds (sample sd); figures in %, `cos gap` in cosine. The per-seed tables and their test-sample "
-             "intervals are in each seed's evaluation/results.md.", "",
-             "| Method | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines = [
+        f"# HTCL evaluation over {len(seeds)} training seed{'s' if len(seeds) > 1 else ''} ({bench['songs']}-song "
+        "benchmark world)",
+        "",
+        f"World {bench['world']}; held out: events from {first['split_time']} on ({first['heldout_favor_pairs']} "
+        f"distinct favor pairs); catalog {first['catalog_songs']} songs. Training seeds {seeds} "
+        "(pretrain.seed = finetune.seed = s; world, held-out split and probe folds fixed). Each cell is the mean ± "
+        "sd over the seeds (sample sd); figures in %, `cos gap` in cosine. The per-seed tables and their test-sample "
+        "intervals are in each seed's evaluation/results.md.",
+        "",
+        "| Method | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
     for name, row in agg["variants"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(row[c], 3 if c == "cos gap" else 2) for c in cols) + " |")
-    lines += ["", "Expectations (from the paper; reported as measured, not tuned towards), each decided per seed on "
-              "the paired difference over the same held-out items (points, positive = as claimed; 95% bootstrap "
-              "interval): holds / not significant / does NOT hold, per seed " + ", ".join(map(str, seeds)) + ":", ""]
+    lines += [
+        "",
+        "Expectations (from the paper; reported as measured, not tuned towards), each decided per seed on "
+        "the paired difference over the same held-out items (points, positive = as claimed; 95% bootstrap "
+        "interval): holds / not significant / does NOT hold, per seed " + ", ".join(map(str, seeds)) + ":",
+        "",
+    ]
     for claim, c in agg["claims"].items():
-        per = "; ".join(f"seed {s}: {_claim_seed(c['verdicts'][s], c['differences'][s], c['ci95'][s])}"
-                        for s in seeds if s in c["verdicts"])
+        per = "; ".join(
+            f"seed {s}: {_claim_seed(c['verdicts'][s], c['differences'][s], c['ci95'][s])}"
+            for s in seeds
+            if s in c["verdicts"]
+        )
         lines.append(f"- **{c['summary']}**: {claim} — {per}")
-    lines += ["", "Wall time per step (seconds), per seed:", "",
-              "| Step | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    lines += [
+        "",
+        "Wall time per step (seconds), per seed:",
+        "",
+        "| Step | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|" + "---|" * (len(seeds) + 1),
+    ]
     steps = list(dict.fromkeys(k for s in seeds for k in bench["timings"][s]))
     for step in steps:
         lines.append(f"| {step} | " + " | ".join(str(bench["timings"][s].get(step, "–")) for s in seeds) + " |")
@@ -334,11 +406,16 @@ def markdown(agg: dict, first: dict, bench: dict) -> str:
     if world.get("seconds") is not None:
         lines.append(f"\nWorld render: {world['seconds']} s ({world.get('command', '')}).")
     for name, secs in (bench.get("external_table_seconds") or {}).items():
-        lines.append(f"\n{name}: {secs} s (before seed 0's demo; for the musicnn table this includes seed 0's "
-                     "preprocess and features, so its demo finds them done).")
+        lines.append(
+            f"\n{name}: {secs} s (before seed 0's demo; for the musicnn table this includes seed 0's "
+            "preprocess and features, so its demo finds them done)."
+        )
     if bench.get("external_tables"):
-        lines.append("\nExternal rows (read through `--embeddings NAME=PATH`, scored like htcl's own): " + "; ".join(
-            f"{name} = {path}" for name, path in bench["external_tables"].items()) + ".")
+        lines.append(
+            "\nExternal rows (read through `--embeddings NAME=PATH`, scored like htcl's own): "
+            + "; ".join(f"{name} = {path}" for name, path in bench["external_tables"].items())
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -347,19 +424,34 @@ def main(argv=None) -> int:
     p.add_argument("--songs", type=int, default=200)
     p.add_argument("--seed", dest="world_seed", type=int, default=0, help="the world's seed (sample-data --seed)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 (pretrain.seed = finetune.seed = s)")
-    p.add_argument("--name", default=None, help="results file stem evaluation_<name>.* and the world's cache folder "
-                   "benchmarks/cache/<name>/ (default bench_world for 200 songs, else bench_world_<songs>)")
-    p.add_argument("--world-dir", default=None, help="a rendered world to use (default benchmarks/cache/<name>/, "
-                   "rendered there when absent)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results file stem evaluation_<name>.* and the world's cache folder "
+        "benchmarks/cache/<name>/ (default bench_world for 200 songs, else bench_world_<songs>)",
+    )
+    p.add_argument(
+        "--world-dir",
+        default=None,
+        help="a rendered world to use (default benchmarks/cache/<name>/, rendered there when absent)",
+    )
     p.add_argument("--workers", type=int, default=2, help="sample-data render processes when rendering the world")
     p.add_argument("--out-dir", default=None, help="default outputs/<name>; one seed<s>/ folder per training seed")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--no-real-audio", action="store_true", help=f"skip eval.real_audio={REAL_AUDIO}")
     p.add_argument("--rerun", action="store_true", help="rerun seeds whose results exist")
-    p.add_argument("--no-external", action="store_true", help=f"skip the external rows ({TASTE_ORACLE!r} from the "
-                   f"world's truth.parquet, {BACKBONE_POOLED!r}) passed to the evaluation with --embeddings")
-    p.add_argument("--report-only", action="store_true", help="run nothing: aggregate the seeds among 0..N-1 that "
-                   "have finished with these settings (e.g. while a longer run is still going)")
+    p.add_argument(
+        "--no-external",
+        action="store_true",
+        help=f"skip the external rows ({TASTE_ORACLE!r} from the "
+        f"world's truth.parquet, {BACKBONE_POOLED!r}) passed to the evaluation with --embeddings",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: aggregate the seeds among 0..N-1 that "
+        "have finished with these settings (e.g. while a longer run is still going)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = p.parse_args(argv)
     name = args.name or default_name(args.songs)
@@ -377,8 +469,10 @@ def main(argv=None) -> int:
         if REAL_AUDIO.is_file():
             overrides.append(f"eval.real_audio={REAL_AUDIO}")
         else:
-            print(f"bench_evaluation: note: {REAL_AUDIO} is absent, so no real-audio probe (and no backbone "
-                  "real-audio claims)")
+            print(
+                f"bench_evaluation: note: {REAL_AUDIO} is absent, so no real-audio probe (and no backbone "
+                "real-audio claims)"
+            )
 
     from htcl.config import load_config
 
@@ -403,16 +497,28 @@ def main(argv=None) -> int:
         raise SystemExit("bench_evaluation: no seed has finished")
 
     agg = aggregate(per_seed)
-    bench = {"world": str(world), "world_render": world_info, "songs": args.songs, "config": args.config,
-             "overrides": overrides, "out_dir": str(out), "machine": platform.platform(),
-             "command": "python benchmarks/bench_evaluation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-             "seconds_this_invocation": round(time.perf_counter() - t_start, 1),
-             "timings": {s: {**({"world": world_info["seconds"]} if s == 0 and not world_info.get("reused") else {}),
-                             **records[s]["timings"]} for s in records},
-             "seed_seconds": {s: records[s]["seconds"] for s in records},
-             "external_tables": {name: str(path) for name, path in tables.items()},
-             "external_table_seconds": table_seconds,
-             "caches_from": {s: records[s].get("caches_from") for s in records}}
+    bench = {
+        "world": str(world),
+        "world_render": world_info,
+        "songs": args.songs,
+        "config": args.config,
+        "overrides": overrides,
+        "out_dir": str(out),
+        "machine": platform.platform(),
+        "command": "python benchmarks/bench_evaluation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds_this_invocation": round(time.perf_counter() - t_start, 1),
+        "timings": {
+            s: {
+                **({"world": world_info["seconds"]} if s == 0 and not world_info.get("reused") else {}),
+                **records[s]["timings"],
+            }
+            for s in records
+        },
+        "seed_seconds": {s: records[s]["seconds"] for s in records},
+        "external_tables": {name: str(path) for name, path in tables.items()},
+        "external_table_seconds": table_seconds,
+        "caches_from": {s: records[s].get("caches_from") for s in records},
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"bench": bench, "aggregate": agg, "seeds": {s: per_seed[s] for s in per_seed}}
     (RESULTS / f"evaluation_{name}.json").write_text(json.dumps(result, indent=2))

@@ -76,8 +76,12 @@ def measure(table: dict[int, torch.Tensor], batches: list[tuple[np.ndarray, np.n
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-dir", default=None, help="a rendered world (default: benchmarks/cache/bench_world_2000, "
-                   "else benchmarks/cache/bench_world, as bench_evaluation.py renders them)")
+    p.add_argument(
+        "--world-dir",
+        default=None,
+        help="a rendered world (default: benchmarks/cache/bench_world_2000, "
+        "else benchmarks/cache/bench_world, as bench_evaluation.py renders them)",
+    )
     p.add_argument("--config", default="configs/demo.yaml", help="for eval.holdout_fraction and finetune.batch_size")
     p.add_argument("--embeddings", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--batches", type=int, default=500)
@@ -90,8 +94,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     world = Path(args.world_dir) if args.world_dir else next((w for w in DEFAULT_WORLDS if w.is_dir()), None)
     if world is None or not (world / "truth.parquet").is_file():
-        print(f"bench_favor_signal: no rendered world at {world or ' or '.join(map(str, DEFAULT_WORLDS))}: run "
-              "benchmarks/bench_evaluation.py (--songs 2000) first, or pass --world-dir", file=sys.stderr)
+        print(
+            f"bench_favor_signal: no rendered world at {world or ' or '.join(map(str, DEFAULT_WORLDS))}: run "
+            "benchmarks/bench_evaluation.py (--songs 2000) first, or pass --world-dir",
+            file=sys.stderr,
+        )
         return 2
     cfg = load_config(args.config)
     batch = args.batch or cfg.finetune.batch_size
@@ -104,11 +111,13 @@ def main(argv=None) -> int:
     batches = [(trig[d], rec[d]) for d in draws]
 
     ids, taste = taste_vectors(world)
-    tables = {"taste oracle (hidden factors)": dict(zip(ids.tolist(), unit(taste))),
-              "random unit vectors (chance)": dict(zip(ids.tolist(), unit(rng.standard_normal((len(ids), 64))))),
-              # every song one vector: L_aa = log(unmasked columns) at any scale, what a stage 2 that
-              # learns nothing but collapse reaches
-              "collapsed space (one vector)": dict.fromkeys(ids.tolist(), unit(np.ones((1, 8)))[0])}
+    tables = {
+        "taste oracle (hidden factors)": dict(zip(ids.tolist(), unit(taste))),
+        "random unit vectors (chance)": dict(zip(ids.tolist(), unit(rng.standard_normal((len(ids), 64))))),
+        # every song one vector: L_aa = log(unmasked columns) at any scale, what a stage 2 that
+        # learns nothing but collapse reaches
+        "collapsed space (one vector)": dict.fromkeys(ids.tolist(), unit(np.ones((1, 8)))[0]),
+    }
     for spec in args.embeddings:
         name, _, path = spec.partition("=")
         emb, coverage = read_external_embeddings(path, ids)  # unit rows over the catalog ids
@@ -120,19 +129,37 @@ def main(argv=None) -> int:
         rows[name] = measure(table, batches)
 
     header = "| embedding | " + " | ".join(f"L_aa @ {s:g}" for s in SCALES) + " | in-batch top-1 |"
-    lines = [f"Training-period favor pairs of {world.name}: {len(pairs)} (before {cut.date()}); {args.batches} batches "
-             f"of {batch}; log {batch} = {np.log(batch):.3f} (repeated songs masked out of the negatives make the collapsed space's a little less)", "",
-             header, "|" + "---|" * (len(SCALES) + 2)]
+    lines = [
+        f"Training-period favor pairs of {world.name}: {len(pairs)} (before {cut.date()}); {args.batches} batches "
+        f"of {batch}; log {batch} = {np.log(batch):.3f} (repeated songs masked out of the negatives make the "
+        "collapsed space's a little less)",
+        "",
+        header,
+        "|" + "---|" * (len(SCALES) + 2),
+    ]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r['l_aa'][str(s)]:.3f}" for s in SCALES) + f" | {r['top1']:.3f} |")
     print("\n".join(lines))
     out = Path(args.out or RESULTS / f"bench_favor_signal_{world.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "world": world.name, "favor_pairs": len(pairs), "cut": str(cut), "batch": batch, "batches": args.batches,
-        "seed": args.seed, "scales": list(SCALES), "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python benchmarks/bench_favor_signal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "world": world.name,
+                "favor_pairs": len(pairs),
+                "cut": str(cut),
+                "batch": batch,
+                "batches": args.batches,
+                "seed": args.seed,
+                "scales": list(SCALES),
+                "rows": rows,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "command": "python benchmarks/bench_favor_signal.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+            },
+            indent=2,
+        )
+    )
     print(f"\nbench_favor_signal: {out}")
     return 0
 

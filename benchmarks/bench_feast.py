@@ -32,30 +32,48 @@ from htcl import schema as S  # noqa: E402
 from htcl.features import listener_stats, song_stats  # noqa: E402
 
 
-
 def write_sources(data: Path, songs: int, dim: int, users: int) -> int:
     """Offline sources as the materialize job writes them; returns the number of rows."""
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((songs, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     now = pd.Timestamp.now(tz="UTC").floor("s")
-    emb = pd.DataFrame({S.SONG_ID: np.arange(1, songs + 1), S.MODEL_VERSION: "bench", S.EMBEDDING: list(vectors),
-                        S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH), "created": now})
+    emb = pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(1, songs + 1),
+            S.MODEL_VERSION: "bench",
+            S.EMBEDDING: list(vectors),
+            S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH),
+            "created": now,
+        }
+    )
     n = songs * 5
     t0 = now - pd.Timedelta(days=20)
     clicked = rng.random(n) < 0.3
-    log = pd.DataFrame({S.USER_ID: rng.integers(1, users + 1, n), S.REC_SONG_ID: rng.integers(1, songs + 1, n),
-                        S.CLICKED: clicked, S.FAVORED: clicked & (rng.random(n) < 0.5),
-                        S.EVENT_TIMESTAMP: t0 + pd.to_timedelta(np.sort(rng.integers(0, 19 * 86400, n)), unit="s")})
+    log = pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, users + 1, n),
+            S.REC_SONG_ID: rng.integers(1, songs + 1, n),
+            S.CLICKED: clicked,
+            S.FAVORED: clicked & (rng.random(n) < 0.5),
+            S.EVENT_TIMESTAMP: t0 + pd.to_timedelta(np.sort(rng.integers(0, 19 * 86400, n)), unit="s"),
+        }
+    )
     start, end = log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()
-    tables = {"song_embeddings": emb, "song_stats": song_stats(log, start, end), "listener_stats": listener_stats(log, start, end)}
+    tables = {
+        "song_embeddings": emb,
+        "song_stats": song_stats(log, start, end),
+        "listener_stats": listener_stats(log, start, end),
+    }
     for name, frame in tables.items():
         if name != "song_embeddings":
             frame["created"] = frame[S.EVENT_TIMESTAMP]
             frame.to_parquet(data / f"{name}.parquet", index=False)
         else:  # a folder of files, one per embeddings part (ray_jobs.materialize)
             (data / SONG_EMBEDDINGS).mkdir(parents=True, exist_ok=True)
-            frame.to_parquet(data / SONG_EMBEDDINGS / embedding_source_file("bench", Path("part-0.parquet")), index=False)
+            frame.to_parquet(
+                data / SONG_EMBEDDINGS / embedding_source_file("bench", Path("part-0.parquet")), index=False
+            )
     return sum(len(f) for f in tables.values())
 
 
@@ -96,8 +114,9 @@ def main(argv=None) -> int:
         n_rows = write_sources(data, args.songs, args.dim, args.users)
         backends = [("sqlite", "")]
         if redis_up(args.redis):
-            import redis
             from urllib.parse import urlparse
+
+            import redis
 
             p = urlparse(args.redis)
             redis.Redis(host=p.hostname, port=p.port or 6379, db=int(p.path.strip("/") or 0)).flushdb()
@@ -110,44 +129,81 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             store.materialize(EPOCH, pd.Timestamp.now(tz="UTC").to_pydatetime())
             seconds = time.perf_counter() - t0
-            materialize_rows[name] = {"rows": n_rows, "seconds": round(seconds, 2), "rows_per_s": round(n_rows / seconds, 1)}
+            materialize_rows[name] = {
+                "rows": n_rows,
+                "seconds": round(seconds, 2),
+                "rows_per_s": round(n_rows / seconds, 1),
+            }
             ranker = store.get_feature_service("ranker_v1")
             for n in (1, 100):
+
                 def emb_lookup():
                     ids = rng.integers(1, args.songs + 1, n)
-                    return store.get_online_features(features=["song_embedding:embedding"], entity_rows=[
-                        {S.SONG_ID: int(i), S.MODEL_VERSION: "bench"} for i in ids]).to_dict()
+                    return store.get_online_features(
+                        features=["song_embedding:embedding"],
+                        entity_rows=[{S.SONG_ID: int(i), S.MODEL_VERSION: "bench"} for i in ids],
+                    ).to_dict()
 
                 def ranker_lookup():
                     ids = rng.integers(1, args.songs + 1, n)
                     trig, user = int(rng.integers(1, args.songs + 1)), int(rng.integers(1, args.users + 1))
-                    return store.get_online_features(features=ranker, full_feature_names=True, entity_rows=[
-                        {S.SONG_ID: int(i), S.TRIGGER_SONG_ID: trig, S.USER_ID: user, S.MODEL_VERSION: "bench"}
-                        for i in ids]).to_dict()
+                    return store.get_online_features(
+                        features=ranker,
+                        full_feature_names=True,
+                        entity_rows=[
+                            {S.SONG_ID: int(i), S.TRIGGER_SONG_ID: trig, S.USER_ID: user, S.MODEL_VERSION: "bench"}
+                            for i in ids
+                        ],
+                    ).to_dict()
 
                 got = emb_lookup()
                 assert all(v is not None and len(v) == args.dim for v in got["embedding"])
-                rows.append({"store": name, "features": "song_embedding", "entities": n,
-                             **percentiles(emb_lookup, args.requests)})
-                rows.append({"store": name, "features": "ranker_v1", "entities": n,
-                             **percentiles(ranker_lookup, args.requests)})
+                rows.append(
+                    {
+                        "store": name,
+                        "features": "song_embedding",
+                        "entities": n,
+                        **percentiles(emb_lookup, args.requests),
+                    }
+                )
+                rows.append(
+                    {"store": name, "features": "ranker_v1", "entities": n, **percentiles(ranker_lookup, args.requests)}
+                )
 
-    print(f"Feast online lookups, in process: {args.songs} songs x {args.dim} floats, {args.requests} requests each "
-          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"Feast online lookups, in process: {args.songs} songs x {args.dim} floats, {args.requests} requests each "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
     print(f"{'store':<8}{'features':<16}{'entities':>9}{'p50 ms':>9}{'p99 ms':>9}")
     for r in rows:
         print(f"{r['store']:<8}{r['features']:<16}{r['entities']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}")
     for name, m in materialize_rows.items():
         print(f"materialize into {name}: {m['rows']} rows in {m['seconds']} s = {m['rows_per_s']} rows/s")
-    goals = {f"{r['store']} {r['features']} x{r['entities']}: p99 < {10 if r['entities'] == 1 else 50} ms":
-             r["p99_ms"] < (10 if r["entities"] == 1 else 50) for r in rows}
+    goals = {
+        f"{r['store']} {r['features']} x{r['entities']}: p99 < {10 if r['entities'] == 1 else 50} ms": r["p99_ms"]
+        < (10 if r["entities"] == 1 else 50)
+        for r in rows
+    }
     for goal, ok in goals.items():
         print(f"goal {goal}: {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_feast", "machine": platform.machine(), "songs": args.songs,
-                               "dim": args.dim, "requests": args.requests, "load_average": os.getloadavg()[0],
-                               "rows": rows, "materialize": materialize_rows, "goals": goals}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_feast",
+                "machine": platform.machine(),
+                "songs": args.songs,
+                "dim": args.dim,
+                "requests": args.requests,
+                "load_average": os.getloadavg()[0],
+                "rows": rows,
+                "materialize": materialize_rows,
+                "goals": goals,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

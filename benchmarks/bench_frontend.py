@@ -98,7 +98,11 @@ def main(argv=None) -> int:
         return np.log(np.maximum(m[:, :1251], 1e-10))
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="htcl_bench_frontend_") as tmp, threadpool_limits(1), torch.inference_mode():
+    with (
+        tempfile.TemporaryDirectory(prefix="htcl_bench_frontend_") as tmp,
+        threadpool_limits(1),
+        torch.inference_mode(),
+    ):
         print(f"writing {args.songs} x {len(FORMATS)} files of {args.seconds:.0f} s, 44.1 kHz stereo ...", flush=True)
         files = write_songs(Path(tmp), args.songs, args.seconds)
         for fmt, paths in files.items():
@@ -116,38 +120,60 @@ def main(argv=None) -> int:
             ref = best(librosa_path, paths, args.repeats)  # as users call it: the whole file
             ref_cropped = best(lambda p: librosa_path(p, MAX_SECONDS), paths, args.repeats)
             assert ours(paths[0]).shape == (1, 128, 1251)
-            rows.append({
-                "format": fmt,
-                "decode_whole_ms": round(whole * 1000, 1),
-                "htcl_frontend_ms": round(total * 1000, 1),
-                "librosa_ms": round(ref * 1000, 1),
-                "librosa_duration120_ms": round(ref_cropped * 1000, 1),
-                "frontend_x_decode_whole": round(total / whole, 2),
-                "speedup_vs_librosa": round(ref / total, 2),
-                "speedup_vs_librosa_duration120": round(ref_cropped / total, 2),
-                "step_ms": {k: round(v * 1000, 1) for k, v in steps.items()},
-                "step_share": {k: round(v / sum(steps.values()), 3) for k, v in steps.items()},
-            })
+            rows.append(
+                {
+                    "format": fmt,
+                    "decode_whole_ms": round(whole * 1000, 1),
+                    "htcl_frontend_ms": round(total * 1000, 1),
+                    "librosa_ms": round(ref * 1000, 1),
+                    "librosa_duration120_ms": round(ref_cropped * 1000, 1),
+                    "frontend_x_decode_whole": round(total / whole, 2),
+                    "speedup_vs_librosa": round(ref / total, 2),
+                    "speedup_vs_librosa_duration120": round(ref_cropped / total, 2),
+                    "step_ms": {k: round(v * 1000, 1) for k, v in steps.items()},
+                    "step_share": {k: round(v / sum(steps.values()), 3) for k, v in steps.items()},
+                }
+            )
 
-    print(f"\nfront end per {args.seconds:.0f} s 44.1 kHz stereo song -> first {MAX_SECONDS:.0f} s as (128, 1251) "
-          f"log-Mel; 1 thread; best of {args.repeats} over {args.songs} songs")
-    print(f"{'format':<7}{'decode whole':>14}{'htcl':>9}{'librosa':>10}{'(120 s)':>10}{'htcl/decode':>13}"
-          f"{'vs librosa':>12}{'(120 s)':>9}   step shares")
+    print(
+        f"\nfront end per {args.seconds:.0f} s 44.1 kHz stereo song -> first {MAX_SECONDS:.0f} s as (128, 1251) "
+        f"log-Mel; 1 thread; best of {args.repeats} over {args.songs} songs"
+    )
+    print(
+        f"{'format':<7}{'decode whole':>14}{'htcl':>9}{'librosa':>10}{'(120 s)':>10}{'htcl/decode':>13}"
+        f"{'vs librosa':>12}{'(120 s)':>9}   step shares"
+    )
     for r in rows:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in r["step_share"].items())
-        print(f"{r['format']:<7}{r['decode_whole_ms']:>12}ms{r['htcl_frontend_ms']:>7}ms{r['librosa_ms']:>8}ms"
-              f"{r['librosa_duration120_ms']:>8}ms{r['frontend_x_decode_whole']:>12}x{r['speedup_vs_librosa']:>11}x"
-              f"{r['speedup_vs_librosa_duration120']:>8}x   {shares}")
+        print(
+            f"{r['format']:<7}{r['decode_whole_ms']:>12}ms{r['htcl_frontend_ms']:>7}ms{r['librosa_ms']:>8}ms"
+            f"{r['librosa_duration120_ms']:>8}ms{r['frontend_x_decode_whole']:>12}x{r['speedup_vs_librosa']:>11}x"
+            f"{r['speedup_vs_librosa_duration120']:>8}x   {shares}"
+        )
     goals = {f"{r['format']}: front end <= 1.4x decode": r["frontend_x_decode_whole"] <= 1.4 for r in rows}
     goals.update({f"{r['format']}: >= 1.5x librosa": r["speedup_vs_librosa"] >= 1.5 for r in rows})
     for goal, ok in goals.items():
         print(f"goal {goal}: {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_frontend", "torch": torch.__version__, "librosa": librosa.__version__,
-                               "soundfile": sf.__version__, "libsndfile": sf.__libsndfile_version__,
-                               "machine": platform.machine(), "threads": 1, "songs": args.songs,
-                               "seconds": args.seconds, "rows": rows, "goals": goals}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_frontend",
+                "torch": torch.__version__,
+                "librosa": librosa.__version__,
+                "soundfile": sf.__version__,
+                "libsndfile": sf.__libsndfile_version__,
+                "machine": platform.machine(),
+                "threads": 1,
+                "songs": args.songs,
+                "seconds": args.seconds,
+                "rows": rows,
+                "goals": goals,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

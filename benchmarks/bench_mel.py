@@ -9,7 +9,8 @@ Rows, all in the same run on the same waveforms:
 Goals (issue 2): LogMel >= 2x librosa and <= 1.5x the floor.
 
 Batch section: LogMel on (B, T) batches of the same songs, ms per song at B = 1, 2, 4, 8 (best
-of the repeats of one call each, the batch sizes taking turns), next to the same module with its CPU frame blocks switched off
+of the repeats of one call each, the batch sizes taking turns), next to the same module with its CPU
+frame blocks switched off
 (CPU_BLOCK_FRAMES huge: whole batches per step, as LogMel did before; shows why blocks exist).
 Goal: per-song cost flat in the batch, batch 8 <= 1.2x batch 1.
 
@@ -118,8 +119,10 @@ def main(argv=None) -> int:
         spec = torch.stft(x, N_FFT, HOP, window=window, center=True, pad_mode="constant", return_complex=True)
         return torch.log(torch.clamp(dense_fb @ spec.abs().square(), min=1e-10))
 
-    framed = [(torch.nn.functional.pad(x, (N_FFT // 2, N_FFT // 2)).unfold(0, N_FFT, HOP) * window).contiguous()
-              for x in tensors]
+    framed = [
+        (torch.nn.functional.pad(x, (N_FFT // 2, N_FFT // 2)).unfold(0, N_FFT, HOP) * window).contiguous()
+        for x in tensors
+    ]
 
     with torch.inference_mode(), threadpool_limits(1):
         results = {
@@ -131,17 +134,35 @@ def main(argv=None) -> int:
         assert logmel(tensors[0]).shape == (1, N_MELS, 1251)
         batched = batch_rows(logmel, all_waves, args.repeats)
     ref, floor = results["librosa"], results["floor: rfft of framed signal"]
-    rows = [{"method": k, "ms_per_song": round(v, 2), "speedup_vs_librosa": round(ref / v, 2),
-             "x_floor": round(v / floor, 2)} for k, v in results.items()]
+    rows = [
+        {
+            "method": k,
+            "ms_per_song": round(v, 2),
+            "speedup_vs_librosa": round(ref / v, 2),
+            "x_floor": round(v / floor, 2),
+        }
+        for k, v in results.items()
+    ]
     ours = results["LogMel"]
-    batch_table = [{"method": k, **{f"batch_{b}": round(v, 2) for b, v in zip(BATCHES, ms)},
-                    "batch_8_over_1": round(ms[-1] / ms[0], 2)} for k, ms in batched.items()]
+    batch_table = [
+        {
+            "method": k,
+            **{f"batch_{b}": round(v, 2) for b, v in zip(BATCHES, ms)},
+            "batch_8_over_1": round(ms[-1] / ms[0], 2),
+        }
+        for k, ms in batched.items()
+    ]
     ratio = batched["LogMel"][-1] / batched["LogMel"][0]
-    goals = {"LogMel >= 2x librosa": ref / ours >= 2.0, "LogMel <= 1.5x floor": ours / floor <= 1.5,
-             f"LogMel batch 8 <= {BATCH_GOAL}x batch 1 (ms/song)": ratio <= BATCH_GOAL}
+    goals = {
+        "LogMel >= 2x librosa": ref / ours >= 2.0,
+        "LogMel <= 1.5x floor": ours / floor <= 1.5,
+        f"LogMel batch 8 <= {BATCH_GOAL}x batch 1 (ms/song)": ratio <= BATCH_GOAL,
+    }
 
-    print(f"log-Mel of {SECONDS} s at {SR} Hz ({N_MELS} bins, n_fft {N_FFT}, hop {HOP}), 1 thread, "
-          f"best of {args.repeats} over {args.songs} songs")
+    print(
+        f"log-Mel of {SECONDS} s at {SR} Hz ({N_MELS} bins, n_fft {N_FFT}, hop {HOP}), 1 thread, "
+        f"best of {args.repeats} over {args.songs} songs"
+    )
     print(f"{'method':<32}{'ms/song':>10}{'vs librosa':>12}{'x floor':>9}")
     for r in rows:
         print(f"{r['method']:<32}{r['ms_per_song']:>10}{r['speedup_vs_librosa']:>11}x{r['x_floor']:>9}")
@@ -154,12 +175,28 @@ def main(argv=None) -> int:
         print(f"goal {goal}: {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_mel", "torch": torch.__version__, "librosa": librosa.__version__,
-                               "machine": platform.machine(), "threads": 1, "songs": args.songs,
-                               "repeats": args.repeats, "rows": rows,
-                               "batch": {"songs_per_batch": list(BATCHES), "cpu_block_frames": htcl.audio.CPU_BLOCK_FRAMES,
-                                         "goal_batch_8_over_1": BATCH_GOAL, "rows": batch_table},
-                               "goals": goals}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_mel",
+                "torch": torch.__version__,
+                "librosa": librosa.__version__,
+                "machine": platform.machine(),
+                "threads": 1,
+                "songs": args.songs,
+                "repeats": args.repeats,
+                "rows": rows,
+                "batch": {
+                    "songs_per_batch": list(BATCHES),
+                    "cpu_block_frames": htcl.audio.CPU_BLOCK_FRAMES,
+                    "goal_batch_8_over_1": BATCH_GOAL,
+                    "rows": batch_table,
+                },
+                "goals": goals,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

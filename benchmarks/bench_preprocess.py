@@ -129,8 +129,12 @@ def run_ray(cfg, catalog: Path, workers: int) -> tuple[float, float, dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=60, help="distinct synthetic files (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=4,
-                   help="catalog rows per file (distinct song_ids), so start-up costs amortize (default: %(default)s)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=4,
+        help="catalog rows per file (distinct song_ids), so start-up costs amortize (default: %(default)s)",
+    )
     p.add_argument("--audio-dir", help="use these audio files instead of synthetic ones")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
@@ -141,8 +145,9 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         if args.audio_dir:
-            files = sorted(str(f) for f in Path(args.audio_dir).iterdir()
-                           if f.suffix.lower() in (".flac", ".wav", ".ogg", ".mp3"))
+            files = sorted(
+                str(f) for f in Path(args.audio_dir).iterdir() if f.suffix.lower() in (".flac", ".wav", ".ogg", ".mp3")
+            )
             source = f"{len(files)} files from {args.audio_dir}"
         else:
             (tmp / "audio").mkdir()
@@ -153,8 +158,9 @@ def main(argv=None) -> int:
         files = [f for _ in range(args.repeat) for f in files]
         items = list(enumerate(files, start=1))
         catalog = tmp / "catalog.parquet"
-        pd.DataFrame({"song_id": [i for i, _ in items], "audio_path": files, "title": "", "artist": "",
-                      "lyrics": "", "tags": ""}).to_parquet(catalog)
+        pd.DataFrame(
+            {"song_id": [i for i, _ in items], "audio_path": files, "title": "", "artist": "", "lyrics": "", "tags": ""}
+        ).to_parquet(catalog)
         n = len(items)
         cfg = load_config(args.config, [f"output_dir={tmp / 'ray_out'}"])
 
@@ -171,9 +177,14 @@ def main(argv=None) -> int:
         secs, init_s, summary = run_ray(cfg, catalog, args.workers)
         load["after_ray"] = loadavg()
         assert summary["processed"] + summary["quarantined"] == n, summary
-        results["ray"] = {"seconds": round(secs, 2), "songs_per_s": round(n / secs, 2), "workers": args.workers,
-                          "ray_init_seconds": round(init_s, 2), "processed": summary["processed"],
-                          "quarantined": summary["quarantined"]}
+        results["ray"] = {
+            "seconds": round(secs, 2),
+            "songs_per_s": round(n / secs, 2),
+            "workers": args.workers,
+            "ray_init_seconds": round(init_s, 2),
+            "processed": summary["processed"],
+            "quarantined": summary["quarantined"],
+        }
         print(f"ray     {n / secs:7.2f} songs/s (ray.init {init_s:.1f} s not included)", flush=True)
 
     single = results["single"]["songs_per_s"]
@@ -197,9 +208,11 @@ def main(argv=None) -> int:
     print(f"{'way':8} {'songs/s':>8} {'seconds':>8} {'vs single':>10}")
     for name, r in results.items():
         print(f"{name:8} {r['songs_per_s']:8.2f} {r['seconds']:8.2f} {r['songs_per_s'] / single:9.2f}x")
-    print(f"ray / pool = {report['ray_vs_pool']:.2f}; goal met: {report['goal_met']}; "
-          f"single loop used {results['single']['cpu_seconds']} CPU s in {results['single']['seconds']} s wall; "
-          f"1-min load average {load} on {os.cpu_count()} CPUs")
+    print(
+        f"ray / pool = {report['ray_vs_pool']:.2f}; goal met: {report['goal_met']}; "
+        f"single loop used {results['single']['cpu_seconds']} CPU s in {results['single']['seconds']} s wall; "
+        f"1-min load average {load} on {os.cpu_count()} CPUs"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

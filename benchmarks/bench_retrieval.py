@@ -80,22 +80,45 @@ def main(argv=None) -> int:
         flat.add(x)
         h50, h99 = latency_ms(index.search, queries[:200], args.k)
         e50, e99 = latency_ms(lambda q, k: flat.search(q, k), queries[:200], args.k)
-        rows.append({"vectors": kind, "n": args.n, "dim": args.dim, "k": args.k, "recall_at_k": round(recall, 4),
-                     "build_s": round(build_s, 1), "hnsw_p50_ms": round(h50, 3), "hnsw_p99_ms": round(h99, 3),
-                     "exact_p50_ms": round(e50, 3), "exact_p99_ms": round(e99, 3),
-                     "hnsw_batch_qps": round(args.queries / hnsw_batch_s, 1),
-                     "exact_batch_qps": round(args.queries / exact_batch_s, 1),
-                     "goal_recall_0.95_met": bool(recall >= 0.95)})
+        rows.append(
+            {
+                "vectors": kind,
+                "n": args.n,
+                "dim": args.dim,
+                "k": args.k,
+                "recall_at_k": round(recall, 4),
+                "build_s": round(build_s, 1),
+                "hnsw_p50_ms": round(h50, 3),
+                "hnsw_p99_ms": round(h99, 3),
+                "exact_p50_ms": round(e50, 3),
+                "exact_p99_ms": round(e99, 3),
+                "hnsw_batch_qps": round(args.queries / hnsw_batch_s, 1),
+                "exact_batch_qps": round(args.queries / exact_batch_s, 1),
+                "goal_recall_0.95_met": bool(recall >= 0.95),
+            }
+        )
         print(f"{kind}: recall@{args.k} {recall:.4f}, build {build_s:.1f} s", flush=True)
     print()
-    print(f"| vectors | recall@{args.k} | build s | HNSW p50 / p99 ms | exact p50 / p99 ms | HNSW batch q/s | exact batch q/s |")
+    print(
+        f"| vectors | recall@{args.k} | build s | HNSW p50 / p99 ms | exact p50 / p99 ms "
+        "| HNSW batch q/s | exact batch q/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['vectors']} | {r['recall_at_k']:.4f} | {r['build_s']} | {r['hnsw_p50_ms']} / {r['hnsw_p99_ms']} | "
-              f"{r['exact_p50_ms']} / {r['exact_p99_ms']} | {r['hnsw_batch_qps']} | {r['exact_batch_qps']} |")
-    result = {"benchmark": "bench_retrieval", "params": HnswParams().__dict__, "rows": rows,
-              "machine": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-              "faiss": faiss.__version__, "command": "python benchmarks/bench_retrieval.py " + " ".join(argv or sys.argv[1:])}
+        print(
+            f"| {r['vectors']} | {r['recall_at_k']:.4f} | {r['build_s']} | {r['hnsw_p50_ms']} / {r['hnsw_p99_ms']} | "
+            f"{r['exact_p50_ms']} / {r['exact_p99_ms']} | {r['hnsw_batch_qps']} | {r['exact_batch_qps']} |"
+        )
+    result = {
+        "benchmark": "bench_retrieval",
+        "params": HnswParams().__dict__,
+        "rows": rows,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "faiss": faiss.__version__,
+        "command": "python benchmarks/bench_retrieval.py " + " ".join(argv or sys.argv[1:]),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

@@ -98,8 +98,17 @@ TINY_BACKBONE = [
     f"pretrain.num_workers={TRAIN_WORLD}",
 ]
 
-STEPS_FIRST = ["train-check", "train-read", "embed", "index", "mat-sqlite", "mat-redis", "similar",
-               "feast-sqlite", "feast-redis"]
+STEPS_FIRST = [
+    "train-check",
+    "train-read",
+    "embed",
+    "index",
+    "mat-sqlite",
+    "mat-redis",
+    "similar",
+    "feast-sqlite",
+    "feast-redis",
+]
 STEPS_SECOND = ["embed-2", "mat-sqlite-2", "mat-redis-2"]
 
 
@@ -117,8 +126,16 @@ def write_tiny_bert(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=TEXT_DIM, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=TEXT_DIM,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(path)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(default_text_model_dir() / f, path / f)
@@ -129,8 +146,16 @@ def size_config(root: Path, bert: Path, embed_dim: int):
     """The config of one catalog size, saved as root/config.yaml for the jobs' --config."""
     from htcl.config import config_from_dict, save_config
 
-    cfg = config_from_dict({}, [*TINY_BACKBONE, f"model.embed_dim={embed_dim}", f"model.text_model={bert}",
-                                f"output_dir={root / 'out'}", f"data.root={root / 'world'}"])
+    cfg = config_from_dict(
+        {},
+        [
+            *TINY_BACKBONE,
+            f"model.embed_dim={embed_dim}",
+            f"model.text_model={bert}",
+            f"output_dir={root / 'out'}",
+            f"data.root={root / 'world'}",
+        ],
+    )
     save_config(cfg, root / "config.yaml")
     return cfg
 
@@ -150,31 +175,42 @@ def write_world(cfg, n: int, interactions: int) -> None:
     genre = genres[rng.integers(0, len(genres), n)]
     artists = max(2, n // 10)  # 10 songs an artist
     t0 = pd.Timestamp("2026-01-01", tz="UTC")
-    pd.DataFrame({
-        S.SONG_ID: ids,
-        S.AUDIO_PATH: [f"audio/{i}.flac" for i in ids],  # never read: the features are cached
-        S.TITLE: [f"song {i}" for i in ids],
-        S.ARTIST: [f"artist {i % artists}" for i in ids],
-        S.LYRICS: "",
-        S.TAGS: genre,
-        S.GENRE: genre,
-        "language": "instrumental",
-        "updated_at": t0,
-    }).to_parquet(world / "catalog.parquet", index=False)
+    pd.DataFrame(
+        {
+            S.SONG_ID: ids,
+            S.AUDIO_PATH: [f"audio/{i}.flac" for i in ids],  # never read: the features are cached
+            S.TITLE: [f"song {i}" for i in ids],
+            S.ARTIST: [f"artist {i % artists}" for i in ids],
+            S.LYRICS: "",
+            S.TAGS: genre,
+            S.GENRE: genre,
+            "language": "instrumental",
+            "updated_at": t0,
+        }
+    ).to_parquet(world / "catalog.parquet", index=False)
     m = interactions
     clicked = rng.random(m) < 0.3
-    pd.DataFrame({
-        S.USER_ID: rng.integers(1, max(2, m // 20) + 1, m),
-        S.TRIGGER_SONG_ID: rng.integers(1, n + 1, m),
-        S.REC_SONG_ID: rng.integers(1, n + 1, m),
-        S.CLICKED: clicked,
-        S.FAVORED: clicked & (rng.random(m) < 0.5),
-        S.EVENT_TIMESTAMP: t0 + pd.to_timedelta(np.sort(rng.integers(0, DAYS * 86400, m)), unit="s"),
-    }).to_parquet(world / "interactions.parquet", index=False)
+    pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, max(2, m // 20) + 1, m),
+            S.TRIGGER_SONG_ID: rng.integers(1, n + 1, m),
+            S.REC_SONG_ID: rng.integers(1, n + 1, m),
+            S.CLICKED: clicked,
+            S.FAVORED: clicked & (rng.random(m) < 0.5),
+            S.EVENT_TIMESTAMP: t0 + pd.to_timedelta(np.sort(rng.integers(0, DAYS * 86400, m)), unit="s"),
+        }
+    ).to_parquet(world / "interactions.parquet", index=False)
 
 
-def write_feature_cache(directory: Path, spec: dict, ids: np.ndarray, hashes: list[str], shape: tuple[int, ...],
-                        rng: np.random.Generator, desc: str) -> None:
+def write_feature_cache(
+    directory: Path,
+    spec: dict,
+    ids: np.ndarray,
+    hashes: list[str],
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    desc: str,
+) -> None:
     """A tower's cache folder, as `htcl features` writes it: _tower.json and part-*.parquet of
     FEATURES_SCHEMA in row groups of SHARD_ROW_GROUP_ROWS, random float32 features of `shape`."""
     import pyarrow as pa
@@ -190,13 +226,18 @@ def write_feature_cache(directory: Path, spec: dict, ids: np.ndarray, hashes: li
     for start in tqdm(range(0, len(ids), SONGS_PER_FILE), desc=desc, unit="shard", leave=False):
         chunk = ids[start : start + SONGS_PER_FILE]
         feats = rng.standard_normal((len(chunk), width), dtype=np.float32)  # (k, C*P), C order of (C, P)
-        table = pa.table({
-            S.SONG_ID: pa.array(chunk, pa.int64()),
-            S.INPUT_HASH: pa.array(hashes[start : start + len(chunk)], pa.string()),
-            "shape": pa.array([list(shape)] * len(chunk), pa.list_(pa.int32())),
-            "feature": pa.array([row.tobytes() for row in feats], pa.binary()),
-        }, schema=FEATURES_SCHEMA)
-        pq.write_table(table, directory / f"part-{start // SONGS_PER_FILE:06d}.parquet", row_group_size=SHARD_ROW_GROUP_ROWS)
+        table = pa.table(
+            {
+                S.SONG_ID: pa.array(chunk, pa.int64()),
+                S.INPUT_HASH: pa.array(hashes[start : start + len(chunk)], pa.string()),
+                "shape": pa.array([list(shape)] * len(chunk), pa.list_(pa.int32())),
+                "feature": pa.array([row.tobytes() for row in feats], pa.binary()),
+            },
+            schema=FEATURES_SCHEMA,
+        )
+        pq.write_table(
+            table, directory / f"part-{start // SONGS_PER_FILE:06d}.parquet", row_group_size=SHARD_ROW_GROUP_ROWS
+        )
 
 
 def write_features(cfg, n: int) -> None:
@@ -212,12 +253,20 @@ def write_features(cfg, n: int) -> None:
     ids = np.arange(1, n + 1, dtype=np.int64)
     audio_spec = audio_tower_spec(cfg.model, cfg.audio)
     audio_hashes = [hashlib.sha256(f"audio {i}".encode()).hexdigest() for i in ids]
-    write_feature_cache(tower_dir(cfg.output_dir, audio_spec), audio_spec, ids, audio_hashes, (POOLED_DIM, 1), rng,
-                        "audio features")
+    write_feature_cache(
+        tower_dir(cfg.output_dir, audio_spec), audio_spec, ids, audio_hashes, (POOLED_DIM, 1), rng, "audio features"
+    )
     texts = song_texts(read_catalog(catalog_path(cfg)))
     text_spec = text_tower_spec(cfg.model)
-    write_feature_cache(tower_dir(cfg.output_dir, text_spec), text_spec, ids, [text_hash(texts[int(i)]) for i in ids],
-                        (TEXT_DIM,), rng, "text features")
+    write_feature_cache(
+        tower_dir(cfg.output_dir, text_spec),
+        text_spec,
+        ids,
+        [text_hash(texts[int(i)]) for i in ids],
+        (TEXT_DIM,),
+        rng,
+        "text features",
+    )
 
 
 def write_checkpoint(cfg, path: Path) -> Path:
@@ -290,8 +339,12 @@ def latencies(fn, ids: np.ndarray) -> dict:
         fn(int(i))
         times.append(time.perf_counter() - t0)
     ms = np.asarray(times) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "queries": len(ids), "query_seconds": float(ms.sum() / 1e3)}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "queries": len(ids),
+        "query_seconds": float(ms.sum() / 1e3),
+    }
 
 
 # What each step imports before its clock starts: an import is a constant cost, not the step's.
@@ -301,7 +354,14 @@ STEP_IMPORTS = {
     "train-read": ["htcl.pipeline", "htcl.text"],
     "embed": ["ray", "ray.data", "ray_jobs.common", "ray_jobs.embed", "htcl.pipeline", "htcl.retrieval", "faiss"],
     "index": ["htcl.pipeline", "htcl.retrieval", "faiss"],
-    "mat-sqlite": ["ray", "ray.data", "feast", "feature_repo.store", "feature_repo.definitions", "ray_jobs.materialize"],
+    "mat-sqlite": [
+        "ray",
+        "ray.data",
+        "feast",
+        "feature_repo.store",
+        "feature_repo.definitions",
+        "ray_jobs.materialize",
+    ],
     "similar": ["htcl.retrieval", "faiss"],
     "feast-sqlite": ["feast", "feature_repo.store", "ray_jobs.materialize"],
 }
@@ -381,8 +441,18 @@ def run_step(spec: dict) -> dict:
             if base == "mat-redis":
                 argv += ["--online-store", spec["online_store"]]
             summary = job_summary(main, argv, "materialize")
-            out["job"] = {k: summary.get(k) for k in ("materialized", "stats", "rows", "materialize_seconds",
-                                                      "rows_per_s_materialize", "seconds", "repaired")}
+            out["job"] = {
+                k: summary.get(k)
+                for k in (
+                    "materialized",
+                    "stats",
+                    "rows",
+                    "materialize_seconds",
+                    "rows_per_s_materialize",
+                    "seconds",
+                    "repaired",
+                )
+            }
         elif step == "similar":
             import faiss
 
@@ -395,7 +465,6 @@ def run_step(spec: dict) -> dict:
             out.update(latencies(lambda s: index.similar(s, spec["k"]), ids))
         elif step in ("feast-sqlite", "feast-redis"):
             from feature_repo.store import open_store
-
             from ray_jobs.materialize import feast_dir
 
             store = open_store(feast_dir(cfg), spec["online_store"] if step == "feast-redis" else None)
@@ -423,8 +492,9 @@ def measure(spec: dict, log: Path) -> dict:
     with log.open("a") as f:
         f.write(f"\n===== {spec['step']} n={spec.get('songs')} =====\n")
         f.flush()
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                              stderr=f, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, stderr=f, text=True
+        )
     lines = done.stdout.strip().splitlines()
     with log.open("a") as f:
         f.write("\n".join(lines[:-1]) + "\n")
@@ -482,14 +552,20 @@ def summarize(results: list[dict], sizes: list[int]) -> tuple[dict, dict]:
         ratio = reads[hi]["peak_rss_mb"] / reads[lo]["peak_rss_mb"]
         goals["train_worker_peak_rss_flat"] = {
             "goal": "peak RSS of a training worker at the largest size within 20% of the smallest's",
-            "sizes": [lo, hi], "peak_rss_mb": [reads[lo]["peak_rss_mb"], reads[hi]["peak_rss_mb"]],
-            "ratio": ratio, "above_imports_mb": [reads[lo]["above_imports_mb"], reads[hi]["above_imports_mb"]],
-            "met": ratio <= 1.2}
+            "sizes": [lo, hi],
+            "peak_rss_mb": [reads[lo]["peak_rss_mb"], reads[hi]["peak_rss_mb"]],
+            "ratio": ratio,
+            "above_imports_mb": [reads[lo]["above_imports_mb"], reads[hi]["above_imports_mb"]],
+            "met": ratio <= 1.2,
+        }
     fitted = {s: k for s, k in exponents.items() if k is not None}
     if fitted:
-        goals["every_k_at_most_1_1"] = {"goal": "time ∝ n^k with k <= 1.1 for every step", "k": fitted,
-                                        "over": sorted(s for s, k in fitted.items() if k > 1.1),
-                                        "met": all(k <= 1.1 for k in fitted.values())}
+        goals["every_k_at_most_1_1"] = {
+            "goal": "time ∝ n^k with k <= 1.1 for every step",
+            "k": fitted,
+            "over": sorted(s for s, k in fitted.items() if k > 1.1),
+            "met": all(k <= 1.1 for k in fitted.values()),
+        }
     top = max(sizes)
     for store in ("sqlite", "redis"):
         steps = ["embed", f"mat-{store}"]
@@ -499,8 +575,13 @@ def summarize(results: list[dict], sizes: list[int]) -> tuple[dict, dict]:
             t1, t2 = sum(r["seconds"] for r in first), sum(r["seconds"] for r in second)
             goals[f"second_run_under_5pct_{store}"] = {
                 "goal": f"a no-change embed + materialize ({store}) under 5% of the first, at the largest size",
-                "songs": top, "first_s": t1, "second_s": t2, "ratio": t2 / t1, "met": t2 / t1 < 0.05,
-                "at_1m": top >= 1_000_000}
+                "songs": top,
+                "first_s": t1,
+                "second_s": t2,
+                "ratio": t2 / t1,
+                "met": t2 / t1 < 0.05,
+                "at_1m": top >= 1_000_000,
+            }
     return exponents, goals
 
 
@@ -519,24 +600,35 @@ def report(data: dict) -> dict:
     results, sizes = data["results"], sorted(data["sizes"])
     top = max(sizes)
     exponents, goals = summarize(results, sizes)
-    print(f"\nbackbone family (musicnn_msd features (1506, 1), tiny model, embed_dim {data['embed_dim']}); "
-          f"{data['interactions']} impressions in the log; peak RSS of the child process "
-          f"(imports alone: {data['imports_peak_rss_mb']:.0f} MB), tree = with its Ray processes\n")
+    print(
+        f"\nbackbone family (musicnn_msd features (1506, 1), tiny model, embed_dim {data['embed_dim']}); "
+        f"{data['interactions']} impressions in the log; peak RSS of the child process "
+        f"(imports alone: {data['imports_peak_rss_mb']:.0f} MB), tree = with its Ray processes\n"
+    )
     head = ("songs", "step", "seconds", "rows/s", "peak RSS MB", "tree peak MB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in results:
-        print(f"| {r['songs']} | {r['step']} | {r['seconds']:.2f} | {r['rows_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['tree_peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['songs']} | {r['step']} | {r['seconds']:.2f} | {r['rows_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['tree_peak_rss_mb']:.0f} |"
+        )
     extrapolate = top < 1_000_000
-    print("\n| step | k (time ∝ n^k) | fixed s + ms a song |" +
-          (" 1M s by n^k | 1M s by a + b·n |" if extrapolate else "") + "\n|---|---|---|" + ("---|---|" if extrapolate else ""))
+    print(
+        "\n| step | k (time ∝ n^k) | fixed s + ms a song |"
+        + (" 1M s by n^k | 1M s by a + b·n |" if extrapolate else "")
+        + "\n|---|---|---|"
+        + ("---|---|" if extrapolate else "")
+    )
     by_power, by_affine, fits = {}, {}, {}
     for step, k in exponents.items():
         rows = sorted((r for r in results if r["step"] == step), key=lambda r: r["songs"])
         fit = affine_fit([r["songs"] for r in rows], [r["seconds"] for r in rows])
         fits[step] = None if fit is None else {"fixed_s": fit[0], "ms_per_song": fit[1] * 1e3}
-        line = f"| {step} | {'-' if k is None else f'{k:.2f}'} | " + \
-            ("-" if fit is None else f"{fit[0]:.1f} + {fit[1] * 1e3:.3f}") + " |"
+        line = (
+            f"| {step} | {'-' if k is None else f'{k:.2f}'} | "
+            + ("-" if fit is None else f"{fit[0]:.1f} + {fit[1] * 1e3:.3f}")
+            + " |"
+        )
         if extrapolate and k is not None:
             by_power[step] = rows[-1]["seconds"] * (1_000_000 / top) ** k
             by_affine[step] = max(rows[-1]["seconds"], fit[0] + fit[1] * 1_000_000)
@@ -547,31 +639,47 @@ def report(data: dict) -> dict:
         rows = sorted((r for r in results if r["step"] == step), key=lambda r: r["songs"])
         fit = affine_fit([r["songs"] for r in rows], [r["peak_rss_mb"] for r in rows])
         if fit is not None:
-            memory[step] = {"fixed_mb": fit[0], "kb_per_song": fit[1] * 1024,
-                            "peak_rss_mb_at_1m": fit[0] + fit[1] * 1_000_000}
+            memory[step] = {
+                "fixed_mb": fit[0],
+                "kb_per_song": fit[1] * 1024,
+                "peak_rss_mb_at_1m": fit[0] + fit[1] * 1_000_000,
+            }
     if extrapolate and by_power:
         write_min = data["setup"][str(top)]["write_seconds"] * 1_000_000 / top / 60
-        print(f"\nextrapolated time at 1M: {sum(by_power.values()) / 60:.0f} min by each step's n^k, "
-              f"{sum(by_affine.values()) / 60:.0f} min by its fixed + per-song cost (+ writing the catalog: "
-              f"{write_min:.0f} min)")
+        print(
+            f"\nextrapolated time at 1M: {sum(by_power.values()) / 60:.0f} min by each step's n^k, "
+            f"{sum(by_affine.values()) / 60:.0f} min by its fixed + per-song cost (+ writing the catalog: "
+            f"{write_min:.0f} min)"
+        )
     for step, m in memory.items():
-        print(f"peak RSS {step}: {m['fixed_mb']:.0f} MB + {m['kb_per_song']:.2f} KB a song "
-              f"-> {m['peak_rss_mb_at_1m']:.0f} MB at 1M (driver process)")
+        print(
+            f"peak RSS {step}: {m['fixed_mb']:.0f} MB + {m['kb_per_song']:.2f} KB a song "
+            f"-> {m['peak_rss_mb_at_1m']:.0f} MB at 1M (driver process)"
+        )
     if "train-read" in memory and extrapolate:
         lo = next(r for r in results if r["step"] == "train-read" and r["songs"] == min(sizes))
         at_1m = memory["train-read"]["peak_rss_mb_at_1m"]
         goals["train_worker_peak_rss_flat_extrapolated_to_1m"] = {
             "goal": "the same, the largest size replaced by 1M on the a + b·n fit of the measured sizes",
-            "sizes": [min(sizes), 1_000_000], "peak_rss_mb": [lo["peak_rss_mb"], at_1m],
-            "ratio": at_1m / lo["peak_rss_mb"], "measured": False, "met": at_1m / lo["peak_rss_mb"] <= 1.2}
+            "sizes": [min(sizes), 1_000_000],
+            "peak_rss_mb": [lo["peak_rss_mb"], at_1m],
+            "ratio": at_1m / lo["peak_rss_mb"],
+            "measured": False,
+            "met": at_1m / lo["peak_rss_mb"] <= 1.2,
+        }
     print()
     for name, g in goals.items():
         shown = {k: v for k, v in g.items() if k not in ("goal", "met")}
         print(f"{'MET    ' if g['met'] else 'NOT MET'}  {name}: {json.dumps(shown, default=str)}")
     print(f"\n(load average {data['load_average']:.1f} on {data['cpus']} CPUs at the end of the run)")
-    return {**data, "k_exponents": exponents, "affine_fits": fits, "peak_rss_fits": memory,
-            "extrapolated_seconds_at_1m": {"power_law": by_power, "affine": by_affine} if by_power else None,
-            "goals": goals}
+    return {
+        **data,
+        "k_exponents": exponents,
+        "affine_fits": fits,
+        "peak_rss_fits": memory,
+        "extrapolated_seconds_at_1m": {"power_law": by_power, "affine": by_affine} if by_power else None,
+        "goals": goals,
+    }
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -580,21 +688,37 @@ def report(data: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bench_scale"),
-                   help="synthetic catalogs and outputs, one size at a time (default: %(default)s; never the repo)")
-    p.add_argument("--online-store", default="redis://127.0.0.1:6379/12",
-                   help="Redis for the mat-redis/feast-redis steps; its database is flushed (default: %(default)s)")
-    p.add_argument("--embed-dim", type=int, default=32, help="embedding size (default: %(default)s, the tests' tiny model)")
-    p.add_argument("--interactions", type=int, default=2000,
-                   help="impressions in the log at every size (default: %(default)s; materialize's stats cost "
-                        "follows it: one Ray Data group a song and a listener)")
+    p.add_argument(
+        "--work-dir",
+        default=str(Path(tempfile.gettempdir()) / "bench_scale"),
+        help="synthetic catalogs and outputs, one size at a time (default: %(default)s; never the repo)",
+    )
+    p.add_argument(
+        "--online-store",
+        default="redis://127.0.0.1:6379/12",
+        help="Redis for the mat-redis/feast-redis steps; its database is flushed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--embed-dim", type=int, default=32, help="embedding size (default: %(default)s, the tests' tiny model)"
+    )
+    p.add_argument(
+        "--interactions",
+        type=int,
+        default=2000,
+        help="impressions in the log at every size (default: %(default)s; materialize's stats cost "
+        "follows it: one Ray Data group a song and a listener)",
+    )
     p.add_argument("--train-steps", type=int, default=64, help="batches one worker reads after the first")
     p.add_argument("--queries", type=int, default=200, help="/similar and Feast lookups a size")
     p.add_argument("--k", type=int, default=100, help="neighbours a /similar query asks for (serving's default)")
     p.add_argument("--keep", action="store_true", help="keep each size's folder (default: removed after the size)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_scale.json"))
-    p.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON again (and rewrite "
-                   "it with the fits and goals of this version) instead of running")
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        help="print the report of an earlier run's JSON again (and rewrite "
+        "it with the fits and goals of this version) instead of running",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -639,24 +763,44 @@ def main(argv=None) -> int:
         from htcl.pipeline import model_version
 
         version = model_version(checkpoint)
-        setup[n] = {"write_seconds": time.perf_counter() - t0,
-                    "disk_mb": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20}
-        print(f"n={n}: synthetic catalog written in {setup[n]['write_seconds']:.1f} s "
-              f"({setup[n]['disk_mb']:.0f} MB)", flush=True)
+        setup[n] = {
+            "write_seconds": time.perf_counter() - t0,
+            "disk_mb": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20,
+        }
+        print(
+            f"n={n}: synthetic catalog written in {setup[n]['write_seconds']:.1f} s ({setup[n]['disk_mb']:.0f} MB)",
+            flush=True,
+        )
         if not redis_skip:
             flush_redis_db(args.online_store)
         for step in steps:
-            spec = {"step": step, "songs": n, "config": str(root / "config.yaml"), "checkpoint": str(checkpoint),
-                    "version": version, "online_store": args.online_store, "train_steps": args.train_steps,
-                    "queries": args.queries, "k": args.k}
+            spec = {
+                "step": step,
+                "songs": n,
+                "config": str(root / "config.yaml"),
+                "checkpoint": str(checkpoint),
+                "version": version,
+                "online_store": args.online_store,
+                "train_steps": args.train_steps,
+                "queries": args.queries,
+                "k": args.k,
+            }
             got = measure(spec, log)
             rows_per_s = got.pop("rows_per_s", None) or n / got["seconds"]
-            row = {"songs": n, "step": step, "rows_per_s": rows_per_s,
-                   "above_imports_mb": got["peak_rss_mb"] - imports["peak_rss_mb"], **got}
+            row = {
+                "songs": n,
+                "step": step,
+                "rows_per_s": rows_per_s,
+                "above_imports_mb": got["peak_rss_mb"] - imports["peak_rss_mb"],
+                **got,
+            }
             results.append(row)
             extra = f"  p50 {got['p50_ms']:.2f} ms p99 {got['p99_ms']:.2f} ms" if "p50_ms" in got else ""
-            print(f"n={n:>8} {step:<13} {got['seconds']:9.2f} s {rows_per_s:11.0f} rows/s "
-                  f"peak {got['peak_rss_mb']:7.0f} MB (tree {got['tree_peak_rss_mb']:7.0f} MB){extra}", flush=True)
+            print(
+                f"n={n:>8} {step:<13} {got['seconds']:9.2f} s {rows_per_s:11.0f} rows/s "
+                f"peak {got['peak_rss_mb']:7.0f} MB (tree {got['tree_peak_rss_mb']:7.0f} MB){extra}",
+                flush=True,
+            )
         disk_after = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 2**20
         setup[n]["disk_mb_after"] = disk_after
         if not args.keep:
@@ -665,12 +809,22 @@ def main(argv=None) -> int:
         flush_redis_db(args.online_store)
 
     data = {
-        "benchmark": "bench_scale", "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_average": os.getloadavg()[0], "sizes": sorted(args.sizes), "embed_dim": args.embed_dim,
-        "interactions": args.interactions, "train_batch": TRAIN_BATCH, "train_world": TRAIN_WORLD,
-        "train_steps": args.train_steps, "queries": args.queries, "k": args.k,
-        "redis": None if redis_skip else args.online_store, "redis_skipped": redis_skip,
-        "imports_peak_rss_mb": imports["peak_rss_mb"], "setup": {str(n): s for n, s in setup.items()},
+        "benchmark": "bench_scale",
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "sizes": sorted(args.sizes),
+        "embed_dim": args.embed_dim,
+        "interactions": args.interactions,
+        "train_batch": TRAIN_BATCH,
+        "train_world": TRAIN_WORLD,
+        "train_steps": args.train_steps,
+        "queries": args.queries,
+        "k": args.k,
+        "redis": None if redis_skip else args.online_store,
+        "redis_skipped": redis_skip,
+        "imports_peak_rss_mb": imports["peak_rss_mb"],
+        "setup": {str(n): s for n, s in setup.items()},
         "results": results,
     }
     out = Path(args.out)

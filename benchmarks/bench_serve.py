@@ -63,8 +63,16 @@ def world(path: Path, songs: int, dim: int, online_store: str) -> dict:
     v1 = unit_vectors(songs, dim, 1)
     v2 = v1 + 0.3 * unit_vectors(songs, dim, 2)  # a retrained model: close to v1, not equal
     v2 /= np.linalg.norm(v2, axis=1, keepdims=True)
-    info = write_world(path, {"v1": v1, "v2": v2}, current="v1", users=5000, impressions=songs,
-                       online_store=online_store, ranker_rows=5000, n_estimators=100)
+    info = write_world(
+        path,
+        {"v1": v1, "v2": v2},
+        current="v1",
+        users=5000,
+        impressions=songs,
+        online_store=online_store,
+        ranker_rows=5000,
+        n_estimators=100,
+    )
     info = {**info, "out": str(info["out"]), "world": str(info["world"]), "online_store": online_store}
     meta.write_text(json.dumps(info, indent=2))
     print(f"world: built in {info['seconds']} s", flush=True)
@@ -99,13 +107,19 @@ def start_feast_server(out: Path, online_store: str, port: int) -> tuple[subproc
     (repo / "feature_store.yaml").write_text(yaml.safe_dump(raw))
     log = (repo / "feast_serve.log").open("w")
     feast = Path(sys.executable).parent / "feast"
-    proc = subprocess.Popen([str(feast), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log",
-                             "-w", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(feast), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "-w", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     body = {"features": ["song_embedding:embedding"], "entities": {"song_id": [1], "model_version": ["v1"]}}
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"feast serve exited {proc.returncode}: {(repo / 'feast_serve.log').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"feast serve exited {proc.returncode}: {(repo / 'feast_serve.log').read_text()[-2000:]}"
+            )
         try:
             status, got = run.http("POST", f"http://127.0.0.1:{port}/get-online-features", body, timeout=5)
             if status == 200:
@@ -127,9 +141,18 @@ def summarize(latencies_ms: list[float], statuses: list, rate: float, seconds: f
         if s != 200:
             codes[str(s)] = codes.get(str(s), 0) + 1
     q = (lambda p: round(float(np.percentile(lat, p)), 2)) if len(lat) else (lambda p: None)
-    return {"rate": rate, "seconds": seconds, "requests": len(statuses), "ok": int(ok.sum()),
-            "errors": int((~ok).sum()), "error_codes": codes, "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
-            "max_ms": round(float(lat.max()), 2) if len(lat) else None}
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "requests": len(statuses),
+        "ok": int(ok.sum()),
+        "errors": int((~ok).sum()),
+        "error_codes": codes,
+        "p50_ms": q(50),
+        "p95_ms": q(95),
+        "p99_ms": q(99),
+        "max_ms": round(float(lat.max()), 2) if len(lat) else None,
+    }
 
 
 async def open_loop(make, rate: float, seconds: float, retry_for_s: float = 0.0, on_result=None) -> dict:
@@ -142,8 +165,9 @@ async def open_loop(make, rate: float, seconds: float, retry_for_s: float = 0.0,
     timeout = aiohttp.ClientTimeout(total=30)
     key = os.environ.get("HTCL_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers,
-                                     connector=aiohttp.TCPConnector(limit=1000)) as session:
+    async with aiohttp.ClientSession(
+        timeout=timeout, headers=headers, connector=aiohttp.TCPConnector(limit=1000)
+    ) as session:
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.1
         attempts_failed = []
@@ -165,7 +189,7 @@ async def open_loop(make, rate: float, seconds: float, retry_for_s: float = 0.0,
                 attempts_failed.append((loop.time() - t0, status))
                 if loop.time() - at > retry_for_s:
                     break
-                await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+                await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
                 attempt += 1
             if on_result is not None and status == 200:
                 on_result(loop.time() - t0, payload)
@@ -184,14 +208,26 @@ def request_makers(url: str, feast_url: str, songs: int, users: int, rng: np.ran
     cands = rng.integers(1, songs + 1, (2000, 100))
     return {
         "embedding": lambda i: ("GET", f"{url}/v1/songs/{ids[i]}/embedding", None),
-        "feast": lambda i: ("POST", f"{feast_url}/get-online-features",
-                            {"features": ["song_embedding:embedding"],
-                             "entities": {"song_id": [int(ids[i])], "model_version": ["v1"]}}),
+        "feast": lambda i: (
+            "POST",
+            f"{feast_url}/get-online-features",
+            {"features": ["song_embedding:embedding"], "entities": {"song_id": [int(ids[i])], "model_version": ["v1"]}},
+        ),
         "similar": lambda i: ("GET", f"{url}/v1/songs/{ids[i]}/similar?k=100", None),
-        "recommend": lambda i: ("POST", f"{url}/v1/recommend", {"user_id": int(1 + i % users), "trigger_song_id": int(ids[i]),
-                                                                "k": 10, "candidates": 100}),
-        "rank": lambda i: ("POST", f"{url}/v1/rank", {"user_id": int(1 + i % users), "trigger_song_id": int(ids[i]),
-                                                      "candidates": cands[i % len(cands)].tolist()}),
+        "recommend": lambda i: (
+            "POST",
+            f"{url}/v1/recommend",
+            {"user_id": int(1 + i % users), "trigger_song_id": int(ids[i]), "k": 10, "candidates": 100},
+        ),
+        "rank": lambda i: (
+            "POST",
+            f"{url}/v1/rank",
+            {
+                "user_id": int(1 + i % users),
+                "trigger_song_id": int(ids[i]),
+                "candidates": cands[i % len(cands)].tolist(),
+            },
+        ),
     }
 
 
@@ -215,8 +251,11 @@ def settle(url: str, seconds: float = 60.0) -> None:
 def replica_actors(deployment: str) -> list[str]:
     import ray
 
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]
+    )
 
 
 def kill_replica_under_load(makers: dict, deployment: str, rate: float, seconds: float, kill_at: float) -> dict:
@@ -246,8 +285,14 @@ def kill_replica_under_load(makers: dict, deployment: str, rate: float, seconds:
     thread.start()
     out = asyncio.run(open_loop(makers["similar"], rate, seconds, retry_for_s=30.0))
     thread.join()
-    return {"deployment": deployment, "killed": state.get("killed"), "replica_recovery_s": state.get("recovery_s"),
-            "kill_at_s": kill_at, "lost_requests": out["errors"], **out}
+    return {
+        "deployment": deployment,
+        "killed": state.get("killed"),
+        "replica_recovery_s": state.get("recovery_s"),
+        "kill_at_s": kill_at,
+        "lost_requests": out["errors"],
+        **out,
+    }
 
 
 def rollout_under_load(makers: dict, app_args: dict, rate: float, seconds: float, at: float) -> dict:
@@ -278,10 +323,16 @@ def rollout_under_load(makers: dict, app_args: dict, rate: float, seconds: float
     versions.sort()
     first_v2 = next((t for t, v in versions if v == "v2"), None)
     last_v1 = max((t for t, v in versions if v == "v1"), default=None)
-    return {"from": "v1", "to": "v2", "started_at_s": at, **state,
-            "first_v2_answer_s": round(first_v2, 2) if first_v2 else None,
-            "last_v1_answer_s": round(last_v1, 2) if last_v1 else None,
-            "answers": {v: sum(1 for _, x in versions if x == v) for v in ("v1", "v2")}, **out}
+    return {
+        "from": "v1",
+        "to": "v2",
+        "started_at_s": at,
+        **state,
+        "first_v2_answer_s": round(first_v2, 2) if first_v2 else None,
+        "last_v1_answer_s": round(last_v1, 2) if last_v1 else None,
+        "answers": {v: sum(1 for _, x in versions if x == v) for v in ("v1", "v2")},
+        **out,
+    }
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -297,8 +348,12 @@ def main(argv=None) -> int:
     ap.add_argument("--world", default=str(Path(tempfile.gettempdir()) / "htcl_bench_serve_world"))
     ap.add_argument("--online-store", default="", help="redis://127.0.0.1:6379/14 (flushed) instead of SQLite")
     ap.add_argument("--skip", default="", help="comma list of: kill, rollout, overload")
-    ap.add_argument("--scenario-rate", type=float, default=20.0,
-                    help="requests/s during the replica kill and the rollout (default: %(default)s)")
+    ap.add_argument(
+        "--scenario-rate",
+        type=float,
+        default=20.0,
+        help="requests/s during the replica kill and the rollout (default: %(default)s)",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_serve.json"))
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -307,15 +362,21 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     w = world(Path(args.world), args.songs, args.dim, args.online_store)
 
-    app_args = {"config": "configs/demo.yaml", "overrides": [f"output_dir={w['out']}", f"data.root={w['world']}"],
-                "encoder": "false", "online_store": args.online_store}
+    app_args = {
+        "config": "configs/demo.yaml",
+        "overrides": [f"output_dir={w['out']}", f"data.root={w['world']}"],
+        "encoder": "false",
+        "online_store": args.online_store,
+    }
     t0 = time.perf_counter()
     info = run.start(app_args, port=run.free_port(), num_cpus=2)
     startup_s = round(time.perf_counter() - t0, 1)
     print(f"serve: up at {info['url']} in {startup_s} s", flush=True)
     feast_port = run.free_port()
     feast_proc, feast_repo = start_feast_server(w["out"], args.online_store, feast_port)
-    makers = request_makers(info["url"], f"http://127.0.0.1:{feast_port}", w["songs"], w["users"], np.random.default_rng(0))
+    makers = request_makers(
+        info["url"], f"http://127.0.0.1:{feast_port}", w["songs"], w["users"], np.random.default_rng(0)
+    )
     rows, extra = [], {}
     try:
         for name in endpoints:
@@ -323,8 +384,11 @@ def main(argv=None) -> int:
             for rate in rates:
                 r = asyncio.run(open_loop(makers[name], rate, args.seconds))
                 rows.append({"endpoint": name, **r})
-                print(f"{name:<10} {rate:>5.0f}/s  p50 {r['p50_ms']:>8} p95 {r['p95_ms']:>8} p99 {r['p99_ms']:>8} ms  "
-                      f"errors {r['errors']} {r['error_codes'] or ''}", flush=True)
+                print(
+                    f"{name:<10} {rate:>5.0f}/s  p50 {r['p50_ms']:>8} p95 {r['p95_ms']:>8} p99 {r['p99_ms']:>8} ms  "
+                    f"errors {r['errors']} {r['error_codes'] or ''}",
+                    flush=True,
+                )
                 # An overloaded phase leaves a backlog (ours, or `feast serve`'s unbounded queue in its
                 # own process): let it drain so it does not land in the next phase's tail.
                 settle(info["url"])
@@ -332,24 +396,33 @@ def main(argv=None) -> int:
         if "overload" not in skip:
             r = asyncio.run(open_loop(makers["recommend"], 1000, 3.0))
             extra["overload"] = {"endpoint": "recommend", **r}
-            print(f"overload   1000/s x 3 s on /recommend: {r['ok']} ok, codes {r['error_codes']}, max {r['max_ms']} ms",
-                  flush=True)
+            print(
+                f"overload   1000/s x 3 s on /recommend: {r['ok']} ok, codes {r['error_codes']}, max {r['max_ms']} ms",
+                flush=True,
+            )
             settle(info["url"])
         if "kill" not in skip:
             r = kill_replica_under_load(makers, "Matcher", args.scenario_rate, 20.0, kill_at=5.0)
             extra["replica_kill"] = r
             settle(info["url"])
-            print(f"kill       Matcher replica at 5 s under {args.scenario_rate:g}/s /similar (client retries for up to 30 s): "
-                  f"lost {r['lost_requests']}"
-                  f" of {r['requests']}, failed attempts {r['failed_attempts']} {r.get('failed_attempts_window_s', '')}, "
-                  f"replica back in {r['replica_recovery_s']} s, p99 {r['p99_ms']} ms", flush=True)
+            print(
+                f"kill       Matcher replica at 5 s under {args.scenario_rate:g}/s /similar "
+                "(client retries for up to 30 s): "
+                f"lost {r['lost_requests']}"
+                f" of {r['requests']}, failed attempts {r['failed_attempts']} {r.get('failed_attempts_window_s', '')}, "
+                f"replica back in {r['replica_recovery_s']} s, p99 {r['p99_ms']} ms",
+                flush=True,
+            )
         if "rollout" not in skip:
             r = rollout_under_load(makers, app_args, args.scenario_rate, 30.0, at=3.0)
             extra["rollout"] = r
-            print(f"rollout    v1 -> v2 under {args.scenario_rate:g}/s similar+recommend (no retries): "
-                  f"{r['errors']} failed of {r['requests']} "
-                  f"{r['error_codes'] or ''}, first v2 answer at {r['first_v2_answer_s']} s (deploy started at 3 s), "
-                  f"last v1 at {r['last_v1_answer_s']} s, p99 {r['p99_ms']} ms", flush=True)
+            print(
+                f"rollout    v1 -> v2 under {args.scenario_rate:g}/s similar+recommend (no retries): "
+                f"{r['errors']} failed of {r['requests']} "
+                f"{r['error_codes'] or ''}, first v2 answer at {r['first_v2_answer_s']} s (deploy started at 3 s), "
+                f"last v1 at {r['last_v1_answer_s']} s, p99 {r['p99_ms']} ms",
+                flush=True,
+            )
     finally:
         os.killpg(feast_proc.pid, signal.SIGTERM)
         feast_proc.wait(timeout=30)
@@ -376,11 +449,14 @@ def main(argv=None) -> int:
         # was admitted but starved: both are bounded answers, neither a 500 nor a hang.
         o = extra["overload"]
         goals["overload: only 200/503/408, none unanswered, max latency <= 12 s"] = (
-            set(o["error_codes"]) <= {"503", "408"} and o["max_ms"] <= 12_000)
+            set(o["error_codes"]) <= {"503", "408"} and o["max_ms"] <= 12_000
+        )
 
     load = os.getloadavg()
-    print(f"\nbench_serve: {w['songs']} songs x {w['dim']} floats, online store {args.online_store or 'SQLite'}, "
-          f"{args.seconds:g} s per rate, open loop over loopback (load average {load[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(
+        f"\nbench_serve: {w['songs']} songs x {w['dim']} floats, online store {args.online_store or 'SQLite'}, "
+        f"{args.seconds:g} s per rate, open loop over loopback (load average {load[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
     print(f"{'endpoint':<10}{'rate/s':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
     for r in rows:
         print(f"{r['endpoint']:<10}{r['rate']:>7.0f}{r['p50_ms']:>9}{r['p95_ms']:>9}{r['p99_ms']:>9}{r['errors']:>8}")
@@ -388,13 +464,28 @@ def main(argv=None) -> int:
         print(f"goal {goal}: {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_serve", "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_end": load[0],
-        "songs": w["songs"], "dim": w["dim"], "online_store": args.online_store or "sqlite", "seconds_per_rate": args.seconds,
-        "serve_startup_s": startup_s, "world_build_s": w["seconds"], "rows": rows, **extra, "goals": goals,
-        "total_s": round(time.perf_counter() - t_all, 1),
-        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_serve",
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "load_average_end": load[0],
+                "songs": w["songs"],
+                "dim": w["dim"],
+                "online_store": args.online_store or "sqlite",
+                "seconds_per_rate": args.seconds,
+                "serve_startup_s": startup_s,
+                "world_build_s": w["seconds"],
+                "rows": rows,
+                **extra,
+                "goals": goals,
+                "total_s": round(time.perf_counter() - t_all, 1),
+                "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -58,9 +58,14 @@ def write_catalog(directory: Path, songs: int, frames: int, rows_per_group: int)
 
     rng = np.random.default_rng(SEED)
     for start in range(0, songs, rows_per_group):
-        rows = [{S.SONG_ID: i, S.N_FRAMES: frames,
-                 S.MEL: mel_to_bytes(rng.normal(-6, 2, (N_MELS, frames)).astype(np.float32))}
-                for i in range(start, min(songs, start + rows_per_group))]
+        rows = [
+            {
+                S.SONG_ID: i,
+                S.N_FRAMES: frames,
+                S.MEL: mel_to_bytes(rng.normal(-6, 2, (N_MELS, frames)).astype(np.float32)),
+            }
+            for i in range(start, min(songs, start + rows_per_group))
+        ]
         write_table(rows, S.MELS_SCHEMA, directory / f"part-{start // rows_per_group:06d}.parquet")
 
 
@@ -80,8 +85,9 @@ def child(spec: dict) -> dict:
     if spec["mode"] == "load-all":
         mels = read_mels(spec["dir"], N_MELS)
     else:
-        mels = ShardReader(mel_shards(spec["dir"]), MEL_COLUMNS, lambda t: mels_from_table(t, N_MELS),
-                           "bench", spec["cache_rows"])
+        mels = ShardReader(
+            mel_shards(spec["dir"]), MEL_COLUMNS, lambda t: mels_from_table(t, N_MELS), "bench", spec["cache_rows"]
+        )
     ready_s = time.perf_counter() - t0
     ids = np.arange(spec["songs"])
     rows = TrainingRows("pretrain", mels, {int(i): "" for i in ids}, ids)
@@ -95,8 +101,9 @@ def child(spec: dict) -> dict:
     assert batch["mel"].shape[:2] == (per_rank, N_MELS)
     out = {"peak_rss_mb": peak_rss_mb(), "ready_s": ready_s, "rows_per_s": spec["steps"] * per_rank / seconds}
     if isinstance(mels, ShardReader):
-        out.update(row_group_reads=mels.row_group_reads, peak_cached_rows=mels.peak_cached_rows,
-                   rows_decoded=mels.rows_decoded)
+        out.update(
+            row_group_reads=mels.row_group_reads, peak_cached_rows=mels.peak_cached_rows, rows_decoded=mels.rows_decoded
+        )
     stream.close()
     return out
 
@@ -137,34 +144,69 @@ def main(argv=None) -> int:
                 if g == 0:  # loading everything does not depend on the row groups
                     loaded = measure({**spec, "mode": "load-all"})
                 streamed = measure({**spec, "mode": "stream"})
-                results.append({
-                    "songs": n, "catalog_over_cache": n / args.cache_rows, "rows_per_group": rows_per_group,
-                    "load_all_mb": loaded["peak_rss_mb"] - imports, "stream_mb": streamed["peak_rss_mb"] - imports,
-                    "stream_over_load_all": (streamed["peak_rss_mb"] - imports) / (loaded["peak_rss_mb"] - imports),
-                    "load_s": loaded["ready_s"], "index_s": streamed["ready_s"],
-                    "load_all_rows_per_s": loaded["rows_per_s"], "stream_rows_per_s": streamed["rows_per_s"],
-                    "stream_over_load_all_rows_per_s": streamed["rows_per_s"] / loaded["rows_per_s"],
-                    "row_group_reads": streamed["row_group_reads"], "peak_cached_rows": streamed["peak_cached_rows"],
-                })
+                results.append(
+                    {
+                        "songs": n,
+                        "catalog_over_cache": n / args.cache_rows,
+                        "rows_per_group": rows_per_group,
+                        "load_all_mb": loaded["peak_rss_mb"] - imports,
+                        "stream_mb": streamed["peak_rss_mb"] - imports,
+                        "stream_over_load_all": (streamed["peak_rss_mb"] - imports) / (loaded["peak_rss_mb"] - imports),
+                        "load_s": loaded["ready_s"],
+                        "index_s": streamed["ready_s"],
+                        "load_all_rows_per_s": loaded["rows_per_s"],
+                        "stream_rows_per_s": streamed["rows_per_s"],
+                        "stream_over_load_all_rows_per_s": streamed["rows_per_s"] / loaded["rows_per_s"],
+                        "row_group_reads": streamed["row_group_reads"],
+                        "peak_cached_rows": streamed["peak_cached_rows"],
+                    }
+                )
                 shutil.rmtree(directory)  # before the next catalog: /tmp holds one at a time
 
-    print(f"\none rank of {args.world}, global batch {args.batch}, {args.steps} steps; log-Mel (128, {args.frames}) "
-          f"= {row_mb:.2f} MB float32 a song; cache {args.cache_rows} rows; peak RSS above the imports "
-          f"({imports:.0f} MB)\n")
-    head = ("songs", "x cache", "rows/group", "load-all MB", "stream MB", "stream/load", "load s", "index s",
-            "load rows/s", "stream rows/s", "rg reads")
+    print(
+        f"\none rank of {args.world}, global batch {args.batch}, {args.steps} steps; log-Mel (128, {args.frames}) "
+        f"= {row_mb:.2f} MB float32 a song; cache {args.cache_rows} rows; peak RSS above the imports "
+        f"({imports:.0f} MB)\n"
+    )
+    head = (
+        "songs",
+        "x cache",
+        "rows/group",
+        "load-all MB",
+        "stream MB",
+        "stream/load",
+        "load s",
+        "index s",
+        "load rows/s",
+        "stream rows/s",
+        "rg reads",
+    )
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in results:
-        print(f"| {r['songs']} | {r['catalog_over_cache']:.0f} | {r['rows_per_group']} | {r['load_all_mb']:.0f} | "
-              f"{r['stream_mb']:.0f} | {r['stream_over_load_all']:.3f} | {r['load_s']:.2f} | {r['index_s']:.3f} | "
-              f"{r['load_all_rows_per_s']:.0f} | {r['stream_rows_per_s']:.0f} | {r['row_group_reads']} |")
+        print(
+            f"| {r['songs']} | {r['catalog_over_cache']:.0f} | {r['rows_per_group']} | {r['load_all_mb']:.0f} | "
+            f"{r['stream_mb']:.0f} | {r['stream_over_load_all']:.3f} | {r['load_s']:.2f} | {r['index_s']:.3f} | "
+            f"{r['load_all_rows_per_s']:.0f} | {r['stream_rows_per_s']:.0f} | {r['row_group_reads']} |"
+        )
     print(f"\n(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "bench_streaming", "machine": platform.machine(), "cpus": os.cpu_count(),
-                               "load_average": os.getloadavg()[0], "imports_peak_rss_mb": imports,
-                               "mel_frames": args.frames, "row_mb_float32": row_mb, **base, "results": results},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_streaming",
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg()[0],
+                "imports_peak_rss_mb": imports,
+                "mel_frames": args.frames,
+                "row_mb_float32": row_mb,
+                **base,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

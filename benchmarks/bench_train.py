@@ -81,8 +81,10 @@ from htcl.config import load_config  # noqa: E402
 from htcl.mels import write_table  # noqa: E402
 from htcl.model import HTCLModel  # noqa: E402
 
-WORDS = ("amber river night dance golden echo silver rain heart city fire ocean dream light shadow "
-         "storm velvet midnight summer winter neon forest crystal thunder").split()
+WORDS = (
+    "amber river night dance golden echo silver rain heart city fire ocean dream light shadow "
+    "storm velvet midnight summer winter neon forest crystal thunder"
+).split()
 
 
 def frames_for(cfg) -> int:
@@ -95,31 +97,48 @@ def write_synthetic_world(root: Path, cfg, songs: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     n_frames = frames_for(cfg)
     words = lambda k: " ".join(rng.choice(WORDS, k))  # noqa: E731
-    catalog = pd.DataFrame({
-        S.SONG_ID: np.arange(1, songs + 1, dtype=np.int64),
-        S.AUDIO_PATH: [f"synthetic/{i}.flac" for i in range(1, songs + 1)],
-        S.TITLE: [words(3) for _ in range(songs)],
-        S.ARTIST: [words(2) for _ in range(songs)],
-        S.TAGS: [", ".join(rng.choice(WORDS, 4)) for _ in range(songs)],
-        S.LYRICS: [words(60) for _ in range(songs)],
-    })
+    catalog = pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(1, songs + 1, dtype=np.int64),
+            S.AUDIO_PATH: [f"synthetic/{i}.flac" for i in range(1, songs + 1)],
+            S.TITLE: [words(3) for _ in range(songs)],
+            S.ARTIST: [words(2) for _ in range(songs)],
+            S.TAGS: [", ".join(rng.choice(WORDS, 4)) for _ in range(songs)],
+            S.LYRICS: [words(60) for _ in range(songs)],
+        }
+    )
     (root / "world").mkdir(parents=True, exist_ok=True)
     catalog.to_parquet(root / "world" / "catalog.parquet")
-    rows = [{S.SONG_ID: i, S.N_FRAMES: n_frames,
-             S.MEL: mel_to_bytes((rng.standard_normal((cfg.audio.n_mels, n_frames)) * 5 - 6).astype(np.float32))}
-            for i in range(1, songs + 1)]
+    rows = [
+        {
+            S.SONG_ID: i,
+            S.N_FRAMES: n_frames,
+            S.MEL: mel_to_bytes((rng.standard_normal((cfg.audio.n_mels, n_frames)) * 5 - 6).astype(np.float32)),
+        }
+        for i in range(1, songs + 1)
+    ]
     write_table(rows, S.MELS_SCHEMA, root / "out" / "mels" / "part-00000.parquet")
 
 
 def measure(root: Path, config: str, workers: int, steps: int, warmup: int, use_gpu: bool, extra=()) -> dict:
     from ray_jobs.train_loop import fit
 
-    cfg = load_config(REPO / "configs" / f"{config}.yaml", [
-        f"output_dir={root / 'out'}", f"data.root={root / 'world'}",
-        f"pretrain.max_steps={warmup + steps}", "pretrain.log_every=1", "pretrain.checkpoint_every=0",
-        "pretrain.warmup_steps=1", f"pretrain.num_workers={workers}", f"pretrain.use_gpu={use_gpu}",
-        "model.audio_backbone=none", "model.text_trainable=true", *extra,
-    ])
+    cfg = load_config(
+        REPO / "configs" / f"{config}.yaml",
+        [
+            f"output_dir={root / 'out'}",
+            f"data.root={root / 'world'}",
+            f"pretrain.max_steps={warmup + steps}",
+            "pretrain.log_every=1",
+            "pretrain.checkpoint_every=0",
+            "pretrain.warmup_steps=1",
+            f"pretrain.num_workers={workers}",
+            f"pretrain.use_gpu={use_gpu}",
+            "model.audio_backbone=none",
+            "model.text_trainable=true",
+            *extra,
+        ],
+    )
     if use_gpu:
         resources = None  # one GPU per worker; Ray's default CPU share
     else:
@@ -142,8 +161,11 @@ def measure(root: Path, config: str, workers: int, steps: int, warmup: int, use_
         "frames": frames_for(cfg),
         "steps_timed": len(timed),
         "samples_per_s": round(len(timed) * batch / seconds, 3),
-        "step_samples_per_s_min_median_max": [round(per_step[0], 3), round(per_step[len(per_step) // 2], 3),
-                                              round(per_step[-1], 3)],
+        "step_samples_per_s_min_median_max": [
+            round(per_step[0], 3),
+            round(per_step[len(per_step) // 2], 3),
+            round(per_step[-1], 3),
+        ],
         "final_loss": round(log[-1]["loss"], 4),
         "run_seconds": round(result.seconds, 1),
     }
@@ -162,11 +184,17 @@ GOALS = {"paper+cached": 4.0, "backbone": 10.0}  # x over paper+text
 
 def tower_config(root: Path, name: str):
     backbone, text_trainable = TOWER_CONFIGS[name]
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"output_dir={root / 'out'}", f"data.root={root / 'world'}",
-        f"model.audio_backbone={backbone}", f"model.text_trainable={str(text_trainable).lower()}",
-        "pretrain.checkpoint_every=0", "finetune.checkpoint_every=0",
-    ])
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"output_dir={root / 'out'}",
+            f"data.root={root / 'world'}",
+            f"model.audio_backbone={backbone}",
+            f"model.text_trainable={str(text_trainable).lower()}",
+            "pretrain.checkpoint_every=0",
+            "finetune.checkpoint_every=0",
+        ],
+    )
 
 
 def write_tower_caches(root: Path, songs: int, seed: int = 1) -> dict:
@@ -185,8 +213,13 @@ def write_tower_caches(root: Path, songs: int, seed: int = 1) -> dict:
     spec = audio_tower_spec(cfg.model, cfg.audio)
     directory = tower_dir(cfg.output_dir, spec)
     rng = np.random.default_rng(seed)
-    write_features([feature_row(i, "synthetic", rng.standard_normal((POOLED_DIM, n_patches)).astype(np.float32))
-                    for i in range(1, songs + 1)], directory)
+    write_features(
+        [
+            feature_row(i, "synthetic", rng.standard_normal((POOLED_DIM, n_patches)).astype(np.float32))
+            for i in range(1, songs + 1)
+        ],
+        directory,
+    )
     write_tower_spec(directory, spec)
     return {"text_cache_seconds": round(text_s, 1), "audio_patches": n_patches, "audio_feature_dim": POOLED_DIM}
 
@@ -207,8 +240,14 @@ class Bench:
         if stage == "finetune":  # random <trigger, rec> pairs: the step's cost, not its data
             rng = np.random.default_rng(0)
             ids = rows.trigger
-            rows = TrainingRows("finetune", rows.mels, rows.texts, rng.choice(ids, 4 * len(ids)),
-                                rng.choice(ids, 4 * len(ids)), text_features=rows.text_features)
+            rows = TrainingRows(
+                "finetune",
+                rows.mels,
+                rows.texts,
+                rng.choice(ids, 4 * len(ids)),
+                rng.choice(ids, 4 * len(ids)),
+                text_features=rows.text_features,
+            )
         self.rows = rows
         self.tokenizer = SongTokenizer(cfg.model)
         self.model = HTCLModel(cfg.model, cfg.audio)
@@ -282,9 +321,16 @@ def step_split(b: Bench, reps: int = 3) -> dict:
     step_s = median_time(whole, reps)
     model.zero_grad(set_to_none=True)
     r = lambda x: round(x, 4)  # noqa: E731
-    return {"data_s": r(data_s), "audio_fwd_s": r(a_f), "audio_bwd_s": r(a_b), "text_fwd_s": r(t_f),
-            "text_bwd_s": r(t_b), "optimizer_step_s": r(opt_s), "fwd_bwd_opt_step_s": r(step_s),
-            "rest_s": r(step_s - a_f - a_b - t_f - t_b - opt_s)}
+    return {
+        "data_s": r(data_s),
+        "audio_fwd_s": r(a_f),
+        "audio_bwd_s": r(a_b),
+        "text_fwd_s": r(t_f),
+        "text_bwd_s": r(t_b),
+        "optimizer_step_s": r(opt_s),
+        "fwd_bwd_opt_step_s": r(step_s),
+        "rest_s": r(step_s - a_f - a_b - t_f - t_b - opt_s),
+    }
 
 
 def profile_top(b: Bench, steps: int = 5, top: int = 8) -> list[dict]:
@@ -295,15 +341,34 @@ def profile_top(b: Bench, steps: int = 5, top: int = 8) -> list[dict]:
         total = b.run(steps)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     spent = sum(e.self_cpu_time_total for e in events) or 1
-    rows = [{"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
-             "share": round(e.self_cpu_time_total / spent, 3), "calls_per_step": round(e.count / steps, 1)}
-            for e in events[:top]]
+    rows = [
+        {
+            "op": e.key,
+            "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+            "share": round(e.self_cpu_time_total / spent, 3),
+            "calls_per_step": round(e.count / steps, 1),
+        }
+        for e in events[:top]
+    ]
     # the optimizer's own label (AdamW over per-parameter tensors): its total, children included
-    rows += [{"op": f"(total) {e.key}", "self_cpu_ms_per_step": round(e.cpu_time_total / 1000 / steps, 2),
-              "share": round(e.cpu_time_total / spent, 3), "calls_per_step": round(e.count / steps, 1)}
-             for e in events if e.key.startswith("Optimizer.step")]
-    return rows + [{"op": "(wall per step, profiled)", "self_cpu_ms_per_step": round(total / steps * 1000, 2),
-                    "share": None, "calls_per_step": None}]
+    rows += [
+        {
+            "op": f"(total) {e.key}",
+            "self_cpu_ms_per_step": round(e.cpu_time_total / 1000 / steps, 2),
+            "share": round(e.cpu_time_total / spent, 3),
+            "calls_per_step": round(e.count / steps, 1),
+        }
+        for e in events
+        if e.key.startswith("Optimizer.step")
+    ]
+    return rows + [
+        {
+            "op": "(wall per step, profiled)",
+            "self_cpu_ms_per_step": round(total / steps * 1000, 2),
+            "share": None,
+            "calls_per_step": None,
+        }
+    ]
 
 
 def main_towers(args) -> int:
@@ -325,17 +390,29 @@ def main_towers(args) -> int:
             print(f"warmup {b.name:<13}{b.stage:<9} {b.step_s:.3f} s/step -> {b.n} timed steps", flush=True)
         runs = []
         for rep in range(args.repeats):
-            for key in (plan if rep % 2 == 0 else plan[::-1]):
+            for key in plan if rep % 2 == 0 else plan[::-1]:
                 b = benches[key]
                 seconds = b.run(b.n)
-                runs.append({"config": b.name, "stage": b.stage, "repeat": rep, "steps": b.n,
-                             "samples_per_s": round(b.n * b.batch / seconds, 3),
-                             "step_s": round(seconds / b.n, 4), "load_1min": round(os.getloadavg()[0], 2)})
-                print(f"  {b.name:<13}{b.stage:<9} rep {rep}: {runs[-1]['samples_per_s']:>9.2f} samples/s "
-                      f"({runs[-1]['step_s']:.3f} s/step, load {runs[-1]['load_1min']})", flush=True)
+                runs.append(
+                    {
+                        "config": b.name,
+                        "stage": b.stage,
+                        "repeat": rep,
+                        "steps": b.n,
+                        "samples_per_s": round(b.n * b.batch / seconds, 3),
+                        "step_s": round(seconds / b.n, 4),
+                        "load_1min": round(os.getloadavg()[0], 2),
+                    }
+                )
+                print(
+                    f"  {b.name:<13}{b.stage:<9} rep {rep}: {runs[-1]['samples_per_s']:>9.2f} samples/s "
+                    f"({runs[-1]['step_s']:.3f} s/step, load {runs[-1]['load_1min']})",
+                    flush=True,
+                )
         splits = {f"{n}/pretrain": step_split(benches[(n, "pretrain")], reps=args.split_reps) for n in TOWER_CONFIGS}
-        profiles = {f"{n}/pretrain": profile_top(benches[(n, "pretrain")], steps=5)
-                    for n in ("paper+cached", "backbone")}
+        profiles = {
+            f"{n}/pretrain": profile_top(benches[(n, "pretrain")], steps=5) for n in ("paper+cached", "backbone")
+        }
     load_after = os.getloadavg()
 
     rows = []
@@ -343,11 +420,21 @@ def main_towers(args) -> int:
         b = benches[key]
         mine = [r for r in runs if (r["config"], r["stage"]) == key]
         best = max(r["samples_per_s"] for r in mine)
-        rows.append({"config": b.name, "stage": b.stage, "audio_backbone": b.cfg.model.audio_backbone,
-                     "text_trainable": b.cfg.model.text_trainable,
-                     "backbone_train_top": b.cfg.model.backbone_train_top, "batch": b.batch,
-                     "trainable_params": b.trainable, "steps_timed": b.n, "samples_per_s": best,
-                     "step_s": round(b.batch / best, 4), "runs_samples_per_s": [r["samples_per_s"] for r in mine]})
+        rows.append(
+            {
+                "config": b.name,
+                "stage": b.stage,
+                "audio_backbone": b.cfg.model.audio_backbone,
+                "text_trainable": b.cfg.model.text_trainable,
+                "backbone_train_top": b.cfg.model.backbone_train_top,
+                "batch": b.batch,
+                "trainable_params": b.trainable,
+                "steps_timed": b.n,
+                "samples_per_s": best,
+                "step_s": round(b.batch / best, 4),
+                "runs_samples_per_s": [r["samples_per_s"] for r in mine],
+            }
+        )
     for stage in ("pretrain", "finetune"):
         base = next((r for r in rows if r["stage"] == stage and r["config"] == "paper+text"), None)
         for r in rows:
@@ -357,22 +444,36 @@ def main_towers(args) -> int:
                 r["goal"] = goal
                 r["goal_met"] = None if goal is None else bool(r["ratio_vs_paper+text"] >= goal)
 
-    header = (f"{'config':<14}{'stage':<10}{'backbone':<13}{'text':<11}{'trainable':>11}{'steps':>6}"
-              f"{'s/step':>8}{'samples/s':>11}{'ratio':>8}{'goal':>7}  met")
+    header = (
+        f"{'config':<14}{'stage':<10}{'backbone':<13}{'text':<11}{'trainable':>11}{'steps':>6}"
+        f"{'s/step':>8}{'samples/s':>11}{'ratio':>8}{'goal':>7}  met"
+    )
     print()
     print(header)
     print("-" * len(header))
     for r in rows:
         goal = f">={r['goal']:g}x" if r.get("goal") else ""
         met = "" if r.get("goal_met") is None else ("yes" if r["goal_met"] else "NO")
-        print(f"{r['config']:<14}{r['stage']:<10}{r['audio_backbone']:<13}"
-              f"{'trainable' if r['text_trainable'] else 'cached':<11}{r['trainable_params']:>11,}{r['steps_timed']:>6}"
-              f"{r['step_s']:>8.3f}{r['samples_per_s']:>11.2f}{str(r.get('ratio_vs_paper+text', '')):>8}{goal:>7}  {met}")
-    print(f"samples/s: best of {args.repeats} (order alternated), batch 32, torch threads {args.threads}; "
-          "ratio: over paper+text of the same stage")
+        print(
+            f"{r['config']:<14}{r['stage']:<10}{r['audio_backbone']:<13}"
+            f"{'trainable' if r['text_trainable'] else 'cached':<11}{r['trainable_params']:>11,}{r['steps_timed']:>6}"
+            f"{r['step_s']:>8.3f}{r['samples_per_s']:>11.2f}{str(r.get('ratio_vs_paper+text', '')):>8}{goal:>7}  {met}"
+        )
+    print(
+        f"samples/s: best of {args.repeats} (order alternated), batch 32, torch threads {args.threads}; "
+        "ratio: over paper+text of the same stage"
+    )
     print(f"\nper-step split, stage 1 (s, median of {args.split_reps}; audio/text bwd = that tower's backward alone):")
-    cols = ["data_s", "audio_fwd_s", "audio_bwd_s", "text_fwd_s", "text_bwd_s", "optimizer_step_s",
-            "fwd_bwd_opt_step_s", "rest_s"]
+    cols = [
+        "data_s",
+        "audio_fwd_s",
+        "audio_bwd_s",
+        "text_fwd_s",
+        "text_bwd_s",
+        "optimizer_step_s",
+        "fwd_bwd_opt_step_s",
+        "rest_s",
+    ]
     names = ["data", "audio fwd", "audio bwd", "text fwd", "text bwd", "optim", "whole step", "rest"]
     print(f"{'config':<24}" + "".join(f"{c:>11}" for c in names))
     for k, sp in splits.items():
@@ -383,20 +484,33 @@ def main_towers(args) -> int:
             share = "" if e["share"] is None else f"{e['share']:.1%}"
             calls = "" if e["calls_per_step"] is None else e["calls_per_step"]
             print(f"  {e['op'][:44]:<45}{e['self_cpu_ms_per_step']:>9.2f} ms/step {share:>7} {calls:>7}")
-    print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+    print(
+        f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores; "
+        f"{time.perf_counter() - t_start:.0f} s in all"
+    )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     previous["towers"] = {
-        "mode": "towers", "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": args.threads, "songs": args.songs, "frames": frames_for(tower_config(Path(tmp), "paper+text")),
+        "mode": "towers",
+        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "songs": args.songs,
+        "frames": frames_for(tower_config(Path(tmp), "paper+text")),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "note": ("in-process htcl.training.train over htcl.pipeline.batch_stream (batch building, forward, "
-                 "backward, clipping, AdamW); samples/s = best of the repeats; stage 2 on random pairs"),
-        "cache": cache, "rows": rows, "runs": runs, "step_split_s": splits, "profile_top_ops": profiles,
+        "note": (
+            "in-process htcl.training.train over htcl.pipeline.batch_stream (batch building, forward, "
+            "backward, clipping, AdamW); samples/s = best of the repeats; stage 2 on random pairs"
+        ),
+        "cache": cache,
+        "rows": rows,
+        "runs": runs,
+        "step_split_s": splits,
+        "profile_top_ops": profiles,
     }
     out.write_text(json.dumps(previous, indent=2))
     print(f"wrote {out} (key 'towers')")
@@ -420,12 +534,18 @@ def gpu_batch(cfg, batch: int, device: torch.device, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     n_frames, length = frames_for(cfg), cfg.model.text_max_length
     mask = torch.ones(batch, n_frames, dtype=torch.bool)
-    mask[::4, n_frames // 2:] = False
+    mask[::4, n_frames // 2 :] = False
     att = torch.ones(batch, length, dtype=torch.long)
-    att[1::2, length // 2:] = 0
-    return {k: v.to(device) for k, v in {
-        "mel": torch.randn(batch, cfg.audio.n_mels, n_frames, generator=g) * 5 - 6, "mel_mask": mask,
-        "input_ids": torch.randint(1000, 30000, (batch, length), generator=g), "attention_mask": att}.items()}
+    att[1::2, length // 2 :] = 0
+    return {
+        k: v.to(device)
+        for k, v in {
+            "mel": torch.randn(batch, cfg.audio.n_mels, n_frames, generator=g) * 5 - 6,
+            "mel_mask": mask,
+            "input_ids": torch.randint(1000, 30000, (batch, length), generator=g),
+            "attention_mask": att,
+        }.items()
+    }
 
 
 def attention_backends(state, batches, tcfg, device) -> dict:
@@ -472,21 +592,39 @@ def main_gpu(args) -> int:
             print(f"bench_train --mode gpu: skipped, {reason}; kept the measured {out}")
             return 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"benchmark": "bench_train", "mode": "gpu", "skipped": True, "reason": reason,
-                                   "torch": torch.__version__, "command": "python benchmarks/bench_train.py "
-                                   + " ".join(sys.argv[1:])}, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "benchmark": "bench_train",
+                    "mode": "gpu",
+                    "skipped": True,
+                    "reason": reason,
+                    "torch": torch.__version__,
+                    "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+                },
+                indent=2,
+            )
+        )
         print(f"bench_train --mode gpu: skipped, {reason}; wrote {out}")
         return 0
 
-    cfg = load_config(REPO / "configs" / "paper.yaml",
-                      ["model.audio_backbone=none", "model.text_trainable=true", *args.set])
+    cfg = load_config(
+        REPO / "configs" / "paper.yaml", ["model.audio_backbone=none", "model.text_trainable=true", *args.set]
+    )
     batch = args.gpu_batch
     batches = [gpu_batch(cfg, batch, device, seed) for seed in range(2)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows, t_start = [], time.perf_counter()
     for precision in args.precisions:
-        tcfg = dataclasses.replace(cfg.pretrain, batch_size=batch, precision=precision, max_steps=10**9,
-                                   log_every=10**9, checkpoint_every=0, warmup_steps=1)
+        tcfg = dataclasses.replace(
+            cfg.pretrain,
+            batch_size=batch,
+            precision=precision,
+            max_steps=10**9,
+            log_every=10**9,
+            checkpoint_every=0,
+            warmup_steps=1,
+        )
         seed_everything(0)
         model = HTCLModel(cfg.model, cfg.audio).to(device)
         state = TrainState(model, build_optimizer(model, tcfg))
@@ -504,40 +642,70 @@ def main_gpu(args) -> int:
         warm_s = run(args.warmup) / args.warmup
         n = int(min(args.max_timed_steps, max(args.steps or 10, np.ceil(args.min_seconds / warm_s))))
         seconds = min(run(n) for _ in range(args.repeats))
-        row = {"config": "paper", "device": name, "precision": precision, "batch": batch,
-               "frames": frames_for(cfg), "text_tokens": cfg.model.text_max_length, "steps_timed": n,
-               "step_s": round(seconds / n, 4), "samples_per_s": round(n * batch / seconds, 2),
-               "peak_memory_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                                  if device.type == "cuda" else None),
-               **attention_backends(state, batches, tcfg, device)}
+        row = {
+            "config": "paper",
+            "device": name,
+            "precision": precision,
+            "batch": batch,
+            "frames": frames_for(cfg),
+            "text_tokens": cfg.model.text_max_length,
+            "steps_timed": n,
+            "step_s": round(seconds / n, 4),
+            "samples_per_s": round(n * batch / seconds, 2),
+            "peak_memory_gb": (
+                round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+            ),
+            **attention_backends(state, batches, tcfg, device),
+        }
         rows.append(row)
-        print(f"  {precision}: {row['samples_per_s']} samples/s ({row['step_s']} s/step), "
-              f"SDPA {row['sdpa_calls_per_step']}, fused only: {row['fused_kernels_only_step']}", flush=True)
-        del state, model
+        print(
+            f"  {precision}: {row['samples_per_s']} samples/s ({row['step_s']} s/step), "
+            f"SDPA {row['sdpa_calls_per_step']}, fused only: {row['fused_kernels_only_step']}",
+            flush=True,
+        )
+        state = model = None  # free them before the next precision builds its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = rows[0]["samples_per_s"]
     for r in rows:
         r["ratio_vs_first"] = round(r["samples_per_s"] / base, 2)
 
-    header = f"{'device':<24}{'prec':<6}{'batch':>6}{'s/step':>9}{'samples/s':>11}{'ratio':>7}{'peak GB':>9}  SDPA kernels"
+    header = (
+        f"{'device':<24}{'prec':<6}{'batch':>6}{'s/step':>9}{'samples/s':>11}{'ratio':>7}{'peak GB':>9}  SDPA kernels"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['device'][:23]:<24}{r['precision']:<6}{r['batch']:>6}{r['step_s']:>9.4f}{r['samples_per_s']:>11.2f}"
-              f"{r['ratio_vs_first']:>7}{str(r['peak_memory_gb']):>9}  {r['sdpa_calls_per_step']}")
-    print(f"paper config (audio_backbone=none, text trained), stage 1, 1 device; best of {args.repeats}; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+        print(
+            f"{r['device'][:23]:<24}{r['precision']:<6}{r['batch']:>6}{r['step_s']:>9.4f}{r['samples_per_s']:>11.2f}"
+            f"{r['ratio_vs_first']:>7}{str(r['peak_memory_gb']):>9}  {r['sdpa_calls_per_step']}"
+        )
+    print(
+        f"paper config (audio_backbone=none, text trained), stage 1, 1 device; best of {args.repeats}; "
+        f"{time.perf_counter() - t_start:.0f} s in all"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "bench_train", "mode": "gpu", "skipped": False,
-        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "device": name,
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "note": ("htcl.training.train (forward, backward, clip, AdamW) on device-resident random batches: "
-                 "no data loading; sdpa_calls_per_step from torch.profiler's aten ops of one step"),
-        "rows": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_train",
+                "mode": "gpu",
+                "skipped": False,
+                "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "device": name,
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+                "note": (
+                    "htcl.training.train (forward, backward, clip, AdamW) on device-resident random batches: "
+                    "no data loading; sdpa_calls_per_step from torch.profiler's aten ops of one step"
+                ),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 
@@ -545,8 +713,9 @@ def main_gpu(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("towers", "ray", "gpu"), default="towers")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per run (ray: 8; towers: at least this many, default 10)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed steps per run (ray: 8; towers: at least this many, default 10)"
+    )
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="ray: worker counts")
     ap.add_argument("--repeats", type=int, default=2, help="runs per worker count / config, order alternated")
@@ -560,8 +729,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="towers: torch.set_num_threads")
     ap.add_argument("--no-stage2", action="store_true", help="towers: skip the finetune rows")
     ap.add_argument("--split-reps", type=int, default=5, help="towers: repeats of each part of the per-step split")
-    ap.add_argument("--out", default=None,
-                    help="default benchmarks/results/bench_train.json (gpu: bench_train_gpu.json)")
+    ap.add_argument(
+        "--out", default=None, help="default benchmarks/results/bench_train.json (gpu: bench_train_gpu.json)"
+    )
     args = ap.parse_args(argv)
     if args.mode == "gpu":
         return main_gpu(args)
@@ -577,8 +747,12 @@ def main_ray(args) -> int:
 
     load_before = os.getloadavg()
     # A Ray instance of our own (never another one on this machine); workers import this checkout.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         demo_root = Path(tmp) / "demo"
@@ -586,14 +760,24 @@ def main_ray(args) -> int:
         # On a shared machine the load drifts: alternate the order (1, 2, 2, 1, ...) and average.
         runs = []
         for rep in range(args.repeats):
-            for w in (args.workers if rep % 2 == 0 else args.workers[::-1]):
-                runs.append({**measure(demo_root, "demo", w, args.steps, args.warmup, use_gpu=False),
-                             "repeat": rep, "load_1min": round(os.getloadavg()[0], 2)})
+            for w in args.workers if rep % 2 == 0 else args.workers[::-1]:
+                runs.append(
+                    {
+                        **measure(demo_root, "demo", w, args.steps, args.warmup, use_gpu=False),
+                        "repeat": rep,
+                        "load_1min": round(os.getloadavg()[0], 2),
+                    }
+                )
         for w in args.workers:
             mine = [r for r in runs if r["workers"] == w]
-            rows.append({**mine[0], "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in mine])), 3),
-                         "runs_samples_per_s": [r["samples_per_s"] for r in mine],
-                         "steps_timed": sum(r["steps_timed"] for r in mine)})
+            rows.append(
+                {
+                    **mine[0],
+                    "samples_per_s": round(float(np.mean([r["samples_per_s"] for r in mine])), 3),
+                    "runs_samples_per_s": [r["samples_per_s"] for r in mine],
+                    "steps_timed": sum(r["steps_timed"] for r in mine),
+                }
+            )
         base = rows[0]["samples_per_s"]
         for r in rows:
             r["ratio"] = round(r["samples_per_s"] / base, 3)
@@ -602,23 +786,36 @@ def main_ray(args) -> int:
             n_gpu = torch.cuda.device_count()
             batch = args.gpu_batch - args.gpu_batch % n_gpu
             write_synthetic_world(paper_root, load_config(REPO / "configs" / "paper.yaml"), batch * 2)
-            gpu = measure(paper_root, "paper", n_gpu, args.steps, args.warmup, use_gpu=True,
-                          extra=[f"pretrain.batch_size={batch}", "pretrain.precision=bf16"])
+            gpu = measure(
+                paper_root,
+                "paper",
+                n_gpu,
+                args.steps,
+                args.warmup,
+                use_gpu=True,
+                extra=[f"pretrain.batch_size={batch}", "pretrain.precision=bf16"],
+            )
             gpu["ratio"] = None
             rows.append(gpu)
             runs.append(gpu)
     ray.shutdown()
     load_after = os.getloadavg()
 
-    header = (f"{'config':<7}{'device':<22}{'prec':<6}{'workers':>8}{'cpu/w':>6}{'batch':>7}{'local':>6}"
-              f"{'frames':>7}{'steps':>6}{'samples/s':>11}{'ratio':>7}")
+    header = (
+        f"{'config':<7}{'device':<22}{'prec':<6}{'workers':>8}{'cpu/w':>6}{'batch':>7}{'local':>6}"
+        f"{'frames':>7}{'steps':>6}{'samples/s':>11}{'ratio':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<7}{r['device'][:21]:<22}{r['precision']:<6}{r['workers']:>8}{str(r['cpus_per_worker']):>6}"
-              f"{r['global_batch']:>7}{r['local_batch']:>6}{r['frames']:>7}{r['steps_timed']:>6}"
-              f"{r['samples_per_s']:>11}{str(r['ratio']):>7}")
-    print("samples/s: mean over runs (order alternated); ratio: over the 1-worker CPU row (same global batch, same cores)")
+        print(
+            f"{r['config']:<7}{r['device'][:21]:<22}{r['precision']:<6}{r['workers']:>8}{str(r['cpus_per_worker']):>6}"
+            f"{r['global_batch']:>7}{r['local_batch']:>6}{r['frames']:>7}{r['steps_timed']:>6}"
+            f"{r['samples_per_s']:>11}{str(r['ratio']):>7}"
+        )
+    print(
+        "samples/s: mean over runs (order alternated); ratio: over the 1-worker CPU row (same global batch, same cores)"
+    )
     for r in rows:
         if "runs_samples_per_s" in r:
             print(f"  {r['workers']} worker(s), each run: {r['runs_samples_per_s']}")
@@ -626,15 +823,24 @@ def main_ray(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    out.write_text(json.dumps({
-        **({"towers": previous["towers"]} if "towers" in previous else {}),
-        "benchmark": "bench_train", "torch": torch.__version__, "ray": ray.__version__,
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "note": "samples/s of full training steps (data, forward, backward, all-reduce, AdamW) over the timed steps",
-        "rows": rows,
-        "runs": runs,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                **({"towers": previous["towers"]} if "towers" in previous else {}),
+                "benchmark": "bench_train",
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+                "machine": platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+                "note": "samples/s of full training steps (data, forward, backward, all-reduce, AdamW) "
+                "over the timed steps",
+                "rows": rows,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -36,8 +36,12 @@ LISTENER_STATS = f"{S.LISTENER_STATS_VIEW}.parquet"
 
 song = Entity(name="song", join_keys=[S.SONG_ID], value_type=ValueType.INT64, description="a catalog song")
 listener = Entity(name="listener", join_keys=[S.USER_ID], value_type=ValueType.INT64, description="a listener")
-model = Entity(name="model", join_keys=[S.MODEL_VERSION], value_type=ValueType.STRING,
-               description="the embedding model version (checkpoint + config hash)")
+model = Entity(
+    name="model",
+    join_keys=[S.MODEL_VERSION],
+    value_type=ValueType.STRING,
+    description="the embedding model version (checkpoint + config hash)",
+)
 
 
 def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
@@ -45,8 +49,12 @@ def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
     data_dir = Path(data_dir).resolve()
 
     def source(name: str, file: str) -> FileSource:
-        return FileSource(name=f"{name}_source", path=str(data_dir / file), timestamp_field="event_timestamp",
-                          created_timestamp_column="created")
+        return FileSource(
+            name=f"{name}_source",
+            path=str(data_dir / file),
+            timestamp_field="event_timestamp",
+            created_timestamp_column="created",
+        )
 
     song_embedding = FeatureView(
         name="song_embedding",
@@ -55,8 +63,14 @@ def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
         # carry event_timestamp 1970-01-01 (the time the embedding was made goes in `created`).
         ttl=timedelta(0),
         schema=[
-            Field(name="embedding", dtype=Array(Float32), vector_index=True, vector_length=embed_dim,
-                  vector_search_metric="COSINE", description=f"L2-normalized audio embedding, {embed_dim} floats"),
+            Field(
+                name="embedding",
+                dtype=Array(Float32),
+                vector_index=True,
+                vector_length=embed_dim,
+                vector_search_metric="COSINE",
+                description=f"L2-normalized audio embedding, {embed_dim} floats",
+            ),
         ],
         source=source("song_embeddings", SONG_EMBEDDINGS),
         online=True,
@@ -98,13 +112,20 @@ def definitions(data_dir: str | Path, embed_dim: int) -> dict[str, object]:
         name="matching_v1", features=[song_embedding], description="embeddings for nearest-neighbour matching"
     )
     return {
-        "song": song, "listener": listener, "model": model,
-        "song_embedding": song_embedding, S.SONG_STATS_VIEW: song_stats, S.LISTENER_STATS_VIEW: listener_stats,
-        "ranker_v1": ranker_v1, "matching_v1": matching_v1,
+        "song": song,
+        "listener": listener,
+        "model": model,
+        "song_embedding": song_embedding,
+        S.SONG_STATS_VIEW: song_stats,
+        S.LISTENER_STATS_VIEW: listener_stats,
+        "ranker_v1": ranker_v1,
+        "matching_v1": matching_v1,
     }
 
 
-_objects = definitions(os.environ.get("HTCL_FEAST_DATA", "outputs/demo/feast"), int(os.environ.get("HTCL_EMBED_DIM", "128")))
+_objects = definitions(
+    os.environ.get("HTCL_FEAST_DATA", "outputs/demo/feast"), int(os.environ.get("HTCL_EMBED_DIM", "128"))
+)
 song_embedding = _objects["song_embedding"]
 song_stats = _objects[S.SONG_STATS_VIEW]
 listener_stats = _objects[S.LISTENER_STATS_VIEW]

@@ -19,7 +19,9 @@ from htcl import schema as S
 IMPRESSION_ID = "impression_id"
 
 
-def entity_frame(interactions: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, model_version: str) -> pd.DataFrame:
+def entity_frame(
+    interactions: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, model_version: str
+) -> pd.DataFrame:
     """Impressions in [start, end) as Feast entity rows: the candidate is `song_id`.
 
     `impression_id` (the row's position in the log) keeps repeated identical impressions apart:
@@ -52,8 +54,12 @@ def historical_frame(store, entities: pd.DataFrame, service: str = "ranker_v1") 
         got = store.get_historical_features(entity_df=asked, features=refs, full_feature_names=True).to_df()
         got[S.EVENT_TIMESTAMP] = pd.to_datetime(got[S.EVENT_TIMESTAMP], utc=True)
         alias = projection.name_to_use()
-        got = got.rename(columns={**dict(zip(own_keys, keys)),
-                                  **{f"{projection.name}__{f.name}": f"{alias}__{f.name}" for f in projection.features}})
+        got = got.rename(
+            columns={
+                **dict(zip(own_keys, keys)),
+                **{f"{projection.name}__{f.name}": f"{alias}__{f.name}" for f in projection.features},
+            }
+        )
         before = len(frame)
         frame = frame.merge(got, on=keys + [S.EVENT_TIMESTAMP], how="left", validate="many_to_one", indicator=True)
         lost = frame["_merge"] != "both"
@@ -83,6 +89,8 @@ def whole_log_frame(cfg, online_store: str | None = None, model_version: str | N
     entities = entity_frame(interactions, ts.min(), ts.max() + pd.Timedelta(microseconds=1), version)
     t0 = time.perf_counter()
     frame = historical_frame(open_store(data_dir, online_store), entities)
-    print(f"backfill: {len(frame)} impressions with ranker_v1 features from Feast in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"backfill: {len(frame)} impressions with ranker_v1 features from Feast in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     return frame, version

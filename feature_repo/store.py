@@ -180,9 +180,8 @@ def set_aside_unreadable_registry(config: RepoConfig) -> Path | None:
     """A local registry file that does not parse (torn by a writer killed midway, before
     AtomicFileRegistryStore) is renamed `<name>.unreadable-<time>`, so that opening the store
     starts an empty registry for the publish to fill again; returns the new name."""
-    from google.protobuf.message import DecodeError
-
     from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+    from google.protobuf.message import DecodeError
 
     path = Path(config.registry.path)
     if "://" in config.registry.path or not path.is_file():

@@ -38,8 +38,21 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 
 # First bytes of the containers libsndfile reads; a file that starts like one but fails to open
 # is a broken or unsupported audio file, anything else is not audio at all.
-_AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS", b"ID3", b"FORM", b".snd", b"\xff\xfb",
-                b"\xff\xf3", b"\xff\xf2", b"\xff\xfa", b"\xff\xe3")
+_AUDIO_MAGIC = (
+    b"RIFF",
+    b"RIFX",
+    b"RF64",
+    b"fLaC",
+    b"OggS",
+    b"ID3",
+    b"FORM",
+    b".snd",
+    b"\xff\xfb",
+    b"\xff\xf3",
+    b"\xff\xf2",
+    b"\xff\xfa",
+    b"\xff\xe3",
+)
 
 
 class AudioDecodeError(Exception):
@@ -57,7 +70,7 @@ def _open_bytes(path: str) -> tuple[io.BytesIO | str, int]:
     if not path.strip():  # Path("") is the working directory: say what is wrong instead
         raise AudioDecodeError(path, "missing", "no audio_path given")
     if "://" not in path or path.startswith("file://"):
-        local = path[len("file://"):] if path.startswith("file://") else path
+        local = path[len("file://") :] if path.startswith("file://") else path
         p = Path(local)
         if not p.exists():
             raise AudioDecodeError(path, "missing", "no such file")
@@ -118,8 +131,11 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     with f:
         native_sr, container = f.samplerate, f.format
         if not MIN_SAMPLE_RATE <= native_sr <= MAX_SAMPLE_RATE:  # before reading or resampling anything
-            raise AudioDecodeError(path, "bad_sample_rate", f"header claims a sample rate of {native_sr} Hz, outside "
-                                   f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+            raise AudioDecodeError(
+                path,
+                "bad_sample_rate",
+                f"header claims a sample rate of {native_sr} Hz, outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz",
+            )
         short = _header_claims_more(f.extra_info)
         if short:
             raise AudioDecodeError(path, "truncated", short)
@@ -142,8 +158,12 @@ def load_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | 
     if not np.isfinite(peak):
         raise AudioDecodeError(path, "invalid", "NaN or infinite samples")
     if peak > MAX_SAMPLE_MAGNITUDE:
-        raise AudioDecodeError(path, "invalid", f"absurd amplitude: peak sample magnitude {peak:.3g} over "
-                               f"{MAX_SAMPLE_MAGNITUDE:g} (audio samples are expected within [-1, 1])")
+        raise AudioDecodeError(
+            path,
+            "invalid",
+            f"absurd amplitude: peak sample magnitude {peak:.3g} over "
+            f"{MAX_SAMPLE_MAGNITUDE:g} (audio samples are expected within [-1, 1])",
+        )
     channels = data.shape[1]
     # (n, C) @ (C,) -> (n,): the mean over channels through BLAS; numpy's mean(axis=1) over a
     # 2-wide inner axis is ~10x slower (bench_frontend: 143 ms vs 11 ms per 120 s of stereo).
@@ -175,7 +195,9 @@ def mel_to_hz(mel: np.ndarray) -> np.ndarray:
     return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), f_sp * mel)
 
 
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """(M, K) triangular filters with Slaney area normalization, as librosa.filters.mel."""
     fmax = sample_rate / 2 if fmax is None else fmax
     fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)  # (K,)
@@ -214,8 +236,9 @@ class LogMel(nn.Module):
     song at a time bit for bit; short songs share blocks and may differ in the last float bit.
     """
 
-    def __init__(self, sample_rate: int = 16000, n_mels: int = 128, win_ms: float = 128.0, hop_ms: float = 96.0,
-                 group: int = 16):
+    def __init__(
+        self, sample_rate: int = 16000, n_mels: int = 128, win_ms: float = 128.0, hop_ms: float = 96.0, group: int = 16
+    ):
         super().__init__()
         self.sample_rate, self.n_mels = sample_rate, n_mels
         self.n_fft = int(round(sample_rate * win_ms / 1000))

@@ -51,8 +51,10 @@ def stage2_batch(
     tok = tokenizer(list(rec_texts)) if tokenizer is not None else {}
     ids = {}
     if trigger_ids is not None and rec_ids is not None:
-        ids = {"trigger_ids": torch.as_tensor(np.asarray(trigger_ids, dtype=np.int64)),
-               "rec_ids": torch.as_tensor(np.asarray(rec_ids, dtype=np.int64))}
+        ids = {
+            "trigger_ids": torch.as_tensor(np.asarray(trigger_ids, dtype=np.int64)),
+            "rec_ids": torch.as_tensor(np.asarray(rec_ids, dtype=np.int64)),
+        }
     return {
         **ids,
         "trigger_mel": torch.as_tensor(t_mel),

@@ -32,14 +32,17 @@ def embeddings_arg(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-EMBEDDINGS_HELP = ("score an external embedding table as a row of its own, with the same probes, hit-rates, "
-                   "rankers and plots (repeatable): Parquet or CSV with song_id and a fixed-length embedding "
-                   "(a list of floats; in CSV \"[0.1, 0.2]\" or \"0.1 0.2\")")
+EMBEDDINGS_HELP = (
+    "score an external embedding table as a row of its own, with the same probes, hit-rates, "
+    "rankers and plots (repeatable): Parquet or CSV with song_id and a fixed-length embedding "
+    '(a list of floats; in CSV "[0.1, 0.2]" or "0.1 0.2")'
+)
 
 
 def add_embeddings_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--embeddings", action="append", type=embeddings_arg, default=[], metavar="NAME=PATH",
-                   help=EMBEDDINGS_HELP)
+    p.add_argument(
+        "--embeddings", action="append", type=embeddings_arg, default=[], metavar="NAME=PATH", help=EMBEDDINGS_HELP
+    )
 
 
 def external_embeddings(parser: argparse.ArgumentParser, pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -63,7 +66,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="htcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="htcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("sample-data", help="generate the sample world (see `htcl sample-data --help`)", add_help=False)
@@ -75,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute songs already done")
     p.add_argument("--local", action="store_true", help=local)
 
-    p = sub.add_parser("features", help="cache the locked towers' features: the audio backbone's per-patch "
-                       "features, the locked BERT's pooled text (Ray Data)")
+    p = sub.add_parser(
+        "features",
+        help="cache the locked towers' features: the audio backbone's per-patch "
+        "features, the locked BERT's pooled text (Ray Data)",
+    )
     _add_config_args(p)
     p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
     p.add_argument("--force", action="store_true", help="recompute every song's features")
@@ -98,12 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
     p.add_argument("--local", action="store_true", help=local)
 
-    sub.add_parser("materialize", help="publish stats and embeddings to Feast (see `htcl materialize --help`)",
-                   add_help=False)
-    sub.add_parser("backfill", help="point-in-time training frame for the rankers (see `htcl backfill --help`)",
-                   add_help=False)
-    sub.add_parser("train-rankers", help="XGBoost CTR/CVR rankers on Feast's point-in-time frame "
-                   "(see `htcl train-rankers --help`)", add_help=False)
+    sub.add_parser(
+        "materialize", help="publish stats and embeddings to Feast (see `htcl materialize --help`)", add_help=False
+    )
+    sub.add_parser(
+        "backfill", help="point-in-time training frame for the rankers (see `htcl backfill --help`)", add_help=False
+    )
+    sub.add_parser(
+        "train-rankers",
+        help="XGBoost CTR/CVR rankers on Feast's point-in-time frame (see `htcl train-rankers --help`)",
+        add_help=False,
+    )
 
     sub.add_parser("serve", help="the Ray Serve app on 127.0.0.1 (see `htcl serve --help`)", add_help=False)
 
@@ -112,15 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="point-in-time stats computed in this process, without Feast")
     add_embeddings_arg(p)
 
-    p = sub.add_parser("demo", help="sample-data -> preprocess -> pretrain -> finetune (+ w_CF) -> embed -> "
-                       "materialize -> train-rankers -> evaluate")
+    p = sub.add_parser(
+        "demo",
+        help="sample-data -> preprocess -> pretrain -> finetune (+ w_CF) -> embed -> "
+        "materialize -> train-rankers -> evaluate",
+    )
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="run every step in this process, without Ray or Feast")
     add_embeddings_arg(p)
     return parser
 
 
-JOBS = ("preprocess", "features", "pretrain", "finetune", "embed", "materialize", "backfill", "train-rankers", "evaluate")
+JOBS = (
+    "preprocess",
+    "features",
+    "pretrain",
+    "finetune",
+    "embed",
+    "materialize",
+    "backfill",
+    "train-rankers",
+    "evaluate",
+)
 
 
 def run_job(step: str, argv: list[str]) -> int:
@@ -210,8 +236,10 @@ def demo(cfg, args) -> int:
     save_config(cfg, out / "config.yaml")
     timings: dict[str, float] = {}
     other = other_family(cfg)
-    families = [(cfg, []), (replace(cfg, model=replace(cfg.model, audio_backbone=other)),
-                            [f"model.audio_backbone={other}"])]
+    families = [
+        (cfg, []),
+        (replace(cfg, model=replace(cfg.model, audio_backbone=other)), [f"model.audio_backbone={other}"]),
+    ]
 
     def step(name, fn):
         print(f"\n=== {name} ===", flush=True)
@@ -253,8 +281,10 @@ def demo(cfg, args) -> int:
                 step(f"features ({name})", lambda: job("features", overrides=extra))
                 step(f"pretrain ({name})", lambda: job("pretrain", overrides=extra))
                 step(f"finetune ({name})", lambda: job("finetune", "--init-from", str(f1), overrides=extra))
-                step(f"finetune w_CF ({name})",
-                     lambda: job("finetune", "--init-from", str(f1), "--variant", "cf", overrides=extra))
+                step(
+                    f"finetune w_CF ({name})",
+                    lambda: job("finetune", "--init-from", str(f1), "--variant", "cf", overrides=extra),
+                )
             step("embed", lambda: job("embed", "--checkpoint", str(s2)))
             step("materialize", lambda: job("materialize"))
             step("train-rankers", lambda: job("train-rankers"))
@@ -276,7 +306,10 @@ def demo(cfg, args) -> int:
     if not args.local:
         print(f"feature store      {pipeline.out_path(cfg, 'feast')}")
         print(f"rankers            {pipeline.out_path(cfg, 'rankers', Path(emb).name)}")
-    print(f"evaluation         {pipeline.out_path(cfg, 'evaluation', 'results.md')}  (+ results.json, cosine_histograms.png)")
+    print(
+        f"evaluation         {pipeline.out_path(cfg, 'evaluation', 'results.md')}"
+        "  (+ results.json, cosine_histograms.png)"
+    )
     print("seconds per step   " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"total seconds      {round(sum(timings.values()), 1)}")
     (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))

@@ -138,9 +138,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    finetune: TrainConfig = field(
-        default_factory=lambda: TrainConfig(batch_size=240, lr=1e-4, text_lr=3e-5)
-    )
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=240, lr=1e-4, text_lr=3e-5))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -203,7 +201,9 @@ def _from_dict(cls: type, data: dict, where: str = "") -> Any:
             f"unknown config key(s) {sorted(f'{where}.{k}'.lstrip('.') for k in unknown)}; "
             f"valid under '{where or '<root>'}': {sorted(names)}"
         )
-    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+    }
     kwargs = {}
     for k, v in data.items():
         if k in defaults and dataclasses.is_dataclass(defaults[k]) and isinstance(v, dict):

@@ -31,8 +31,7 @@ import pandas as pd
 from htcl import schema as S
 from htcl.intervals import bootstrap_ci
 from htcl.plots import plot_training_curves, save_figure
-from htcl.ranking import (CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING, RankerParams, RankingError, ranker_auc,
-                          train_rankers)
+from htcl.ranking import CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING, RankerParams, RankingError, ranker_auc, train_rankers
 
 # Variant names, in the paper's table order. "no embedding" exists for the rankers only.
 RANDOM_INIT = "random-init encoder"
@@ -51,8 +50,18 @@ HTCL_CF_BACKBONE = "HTCL_w_CF (backbone)"
 # Each family's trained variants: (stage 1, HTCL, HTCL_w_CF).
 FAMILY_VARIANTS = {"scratch": (STAGE1, HTCL, HTCL_CF), "backbone": (STAGE1_BACKBONE, HTCL_BACKBONE, HTCL_CF_BACKBONE)}
 # Every row name htcl gives its own variants; an external table (`--embeddings NAME=PATH`) may not take one.
-BUILTIN_VARIANTS = (RANDOM_INIT, MEL_STATS, STAGE1, HTCL, HTCL_CF, NO_EMBEDDING, BACKBONE_AS_IS, STAGE1_BACKBONE,
-                    HTCL_BACKBONE, HTCL_CF_BACKBONE)
+BUILTIN_VARIANTS = (
+    RANDOM_INIT,
+    MEL_STATS,
+    STAGE1,
+    HTCL,
+    HTCL_CF,
+    NO_EMBEDDING,
+    BACKBONE_AS_IS,
+    STAGE1_BACKBONE,
+    HTCL_BACKBONE,
+    HTCL_CF_BACKBONE,
+)
 
 
 @dataclass
@@ -199,22 +208,36 @@ def read_external_embeddings(path: str | Path, catalog_ids) -> tuple[Embeddings,
     rows_of = np.array([in_table.get(int(s), -1) for s in catalog], dtype=np.int64)
     covered = rows_of >= 0
     if not covered.any():
-        raise ValueError(f"{path}: none of its {len(ids)} song_id(s) is in the catalog of {len(catalog)} songs "
-                         f"(e.g. {ids[:3].tolist()} vs {catalog[:3].tolist()})")
+        raise ValueError(
+            f"{path}: none of its {len(ids)} song_id(s) is in the catalog of {len(catalog)} songs "
+            f"(e.g. {ids[:3].tolist()} vs {catalog[:3].tolist()})"
+        )
     full = np.zeros((len(catalog), x.shape[1]), dtype=np.float32)
     full[covered] = x[rows_of[covered]]
-    coverage = {"file": str(path), "dim": int(x.shape[1]), "catalog_songs": int(len(catalog)),
-                "covered": int(covered.sum()), "missing": int((~covered).sum()),
-                "missing_song_ids": catalog[~covered][:20].tolist(),
-                "not_in_catalog": int(len(ids) - covered.sum())}
+    coverage = {
+        "file": str(path),
+        "dim": int(x.shape[1]),
+        "catalog_songs": int(len(catalog)),
+        "covered": int(covered.sum()),
+        "missing": int((~covered).sum()),
+        "missing_song_ids": catalog[~covered][:20].tolist(),
+        "not_in_catalog": int(len(ids) - covered.sum()),
+    }
     return Embeddings(catalog, full, covered=covered), coverage
 
 
 # --- semantics ------------------------------------------------------------------------------
 
 
-def linear_probe(x: np.ndarray, labels, groups=None, folds: int = 5, seed: int = 0,
-                 alphas: np.ndarray = np.logspace(-2, 4, 13), return_predictions: bool = False) -> dict:
+def linear_probe(
+    x: np.ndarray,
+    labels,
+    groups=None,
+    folds: int = 5,
+    seed: int = 0,
+    alphas: np.ndarray = np.logspace(-2, 4, 13),
+    return_predictions: bool = False,
+) -> dict:
     """Cross-validated accuracy of a linear classifier on frozen features, against chance (the
     majority class's share of the songs scored).
 
@@ -241,8 +264,12 @@ def linear_probe(x: np.ndarray, labels, groups=None, folds: int = 5, seed: int =
             keep &= y != c
     x, y, g = x[keep], y[keep], g[keep]
     classes, counts = np.unique(y, return_counts=True)
-    out = {"n": int(len(y)), "classes": int(len(classes)),
-           "chance": float(counts.max() / len(y)) if len(y) else float("nan"), "accuracy": float("nan")}
+    out = {
+        "n": int(len(y)),
+        "classes": int(len(classes)),
+        "chance": float(counts.max() / len(y)) if len(y) else float("nan"),
+        "accuracy": float("nan"),
+    }
     if return_predictions:
         out["predictions"] = np.full(len(keep), None, dtype=object)
     if len(classes) < 2:
@@ -264,7 +291,9 @@ def linear_probe(x: np.ndarray, labels, groups=None, folds: int = 5, seed: int =
     return out
 
 
-def _probe(x: np.ndarray, labels: pd.Series, groups, ids, folds: int, seed: int, per_song: dict | None, what: str) -> dict:
+def _probe(
+    x: np.ndarray, labels: pd.Series, groups, ids, folds: int, seed: int, per_song: dict | None, what: str
+) -> dict:
     """linear_probe; with per_song, per_song[what] = (song ids, 1/0 correct, NaN where not scored)."""
     out = linear_probe(x, labels, groups, folds, seed, return_predictions=per_song is not None)
     if per_song is not None:
@@ -277,7 +306,9 @@ def _probe(x: np.ndarray, labels: pd.Series, groups, ids, folds: int, seed: int,
     return out
 
 
-def semantic_probes(emb: Embeddings, catalog: pd.DataFrame, folds: int, seed: int, per_song: dict | None = None) -> dict:
+def semantic_probes(
+    emb: Embeddings, catalog: pd.DataFrame, folds: int, seed: int, per_song: dict | None = None
+) -> dict:
     """Genre accuracy over every song; language accuracy over sung songs (instrumental left out).
     A song an external table lacks (emb.covered False) is probed with its zero vector.
     per_song: a dict to fill with each probe's per-song correct/incorrect ("genre", "language":
@@ -287,13 +318,22 @@ def semantic_probes(emb: Embeddings, catalog: pd.DataFrame, folds: int, seed: in
     out = {}
     if S.GENRE in cat:
         has = cat[S.GENRE].fillna("").astype(str) != ""
-        out["genre"] = _probe(x[has.to_numpy()], cat.loc[has, S.GENRE].astype(str), cat.loc[has, S.ARTIST],
-                              cat.loc[has, S.SONG_ID], folds, seed, per_song, "genre")
+        out["genre"] = _probe(
+            x[has.to_numpy()],
+            cat.loc[has, S.GENRE].astype(str),
+            cat.loc[has, S.ARTIST],
+            cat.loc[has, S.SONG_ID],
+            folds,
+            seed,
+            per_song,
+            "genre",
+        )
     if S.LANGUAGE in cat:
         lang = cat[S.LANGUAGE].fillna("").astype(str)
         sung = ((lang != "") & (lang != INSTRUMENTAL)).to_numpy()
-        out["language"] = _probe(x[sung], lang[sung], cat.loc[sung, S.ARTIST], cat.loc[sung, S.SONG_ID], folds, seed,
-                                 per_song, "language")
+        out["language"] = _probe(
+            x[sung], lang[sung], cat.loc[sung, S.ARTIST], cat.loc[sung, S.SONG_ID], folds, seed, per_song, "language"
+        )
     return out
 
 
@@ -337,8 +377,9 @@ def read_audio_manifest(path: str | Path) -> pd.DataFrame:
     text = suffix in (".tsv", ".tab", ".csv")
     try:
         if text:  # every cell as text, NaN only for empty cells (a genre named "NA" stays one)
-            df = pd.read_csv(manifest, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=False,
-                             na_values=[""])
+            df = pd.read_csv(
+                manifest, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=False, na_values=[""]
+            )
         else:
             df = pd.read_parquet(manifest)
     except Exception as e:  # noqa: BLE001 - pandas/pyarrow parse errors come in many types
@@ -365,15 +406,18 @@ def read_audio_manifest(path: str | Path) -> pd.DataFrame:
         return os.path.normpath(manifest.parent / Path(p).expanduser())
 
     has_group = MANIFEST_GROUP_COLUMN in df.columns
-    return pd.DataFrame({
-        "path": [resolve(str(p)) for p in df[path_col]],
-        "label": df[label_col].astype(str).str.strip().to_numpy(),
-        "group": df[MANIFEST_GROUP_COLUMN].astype(str).str.strip().to_numpy() if has_group else [None] * len(df),
-    })
+    return pd.DataFrame(
+        {
+            "path": [resolve(str(p)) for p in df[path_col]],
+            "label": df[label_col].astype(str).str.strip().to_numpy(),
+            "group": df[MANIFEST_GROUP_COLUMN].astype(str).str.strip().to_numpy() if has_group else [None] * len(df),
+        }
+    )
 
 
-def load_manifest_audio(manifest_df: pd.DataFrame, sample_rate: int = 16000, max_seconds: float | None = 30.0,
-                        progress: bool = True) -> tuple[list[np.ndarray], list[dict]]:
+def load_manifest_audio(
+    manifest_df: pd.DataFrame, sample_rate: int = 16000, max_seconds: float | None = 30.0, progress: bool = True
+) -> tuple[list[np.ndarray], list[dict]]:
     """Decode every file of a manifest (`read_audio_manifest`) with `htcl.audio.load_audio`: the
     waveforms (T,) float32 of the files that decoded, in manifest order, and one dict per file
     that did not: {"row": position in manifest_df, "path", "reason", "cause"} (reason: the
@@ -400,13 +444,18 @@ def load_manifest_audio(manifest_df: pd.DataFrame, sample_rate: int = 16000, max
         except Exception as e:  # noqa: BLE001 - one odd file (resampler, permissions, ...) must not end the run
             failed.append({"row": row, "path": str(p), "reason": "error", "cause": f"{type(e).__name__}: {e}"})
     if failed and progress:
-        print(f"load_manifest_audio: {len(failed)} of {len(paths)} file(s) left out, e.g. "
-              f"{failed[0]['path']}: {failed[0]['reason']}", file=sys.stderr, flush=True)
+        print(
+            f"load_manifest_audio: {len(failed)} of {len(paths)} file(s) left out, e.g. "
+            f"{failed[0]['path']}: {failed[0]['reason']}",
+            file=sys.stderr,
+            flush=True,
+        )
     return waves, failed
 
 
-def real_audio_probe(features: np.ndarray, labels, groups=None, folds: int = 5, seed: int = 0,
-                     return_correct: bool = False) -> dict:
+def real_audio_probe(
+    features: np.ndarray, labels, groups=None, folds: int = 5, seed: int = 0, return_correct: bool = False
+) -> dict:
     """Genre (label) accuracy of `linear_probe` on one variant's features of the real recordings
     (n, d), with `accuracy_ci95`, the 95% bootstrap interval over the songs (resampling the
     per-song correct/incorrect vector), and `per_class` accuracy. groups (e.g. the artists, n,)
@@ -485,7 +534,9 @@ def pair_hits(ranks: np.ndarray, k: int) -> np.ndarray:
     return np.where(np.isnan(ranks), np.nan, (ranks < k).astype(np.float64))
 
 
-def hit_rate_at_k(emb: Embeddings, triggers, targets, ks: Sequence[int], ranks: np.ndarray | None = None) -> dict[str, float]:
+def hit_rate_at_k(
+    emb: Embeddings, triggers, targets, ks: Sequence[int], ranks: np.ndarray | None = None
+) -> dict[str, float]:
     """Share of (trigger, target) pairs whose target is among the trigger's K nearest songs by
     cosine, over the whole catalog minus the trigger itself (exact ranking). A pair with a song an
     external table lacks is a miss (counted in `pairs_without_vector`); median_rank is over the
@@ -544,7 +595,11 @@ def paired_difference(a, b, labels=None, resamples: int = 1000, seed: int = 0) -
     if labels is None:
         keep = ~(np.isnan(a) | np.isnan(b))
         d = a[keep] - b[keep]
-        return (float(d.mean()) if len(d) else float("nan")), bootstrap_ci(d, resamples=resamples, seed=seed), int(len(d))
+        return (
+            (float(d.mean()) if len(d) else float("nan")),
+            bootstrap_ci(d, resamples=resamples, seed=seed),
+            int(len(d)),
+        )
     y = np.asarray(labels, dtype=bool)
     if y.shape != a.shape:
         raise ValueError(f"paired_difference: {len(y)} labels for {len(a)} scores")
@@ -602,8 +657,9 @@ def with_variant_embeddings(frame: pd.DataFrame, emb: Embeddings) -> pd.DataFram
     return out
 
 
-def ranking_aucs(frame: pd.DataFrame, cut: pd.Timestamp, emb: Embeddings | None, seed: int = 0,
-                 per_item: dict | None = None) -> dict:
+def ranking_aucs(
+    frame: pd.DataFrame, cut: pd.Timestamp, emb: Embeddings | None, seed: int = 0, per_item: dict | None = None
+) -> dict:
     """Train CTR/CVR rankers before the cut, AUC at or after it. emb None = stats only.
 
     A song an external table lacks (emb.covered False) has the features of a zero vector
@@ -693,16 +749,21 @@ def compare_variants(
         per_item[name] = items = {}
         songs: dict = {}
         ranks = pair_ranks(emb, pairs[S.TRIGGER_SONG_ID], pairs[S.REC_SONG_ID])
-        row = {"semantics": semantic_probes(emb, catalog, folds, seed, per_song=songs),
-               "matching": hit_rate_at_k(emb, pairs[S.TRIGGER_SONG_ID], pairs[S.REC_SONG_ID], ks, ranks=ranks)}
+        row = {
+            "semantics": semantic_probes(emb, catalog, folds, seed, per_song=songs),
+            "matching": hit_rate_at_k(emb, pairs[S.TRIGGER_SONG_ID], pairs[S.REC_SONG_ID], ks, ranks=ranks),
+        }
         for k in ks:
             items[("matching", f"hit_rate@{k}")] = ("mean", pair_ids, pair_hits(ranks, k))
         for what, (ids, correct) in songs.items():
             items[("semantics", what, "accuracy")] = ("mean", ids, correct)
         fav, rnd = pair_cosines(emb, pairs[S.TRIGGER_SONG_ID], pairs[S.REC_SONG_ID], seed)
         cosines[name] = (fav, rnd)
-        row["cosine"] = {"favored_mean": float(fav.mean()), "random_mean": float(rnd.mean()),
-                         "gap": float(fav.mean() - rnd.mean())}
+        row["cosine"] = {
+            "favored_mean": float(fav.mean()),
+            "random_mean": float(rnd.mean()),
+            "gap": float(fav.mean() - rnd.mean()),
+        }
         if ranker_frame is not None:
             row["ranking"] = add_ranking(name, emb)
         if name in real_audio:
@@ -749,10 +810,15 @@ def _get(row: dict, *path) -> float:
 
 def summary_line(row: dict) -> str:
     parts = []
-    for label, path in (("genre", ("semantics", "genre", "accuracy")), ("lang", ("semantics", "language", "accuracy")),
-                        ("real-audio genre", ("real_audio", "accuracy")),
-                        ("HR@10", ("matching", "hit_rate@10")), ("HR@100", ("matching", "hit_rate@100")),
-                        ("CTR AUC", ("ranking", "ctr_auc")), ("CVR AUC", ("ranking", "cvr_auc"))):
+    for label, path in (
+        ("genre", ("semantics", "genre", "accuracy")),
+        ("lang", ("semantics", "language", "accuracy")),
+        ("real-audio genre", ("real_audio", "accuracy")),
+        ("HR@10", ("matching", "hit_rate@10")),
+        ("HR@100", ("matching", "hit_rate@100")),
+        ("CTR AUC", ("ranking", "ctr_auc")),
+        ("CVR AUC", ("ranking", "cvr_auc")),
+    ):
         v = _get(row, *path)
         if not np.isnan(v):
             parts.append(f"{label} {v:.3f}")
@@ -762,8 +828,13 @@ def summary_line(row: dict) -> str:
 PAIRED_OVER = {"matching": "favor pairs", "ranking": "impressions", "semantics": "songs", "real_audio": "recordings"}
 
 
-def check_claims(rows: dict, ks: Sequence[int], per_item: Mapping[str, Mapping[tuple, tuple]] | None = None,
-                 resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
+def check_claims(
+    rows: dict,
+    ks: Sequence[int],
+    per_item: Mapping[str, Mapping[tuple, tuple]] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
     """The issue's expectations, each decided on the paired difference of the figures it compares.
     Reported, never tuned towards. The from-scratch family's claims come first, in their original
     wording; then the backbone family's (FAMILY_VARIANTS["backbone"], against BACKBONE_AS_IS).
@@ -797,8 +868,14 @@ def check_claims(rows: dict, ks: Sequence[int], per_item: Mapping[str, Mapping[t
         diff, ci, n = cache[key]
         if diff is None:  # nothing to pair: the two figures' difference, when both exist
             diff = None if np.isnan(x) or np.isnan(y) else 100 * (x - y)
-        return {"verdict": claim_verdict(ci, threshold), "difference": diff, "ci95": ci, "threshold": threshold,
-                "paired_over": PAIRED_OVER.get(path[0], "items"), "n": n}
+        return {
+            "verdict": claim_verdict(ci, threshold),
+            "difference": diff,
+            "ci95": ci,
+            "threshold": threshold,
+            "paired_over": PAIRED_OVER.get(path[0], "items"),
+            "n": n,
+        }
 
     def _paired(a, b, path):
         ia, ib = per_item.get(a, {}).get(path), per_item.get(b, {}).get(path)
@@ -827,8 +904,15 @@ def check_claims(rows: dict, ks: Sequence[int], per_item: Mapping[str, Mapping[t
         """All of several comparisons (label -> claim dict), the n/a ones left out."""
         decided = {label: c for label, c in checks.items() if c["verdict"] != NOT_AVAILABLE}
         if not decided:
-            return {"verdict": NOT_AVAILABLE, "difference": None, "ci95": None, "threshold": 0.0, "paired_over": None,
-                    "n": 0, "weakest": None}
+            return {
+                "verdict": NOT_AVAILABLE,
+                "difference": None,
+                "ci95": None,
+                "threshold": 0.0,
+                "paired_over": None,
+                "n": 0,
+                "weakest": None,
+            }
         failed = {label: c for label, c in decided.items() if c["verdict"] == DOES_NOT_HOLD}
         if failed:  # the clearest failure: the highest upper bound below its threshold
             label = min(failed, key=lambda lb: failed[lb]["ci95"][1] - failed[lb]["threshold"])
@@ -848,28 +932,39 @@ def check_claims(rows: dict, ks: Sequence[int], per_item: Mapping[str, Mapping[t
         }
         for what in ("genre", "language"):
             out[f"{say_htcl} {what} accuracy within 3 points of {say_stage1}"] = within(
-                htcl, stage1, 3, "semantics", what, "accuracy")
+                htcl, stage1, 3, "semantics", what, "accuracy"
+            )
         return out
 
     claims = family(STAGE1, HTCL, HTCL_CF, "stage 1", HTCL, HTCL_CF)
     for name in (MEL_STATS, STAGE1, HTCL, HTCL_CF):
         if name in rows and RANDOM_INIT in rows:
             # "above" on every figure the two share
-            paths = {"genre accuracy": ("semantics", "genre", "accuracy"),
-                     "language accuracy": ("semantics", "language", "accuracy"),
-                     f"hit-rate@{k}": ("matching", f"hit_rate@{k}"), "CTR AUC": ("ranking", "ctr_auc"),
-                     "CVR AUC": ("ranking", "cvr_auc")}
+            paths = {
+                "genre accuracy": ("semantics", "genre", "accuracy"),
+                "language accuracy": ("semantics", "language", "accuracy"),
+                f"hit-rate@{k}": ("matching", f"hit_rate@{k}"),
+                "CTR AUC": ("ranking", "ctr_auc"),
+                "CVR AUC": ("ranking", "cvr_auc"),
+            }
             claims[f"{name} above random-init on every figure"] = every(
-                {label: gt(name, RANDOM_INIT, *p) for label, p in paths.items()})
+                {label: gt(name, RANDOM_INIT, *p) for label, p in paths.items()}
+            )
 
     # the backbone family: training on top keeps the tagger's genre knowledge and adds the
     # listening signal; every backbone variant beats every from-scratch one on real recordings
     real = ("real_audio", "accuracy")
     claims[f"{HTCL_BACKBONE} real-audio genre within 2 points of the backbone as is"] = within(
-        HTCL_BACKBONE, BACKBONE_AS_IS, 2, *real)
+        HTCL_BACKBONE, BACKBONE_AS_IS, 2, *real
+    )
     claims["every backbone variant above every from-scratch variant on real-audio genre"] = every(
-        {f"{b} vs {s}": gt(b, s, *real) for b in (BACKBONE_AS_IS, *FAMILY_VARIANTS["backbone"])
-         for s in (RANDOM_INIT, *FAMILY_VARIANTS["scratch"]) if not np.isnan(fig(b, *real)) and not np.isnan(fig(s, *real))})
+        {
+            f"{b} vs {s}": gt(b, s, *real)
+            for b in (BACKBONE_AS_IS, *FAMILY_VARIANTS["backbone"])
+            for s in (RANDOM_INIT, *FAMILY_VARIANTS["scratch"])
+            if not np.isnan(fig(b, *real)) and not np.isnan(fig(s, *real))
+        }
+    )
     for what, path in ((f"hit-rate@{k}", ("matching", f"hit_rate@{k}")), ("CVR AUC", ("ranking", "cvr_auc"))):
         claims[f"{HTCL_BACKBONE} > backbone as is on {what}"] = gt(HTCL_BACKBONE, BACKBONE_AS_IS, *path)
     claims.update(family(*FAMILY_VARIANTS["backbone"], *FAMILY_VARIANTS["backbone"]))
@@ -899,21 +994,34 @@ def results_markdown(results: dict, title: str = "HTCL evaluation") -> str:
     ks = sorted(int(k.split("@")[1]) for k in results["hit_rate_chance"])
     variants = results["variants"]
     real = next((r["real_audio"] for r in variants.values() if isinstance(r.get("real_audio"), dict)), None)
-    head = (["Method", "Genre acc.", "Language acc."] + (["Real-audio genre acc."] if real is not None else [])
-            + [f"Hit-rate@{k}" for k in ks] + ["CTR AUC", "CVR AUC", "cos gap"])
-    lines = [f"# {title}", "",
-             f"Held out: events from {results['split_time']} on ({results['heldout_favor_pairs']} distinct favor pairs); "
-             f"catalog {results['catalog_songs']} songs. All figures in %; ± is half the 95% bootstrap interval over the "
-             "held-out pairs or impressions (the test sample's noise, not the training seed's); `cos gap` = mean "
-             "cosine trigger-favored minus trigger-random."]
+    head = (
+        ["Method", "Genre acc.", "Language acc."]
+        + (["Real-audio genre acc."] if real is not None else [])
+        + [f"Hit-rate@{k}" for k in ks]
+        + ["CTR AUC", "CVR AUC", "cos gap"]
+    )
+    lines = [
+        f"# {title}",
+        "",
+        f"Held out: events from {results['split_time']} on ({results['heldout_favor_pairs']} distinct favor pairs); "
+        f"catalog {results['catalog_songs']} songs. All figures in %; ± is half the 95% bootstrap interval over the "
+        "held-out pairs or impressions (the test sample's noise, not the training seed's); `cos gap` = mean "
+        "cosine trigger-favored minus trigger-random.",
+    ]
     if real is not None:
-        lines.append(f"Real-audio genre acc.: a linear probe on each variant's embeddings of {real.get('n', '?')} real "
-                     f"recordings ({real.get('classes', '?')} genres), cross-validated"
-                     + (" with whole groups held out per fold" if real.get("grouped") else "")
-                     + "; its ± is over those songs.")
+        lines.append(
+            f"Real-audio genre acc.: a linear probe on each variant's embeddings of {real.get('n', '?')} real "
+            f"recordings ({real.get('classes', '?')} genres), cross-validated"
+            + (" with whole groups held out per fold" if real.get("grouped") else "")
+            + "; its ± is over those songs."
+        )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in variants.items():
-        cells = [name, _pct(_get(row, "semantics", "genre", "accuracy")), _pct(_get(row, "semantics", "language", "accuracy"))]
+        cells = [
+            name,
+            _pct(_get(row, "semantics", "genre", "accuracy")),
+            _pct(_get(row, "semantics", "language", "accuracy")),
+        ]
         if real is not None:
             cells.append(_pct(_get(row, "real_audio", "accuracy"), _ci(row, "real_audio", "accuracy")))
         cells += [_pct(_get(row, "matching", f"hit_rate@{k}"), _ci(row, "matching", f"hit_rate@{k}")) for k in ks]
@@ -924,22 +1032,30 @@ def results_markdown(results: dict, title: str = "HTCL evaluation") -> str:
     chance = results["hit_rate_chance"]
     first = next((r for r in variants.values() if "semantics" in r), {})
     sem = first.get("semantics", {})
-    chance_cells = [_pct(sem.get("genre", {}).get("chance", float("nan"))),
-                    _pct(sem.get("language", {}).get("chance", float("nan")))]
+    chance_cells = [
+        _pct(sem.get("genre", {}).get("chance", float("nan"))),
+        _pct(sem.get("language", {}).get("chance", float("nan"))),
+    ]
     if real is not None:
         chance_cells.append(_pct(_get(real, "chance")))
     chance_cells += [_pct(chance[f"hit_rate@{k}"]) for k in ks] + ["50.00", "50.00", "0"]
     lines.append("| chance | " + " | ".join(chance_cells) + " |")
     for name, cov in (results.get("coverage") or {}).items():
-        lines += ["", f"Coverage: {name} ({cov.get('file', '?')}) has vectors for {cov['covered']} of "
-                  f"{cov['catalog_songs']} catalog songs; the {cov['missing']} missing are scored as they would "
-                  "be with a zero vector: every held-out pair with one is a miss, the probes see a zero vector, "
-                  "the rankers the features of a zero vector."]
-    lines += ["", "Expectations (from the paper; reported as measured, not tuned towards). Each is decided on the "
-              "paired difference over the same held-out pairs, impressions or songs (in points, signed so that "
-              "positive is as claimed; 95% bootstrap interval of the difference): holds when the interval is above "
-              "0 (above -N for \"within N points\"), does NOT hold when below, not significant when it straddles.",
-              ""]
+        lines += [
+            "",
+            f"Coverage: {name} ({cov.get('file', '?')}) has vectors for {cov['covered']} of "
+            f"{cov['catalog_songs']} catalog songs; the {cov['missing']} missing are scored as they would "
+            "be with a zero vector: every held-out pair with one is a miss, the probes see a zero vector, "
+            "the rankers the features of a zero vector.",
+        ]
+    lines += [
+        "",
+        "Expectations (from the paper; reported as measured, not tuned towards). Each is decided on the "
+        "paired difference over the same held-out pairs, impressions or songs (in points, signed so that "
+        "positive is as claimed; 95% bootstrap interval of the difference): holds when the interval is above "
+        '0 (above -N for "within N points"), does NOT hold when below, not significant when it straddles.',
+        "",
+    ]
     for claim, c in results["claims"].items():
         lines.append(f"- {_claim_text(claim, c)}")
     return "\n".join(lines) + "\n"
@@ -972,7 +1088,9 @@ def plot_cosine_histograms(cosines: Mapping[str, tuple[np.ndarray, np.ndarray]],
     n = max(1, len(cosines))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
     for ax, (name, (fav, rnd)) in zip(axes[0], cosines.items()):
-        bins = np.linspace(min(fav.min(initial=1), rnd.min(initial=1)), max(fav.max(initial=-1), rnd.max(initial=-1)), 30)
+        bins = np.linspace(
+            min(fav.min(initial=1), rnd.min(initial=1)), max(fav.max(initial=-1), rnd.max(initial=-1)), 30
+        )
         ax.hist(rnd, bins=bins, alpha=0.6, density=True, label="trigger–random")
         ax.hist(fav, bins=bins, alpha=0.6, density=True, label="trigger–favored")
         ax.set_title(name, fontsize=9)
@@ -981,7 +1099,9 @@ def plot_cosine_histograms(cosines: Mapping[str, tuple[np.ndarray, np.ndarray]],
     return save_figure(fig, png)
 
 
-def write_report(results: dict, out_dir: str | Path, metric_files: Sequence[str | Path] = (), title: str = "HTCL evaluation") -> dict[str, Path]:
+def write_report(
+    results: dict, out_dir: str | Path, metric_files: Sequence[str | Path] = (), title: str = "HTCL evaluation"
+) -> dict[str, Path]:
     """results.json, results.md, cosine_histograms.png and training_curves.png in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1021,8 +1141,11 @@ def zero_shot_retrieval(audio: np.ndarray, text: np.ndarray) -> dict:
             continue
         true = np.diag(s)[:, None]
         rank = (s >= true).sum(axis=1)  # the match itself, and every candidate scoring as high
-        out[direction] = {"r@1": float(np.mean(rank <= 1)), "r@10": float(np.mean(rank <= 10)),
-                          "median_rank": float(np.median(rank))}
+        out[direction] = {
+            "r@1": float(np.mean(rank <= 1)),
+            "r@10": float(np.mean(rank <= 10)),
+            "median_rank": float(np.median(rank)),
+        }
     return out
 
 
@@ -1033,11 +1156,15 @@ def retrieval_markdown(retrieval: Mapping[str, dict], artists: int | None = None
         return ""
     n = next(iter(retrieval.values()))["n"]
     who = f"{artists} artist{'' if artists == 1 else 's'}, " if artists is not None else ""
-    lines = [f"## Zero-shot retrieval on held-out artists ({who}{n} songs)", "",
-             "Songs of artists no training stage saw (`eval.retrieval_holdout_artists`); the true match's rank "
-             "among the held-out songs' texts (audio → text) or audios (text → audio), by cosine.", "",
-             "| Method | A→T R@1 | A→T R@10 | A→T median rank | T→A R@1 | T→A R@10 | T→A median rank |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Zero-shot retrieval on held-out artists ({who}{n} songs)",
+        "",
+        "Songs of artists no training stage saw (`eval.retrieval_holdout_artists`); the true match's rank "
+        "among the held-out songs' texts (audio → text) or audios (text → audio), by cosine.",
+        "",
+        "| Method | A→T R@1 | A→T R@10 | A→T median rank | T→A R@1 | T→A R@10 | T→A median rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in retrieval.items():
         cells = [name]
         for d in ("audio_to_text", "text_to_audio"):

@@ -34,14 +34,17 @@ def _require(df: pd.DataFrame, columns: Sequence[str], table: str) -> None:
         raise FeatureError(f"{table} table is missing column(s) {missing}; has {list(df.columns)}")
 
 
-def _daily(df: pd.DataFrame, key: str, values: Mapping[str, pd.Series], start: pd.Timestamp,
-           end: pd.Timestamp) -> pd.DataFrame:
+def _daily(
+    df: pd.DataFrame, key: str, values: Mapping[str, pd.Series], start: pd.Timestamp, end: pd.Timestamp
+) -> pd.DataFrame:
     """Per (key, day) sums of each value series -> a dense frame indexed by (key, day), from the
     day before `start` (all zeros: the "nothing seen yet" snapshot) to the day of `end`."""
     day = df[S.EVENT_TIMESTAMP].dt.floor("D")
     if (day < start.floor("D")).any() or (day > end.floor("D")).any():
         raise FeatureError(f"events outside [{start}, {end}]: pass the whole log's first and last timestamps")
-    frame = pd.DataFrame({key: df[key].to_numpy(), "day": day.to_numpy(), **{k: v.to_numpy() for k, v in values.items()}})
+    frame = pd.DataFrame(
+        {key: df[key].to_numpy(), "day": day.to_numpy(), **{k: v.to_numpy() for k, v in values.items()}}
+    )
     daily = frame.groupby([key, "day"], sort=True).sum()
     days = pd.date_range(start.floor("D") - DAY, end.floor("D"), freq="D", tz="UTC")
     full = pd.MultiIndex.from_product([daily.index.get_level_values(key).unique(), days], names=[key, "day"])
@@ -104,8 +107,11 @@ def song_stats(
     daily = _daily(
         interactions.rename(columns={S.REC_SONG_ID: S.SONG_ID}),
         S.SONG_ID,
-        {"impressions": pd.Series(1, index=interactions.index), "clicks": clicked.astype(int),
-         "favors": (clicked & interactions[S.FAVORED].astype(bool)).astype(int)},
+        {
+            "impressions": pd.Series(1, index=interactions.index),
+            "clicks": clicked.astype(int),
+            "favors": (clicked & interactions[S.FAVORED].astype(bool)).astype(int),
+        },
         start,
         end,
     )
@@ -211,11 +217,22 @@ def point_in_time_stats(interactions: pd.DataFrame, song_genre: Mapping[int, str
     start, end, priors = ts.min(), ts.max(), global_rates(log)
     songs = song_stats(log, start, end, priors)
     users = listener_stats(log, start, end, song_genre, priors)
-    frame = log.rename(columns={S.REC_SONG_ID: S.SONG_ID}).assign(**{S.EVENT_TIMESTAMP: ts, "_row": np.arange(len(log))})
+    frame = log.rename(columns={S.REC_SONG_ID: S.SONG_ID}).assign(
+        **{S.EVENT_TIMESTAMP: ts, "_row": np.arange(len(log))}
+    )
     for table, key, view in ((songs, S.SONG_ID, S.SONG_STATS_VIEW), (users, S.USER_ID, S.LISTENER_STATS_VIEW)):
-        table = table.rename(columns={c: S.full_feature_name(view, c) for c in table.columns
-                                      if c not in (key, S.EVENT_TIMESTAMP)})
-        table = table.assign(**{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")})
-        frame = pd.merge_asof(frame.sort_values(S.EVENT_TIMESTAMP), table.sort_values(S.EVENT_TIMESTAMP),
-                              on=S.EVENT_TIMESTAMP, by=key, direction="backward", allow_exact_matches=True)
+        table = table.rename(
+            columns={c: S.full_feature_name(view, c) for c in table.columns if c not in (key, S.EVENT_TIMESTAMP)}
+        )
+        table = table.assign(
+            **{S.EVENT_TIMESTAMP: pd.to_datetime(table[S.EVENT_TIMESTAMP], utc=True).astype("datetime64[ns, UTC]")}
+        )
+        frame = pd.merge_asof(
+            frame.sort_values(S.EVENT_TIMESTAMP),
+            table.sort_values(S.EVENT_TIMESTAMP),
+            on=S.EVENT_TIMESTAMP,
+            by=key,
+            direction="backward",
+            allow_exact_matches=True,
+        )
     return frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)

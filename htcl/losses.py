@@ -21,7 +21,9 @@ def info_nce(
     Those logits leave the softmax in both directions; the diagonal always stays.
     """
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"info_nce expects two (B, D) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"info_nce expects two (B, D) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     logits = logit_scale * a @ b.T  # (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
     if not_negative is not None:

@@ -36,7 +36,9 @@ class MelExtractor:
         self.cfg = audio_cfg
         self.min_seconds = min_seconds
         self.device = torch.device(device)
-        self.logmel = LogMel(audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.win_ms, audio_cfg.hop_ms).to(self.device)
+        self.logmel = LogMel(audio_cfg.sample_rate, audio_cfg.n_mels, audio_cfg.win_ms, audio_cfg.hop_ms).to(
+            self.device
+        )
 
     def extract_one(self, song_id: int, path: str, input_hash: str | None = None) -> tuple[dict | None, dict | None]:
         """(mel row, None) or (None, quarantine row), either stamped with the file's input_hash.
@@ -73,8 +75,14 @@ class MelExtractor:
 
     @staticmethod
     def quarantine_row(song_id, path, stage, error_type, message, input_hash: str | None = None) -> dict:
-        return {S.SONG_ID: int(song_id), S.AUDIO_PATH: str(path), S.STAGE: stage,
-                S.ERROR_TYPE: error_type, S.MESSAGE: message, S.INPUT_HASH: input_hash}
+        return {
+            S.SONG_ID: int(song_id),
+            S.AUDIO_PATH: str(path),
+            S.STAGE: stage,
+            S.ERROR_TYPE: error_type,
+            S.MESSAGE: message,
+            S.INPUT_HASH: input_hash,
+        }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[dict]]:
         mels, quarantine = [], []
@@ -121,8 +129,10 @@ def _song_ids(column: pd.Series, path: Path) -> np.ndarray:
     bad = [i for i, v in enumerate(ids) if v is None]
     if bad:
         shown = ", ".join(f"data row {i + 1}: {column.iloc[i]!r}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise CatalogError(f"{path}: column {S.SONG_ID!r} must hold integers (int64); {len(bad)} row(s) do not "
-                           f"({shown}; data rows count from 1, the header not included)")
+        raise CatalogError(
+            f"{path}: column {S.SONG_ID!r} must hold integers (int64); {len(bad)} row(s) do not "
+            f"({shown}; data rows count from 1, the header not included)"
+        )
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -158,11 +168,14 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
         rows = np.flatnonzero(repeated.to_numpy())
         dup = int(df[S.SONG_ID].iloc[rows[0]])
         at = [int(i) + 1 for i in rows if df[S.SONG_ID].iloc[i] == dup]
-        raise CatalogError(f"{path}: song_id {dup} appears more than once (data rows {', '.join(map(str, at))}; "
-                           f"column {S.SONG_ID!r}); {int(df[S.SONG_ID].duplicated().sum())} repeated id(s) in all")
+        raise CatalogError(
+            f"{path}: song_id {dup} appears more than once (data rows {', '.join(map(str, at))}; "
+            f"column {S.SONG_ID!r}); {int(df[S.SONG_ID].duplicated().sum())} repeated id(s) in all"
+        )
     folder = path.parent
-    df[S.AUDIO_PATH] = [resolve_audio_path("" if p is None or p != p else str(p).strip(), folder)
-                        for p in df[S.AUDIO_PATH].tolist()]
+    df[S.AUDIO_PATH] = [
+        resolve_audio_path("" if p is None or p != p else str(p).strip(), folder) for p in df[S.AUDIO_PATH].tolist()
+    ]
     for col in S.CATALOG_TEXT:
         df[col] = df[col].fillna("").astype(str)
     return df

@@ -176,9 +176,7 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel
 
         self.model_dir = resolve_text_model(cfg.text_model)
-        self.bert = AutoModel.from_pretrained(
-            str(self.model_dir), local_files_only=True, attn_implementation="sdpa"
-        )
+        self.bert = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True, attn_implementation="sdpa")
         if cfg.text_pooling not in ("mean", "cls"):
             raise ValueError(f"model.text_pooling={cfg.text_pooling!r}: expected mean or cls")
         self.pooling = cfg.text_pooling
@@ -210,9 +208,7 @@ class FusionLayer(nn.Module):
 
     def __init__(self, embed_dim: int, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
 
     def forward(self, audio: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([audio, text], dim=-1))

@@ -59,24 +59,117 @@ _IN_MAX = 10.0
 _DEAD = 1e-6
 
 # musicnn.configuration, copied so the tag names need no import of the package
-MTT_LABELS = ['guitar', 'classical', 'slow', 'techno', 'strings', 'drums', 'electronic', 'rock', 'fast',
-              'piano', 'ambient', 'beat', 'violin', 'vocal', 'synth', 'female', 'indian', 'opera', 'male',
-              'singing', 'vocals', 'no vocals', 'harpsichord', 'loud', 'quiet', 'flute', 'woman', 'male vocal',
-              'no vocal', 'pop', 'soft', 'sitar', 'solo', 'man', 'classic', 'choir', 'voice', 'new age', 'dance',
-              'male voice', 'female vocal', 'beats', 'harp', 'cello', 'no voice', 'weird', 'country', 'metal',
-              'female voice', 'choral']
-MSD_LABELS = ['rock', 'pop', 'alternative', 'indie', 'electronic', 'female vocalists', 'dance', '00s',
-              'alternative rock', 'jazz', 'beautiful', 'metal', 'chillout', 'male vocalists', 'classic rock',
-              'soul', 'indie rock', 'Mellow', 'electronica', '80s', 'folk', '90s', 'chill', 'instrumental',
-              'punk', 'oldies', 'blues', 'hard rock', 'ambient', 'acoustic', 'experimental', 'female vocalist',
-              'guitar', 'Hip-Hop', '70s', 'party', 'country', 'easy listening', 'sexy', 'catchy', 'funk',
-              'electro', 'heavy metal', 'Progressive rock', '60s', 'rnb', 'indie pop', 'sad', 'House', 'happy']
+MTT_LABELS = [
+    "guitar",
+    "classical",
+    "slow",
+    "techno",
+    "strings",
+    "drums",
+    "electronic",
+    "rock",
+    "fast",
+    "piano",
+    "ambient",
+    "beat",
+    "violin",
+    "vocal",
+    "synth",
+    "female",
+    "indian",
+    "opera",
+    "male",
+    "singing",
+    "vocals",
+    "no vocals",
+    "harpsichord",
+    "loud",
+    "quiet",
+    "flute",
+    "woman",
+    "male vocal",
+    "no vocal",
+    "pop",
+    "soft",
+    "sitar",
+    "solo",
+    "man",
+    "classic",
+    "choir",
+    "voice",
+    "new age",
+    "dance",
+    "male voice",
+    "female vocal",
+    "beats",
+    "harp",
+    "cello",
+    "no voice",
+    "weird",
+    "country",
+    "metal",
+    "female voice",
+    "choral",
+]
+MSD_LABELS = [
+    "rock",
+    "pop",
+    "alternative",
+    "indie",
+    "electronic",
+    "female vocalists",
+    "dance",
+    "00s",
+    "alternative rock",
+    "jazz",
+    "beautiful",
+    "metal",
+    "chillout",
+    "male vocalists",
+    "classic rock",
+    "soul",
+    "indie rock",
+    "Mellow",
+    "electronica",
+    "80s",
+    "folk",
+    "90s",
+    "chill",
+    "instrumental",
+    "punk",
+    "oldies",
+    "blues",
+    "hard rock",
+    "ambient",
+    "acoustic",
+    "experimental",
+    "female vocalist",
+    "guitar",
+    "Hip-Hop",
+    "70s",
+    "party",
+    "country",
+    "easy listening",
+    "sexy",
+    "catchy",
+    "funk",
+    "electro",
+    "heavy metal",
+    "Progressive rock",
+    "60s",
+    "rnb",
+    "indie pop",
+    "sad",
+    "House",
+    "happy",
+]
 _LABELS = {"MSD_musicnn": MSD_LABELS, "MTT_musicnn": MTT_LABELS}
 
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint
 # ----------------------------------------------------------------------------------------------
+
 
 def checkpoint_prefix(name: str) -> Path:
     """The checkpoint prefix of model `name` ("musicnn_msd" / "musicnn_mtt") inside the installed
@@ -89,12 +182,15 @@ def checkpoint_prefix(name: str) -> Path:
 
     spec = importlib.util.find_spec("musicnn")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the pretrained musicnn weights come from the musicnn package: "
-                          "install with pip install --no-deps musicnn==0.1.0")
+        raise ImportError(
+            "the pretrained musicnn weights come from the musicnn package: "
+            "install with pip install --no-deps musicnn==0.1.0"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / MUSICNN_MODELS[name]
     if not (folder / ".index").is_file():
-        raise FileNotFoundError(f"no checkpoint at {folder}/.index: reinstall with "
-                                "pip install --no-deps musicnn==0.1.0")
+        raise FileNotFoundError(
+            f"no checkpoint at {folder}/.index: reinstall with pip install --no-deps musicnn==0.1.0"
+        )
     return folder
 
 
@@ -113,7 +209,7 @@ def _sstable_block(data: bytes, offset: int, size: int):
     """Yield (key, value) of one leveldb table block (prefix-compressed keys, restart array)."""
     if data[offset + size] != 0:
         raise ValueError("compressed SSTable blocks are not supported (TF bundles are uncompressed)")
-    blk = data[offset:offset + size]
+    blk = data[offset : offset + size]
     n_restarts = struct.unpack_from("<I", blk, len(blk) - 4)[0]
     end = len(blk) - 4 - 4 * n_restarts
     pos, key = 0, b""
@@ -121,9 +217,9 @@ def _sstable_block(data: bytes, offset: int, size: int):
         shared, pos = _varint(blk, pos)
         non_shared, pos = _varint(blk, pos)
         vlen, pos = _varint(blk, pos)
-        key = key[:shared] + blk[pos:pos + non_shared]
+        key = key[:shared] + blk[pos : pos + non_shared]
         pos += non_shared
-        yield key, blk[pos:pos + vlen]
+        yield key, blk[pos : pos + vlen]
         pos += vlen
 
 
@@ -137,7 +233,7 @@ def _fields(buf: bytes):
             value, pos = _varint(buf, pos)
         elif wire == 2:
             n, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + n], pos + n
+            value, pos = buf[pos : pos + n], pos + n
         elif wire == 5:
             value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
         elif wire == 1:
@@ -203,6 +299,7 @@ def read_tf_checkpoint(prefix) -> dict[str, np.ndarray]:
 # front end: log-Mel
 # ----------------------------------------------------------------------------------------------
 
+
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:  # librosa's Slaney scale
     f_sp, min_log_hz, min_log_mel, logstep = 200.0 / 3, 1000.0, 15.0, np.log(6.4) / 27.0
     mels = f / f_sp
@@ -225,13 +322,14 @@ def mel_filterbank() -> np.ndarray:
     n_bins = 1 + N_FFT // 2
     weights = np.zeros((N_MELS, n_bins), dtype=np.float32)
     fftfreqs = np.fft.rfftfreq(n=N_FFT, d=1.0 / SAMPLE_RATE)
-    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(np.array([0.0]))[0], _hz_to_mel(np.array([SAMPLE_RATE / 2]))[0],
-                                   N_MELS + 2))
+    mel_f = _mel_to_hz(
+        np.linspace(_hz_to_mel(np.array([0.0]))[0], _hz_to_mel(np.array([SAMPLE_RATE / 2]))[0], N_MELS + 2)
+    )
     fdiff = np.diff(mel_f)
     ramps = np.subtract.outer(mel_f, fftfreqs)
     for i in range(N_MELS):
         weights[i] = np.maximum(0, np.minimum(-ramps[i] / fdiff[i], ramps[i + 2] / fdiff[i + 1]))
-    weights *= (2.0 / (mel_f[2:N_MELS + 2] - mel_f[:N_MELS]))[:, None]
+    weights *= (2.0 / (mel_f[2 : N_MELS + 2] - mel_f[:N_MELS]))[:, None]
     return weights
 
 
@@ -273,8 +371,8 @@ def mel_power(waveform) -> Tensor:
     # same per song as one song
     for i in range(frames.shape[0]):
         for s in range(0, frames.shape[1], _CHUNK):
-            spec = torch.fft.rfft(frames[i, s:s + _CHUNK].double() * window, dim=-1)[..., lo:hi]
-            torch.matmul(spec.to(torch.complex64).abs().square(), fb, out=out[i, s:s + _CHUNK])
+            spec = torch.fft.rfft(frames[i, s : s + _CHUNK].double() * window, dim=-1)[..., lo:hi]
+            torch.matmul(spec.to(torch.complex64).abs().square(), fb, out=out[i, s : s + _CHUNK])
     return out
 
 
@@ -303,7 +401,7 @@ def patches(mel: Tensor, lengths=None) -> tuple[Tensor, Tensor]:
     n = torch.clamp(lens // PATCH_FRAMES, min=1)
     p = int(n.max())
     if f >= p * PATCH_FRAMES:
-        out = mel[:, :p * PATCH_FRAMES].reshape(b, p, PATCH_FRAMES, m).clone()
+        out = mel[:, : p * PATCH_FRAMES].reshape(b, p, PATCH_FRAMES, m).clone()
     else:
         out = mel.new_zeros(b, p, PATCH_FRAMES, m)
     for i in range(b):
@@ -321,6 +419,7 @@ def patches(mel: Tensor, lengths=None) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------
 # network
 # ----------------------------------------------------------------------------------------------
+
 
 def _bn_affine(w: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode TF batch norm as y = a x + b (float64 while folding)."""
@@ -363,13 +462,13 @@ class _MaxBlock(nn.Module):
         # (C x T x 96) and this keeps it in cache (~1.5-3x faster than one big call).
         if kw > 1 or kh > 64:
             for i in range(n):
-                m[i] = F.conv2d(xp[i:i + 1], self.weight, self.bias)[0].amax(dim=2)
+                m[i] = F.conv2d(xp[i : i + 1], self.weight, self.bias)[0].amax(dim=2)
         else:  # a temporal (kh x 1) kernel: a GEMM over time windows, frequency as rows
             w = self.weight.view(c, kh).t()
             for i in range(n):
                 for s in range(0, t, _TBLOCK):
                     e = min(s + _TBLOCK, t)
-                    win = xp[i, 0, s:e + kh - 1].unfold(0, kh, 1)  # (e - s, 96, kh)
+                    win = xp[i, 0, s : e + kh - 1].unfold(0, kh, 1)  # (e - s, 96, kh)
                     z = torch.addmm(self.bias, win.reshape(-1, kh), w).view(e - s, -1, c)
                     m[i, :, s:e] = z.amax(dim=1).t()
         return self.a[:, None] * torch.relu(m * self.sign[:, None]) + self.b[:, None]
@@ -432,17 +531,24 @@ class Musicnn(nn.Module):
         a0, b0 = _bn_affine(w, "batch_normalization")
         self.in_a, self.in_b = float(a0[0]), float(b0[0])
         blocks = []
-        for conv, bn, pad in (("conv2d", "batch_normalization_1", (3, 3)),
-                              ("conv2d_1", "batch_normalization_2", (3, 3)),
-                              ("conv2d_2", "batch_normalization_3", (63, 64)),
-                              ("conv2d_3", "batch_normalization_4", (31, 32)),
-                              ("conv2d_4", "batch_normalization_5", (15, 16))):
+        for conv, bn, pad in (
+            ("conv2d", "batch_normalization_1", (3, 3)),
+            ("conv2d_1", "batch_normalization_2", (3, 3)),
+            ("conv2d_2", "batch_normalization_3", (63, 64)),
+            ("conv2d_3", "batch_normalization_4", (31, 32)),
+            ("conv2d_4", "batch_normalization_5", (15, 16)),
+        ):
             a, b = _bn_affine(w, bn)
             blocks.append(_MaxBlock(w[f"{conv}/kernel"], w[f"{conv}/bias"], a, b, pad))
         self.blocks = nn.ModuleList(blocks)
         # mid end: three conv1d (kernel 7 in time, "valid" on 3+3 zero padding), ReLU, BN
-        for i, (conv, bn) in enumerate((("conv2d_5", "batch_normalization_6"), ("conv2d_6", "batch_normalization_7"),
-                                        ("conv2d_7", "batch_normalization_8"))):
+        for i, (conv, bn) in enumerate(
+            (
+                ("conv2d_5", "batch_normalization_6"),
+                ("conv2d_6", "batch_normalization_7"),
+                ("conv2d_7", "batch_normalization_8"),
+            )
+        ):
             k = w[f"{conv}/kernel"]  # (7, C_in, 1, 64)
             a, b = _bn_affine(w, bn)
             self.register_buffer(f"mid_w{i}", torch.from_numpy(np.ascontiguousarray(k[:, :, 0, :].transpose(2, 1, 0))))
@@ -513,8 +619,16 @@ def checkpoint_shapes(n_tags: int = 50) -> dict[str, tuple[int, ...]]:
         name = "batch_normalization" + (f"_{i}" if i else "")
         for v in ("beta", "gamma", "moving_mean", "moving_variance"):
             shapes[f"{name}/{v}"] = (n,)
-    convs = [(7, 38, 1, 204), (7, 67, 1, 204), (128, 1, 1, 51), (64, 1, 1, 51), (32, 1, 1, 51),
-             (7, N_FRONTEND, 1, 64), (7, 64, 1, 64), (7, 64, 1, 64)]
+    convs = [
+        (7, 38, 1, 204),
+        (7, 67, 1, 204),
+        (128, 1, 1, 51),
+        (64, 1, 1, 51),
+        (32, 1, 1, 51),
+        (7, N_FRONTEND, 1, 64),
+        (7, 64, 1, 64),
+        (7, 64, 1, 64),
+    ]
     for i, s in enumerate(convs):
         name = "conv2d" + (f"_{i}" if i else "")
         shapes[f"{name}/kernel"] = s

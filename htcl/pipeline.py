@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 from htcl import schema as S
 from htcl.batching import epoch_order, stage1_batch, stage2_batch
 from htcl.config import Config, ModelConfig, save_config
-from htcl.mels import MEL_COLUMNS, SHARD_ROW_GROUP_ROWS, MelExtractor, mel_shards, mels_from_table, read_catalog, read_mels, write_table
+from htcl.mels import (
+    MEL_COLUMNS,
+    SHARD_ROW_GROUP_ROWS,
+    MelExtractor,
+    mel_shards,
+    mels_from_table,
+    read_catalog,
+    read_mels,
+    write_table,
+)
 from htcl.model import HTCLModel
 from htcl.pairs import before, split_time, stage2_pairs
 from htcl.streaming import ShardReader, read_ahead
@@ -78,9 +87,13 @@ class PreprocessPlan:
     replaced_rows: int  # their old rows dropped from mels/ and quarantine/
 
     def summary(self) -> dict:
-        return {"catalog_songs": self.catalog_songs, "new": self.new, "changed": self.changed,
-                "unchanged_skipped": self.catalog_songs - self.new - self.changed,
-                "replaced_stale_rows": self.replaced_rows}
+        return {
+            "catalog_songs": self.catalog_songs,
+            "new": self.new,
+            "changed": self.changed,
+            "unchanged_skipped": self.catalog_songs - self.new - self.changed,
+            "replaced_stale_rows": self.replaced_rows,
+        }
 
 
 def plan_preprocess(cfg: Config, catalog: pd.DataFrame, force: bool = False) -> PreprocessPlan:
@@ -95,8 +108,13 @@ def plan_preprocess(cfg: Config, catalog: pd.DataFrame, force: bool = False) -> 
             for f in d.glob("*.parquet"):
                 f.unlink()
     paths = [str(p) for p in catalog[S.AUDIO_PATH]]
-    inputs = pd.DataFrame({S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths,
-                           S.INPUT_HASH: audio_hashes(paths)})
+    inputs = pd.DataFrame(
+        {
+            S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(),
+            S.AUDIO_PATH: paths,
+            S.INPUT_HASH: audio_hashes(paths),
+        }
+    )
     recorded = recorded_hashes(mels_dir, q_dir)
     todo = new_or_changed(inputs, recorded)
     new = int((~todo[S.SONG_ID].isin(list(recorded))).sum()) if len(todo) else 0
@@ -116,8 +134,9 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
     extractor = MelExtractor(cfg.audio)
     mels, quarantine = [], []
     t0 = time.perf_counter()
-    for sid, path, h in tqdm(zip(todo[S.SONG_ID], todo[S.AUDIO_PATH], todo[S.INPUT_HASH]), total=len(todo),
-                             desc="preprocess", unit="song"):
+    for sid, path, h in tqdm(
+        zip(todo[S.SONG_ID], todo[S.AUDIO_PATH], todo[S.INPUT_HASH]), total=len(todo), desc="preprocess", unit="song"
+    ):
         row, bad = extractor.extract_one(sid, path, h)
         (mels if row is not None else quarantine).append(row if row is not None else bad)
     elapsed = time.perf_counter() - t0
@@ -256,8 +275,14 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
         val = ids[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]
         if verbose and len(val):
             print(f"pretrain: {len(ids) - len(val)} training songs, {len(val)} held out (validation)")
-        return TrainingRows(stage, mels, texts, ids[~is_val], text_features=text_features,
-                            validation=TrainingRows(stage, mels, texts, val, text_features=text_features))
+        return TrainingRows(
+            stage,
+            mels,
+            texts,
+            ids[~is_val],
+            text_features=text_features,
+            validation=TrainingRows(stage, mels, texts, val, text_features=text_features),
+        )
     world = Path(cfg.data.root)
     interactions = pd.read_parquet(world / "interactions.parquet")
     sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
@@ -270,10 +295,13 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
     order = _seeded_order(int(is_val.sum()), cfg.eval.seed)
     validation = TrainingRows(stage, mels, texts, trig[is_val][order], rec[is_val][order], text_features=text_features)
     if verbose:
-        print(f"finetune ({tcfg.variant}): {int((~is_val).sum())} pairs before {cut:%Y-%m-%d} with mels for both "
-              f"songs, {int(is_val.sum())} more touching a held-out artist (validation)")
-    return TrainingRows(stage, mels, texts, trig[~is_val], rec[~is_val], text_features=text_features,
-                        validation=validation)
+        print(
+            f"finetune ({tcfg.variant}): {int((~is_val).sum())} pairs before {cut:%Y-%m-%d} with mels for both "
+            f"songs, {int(is_val.sum())} more touching a held-out artist (validation)"
+        )
+    return TrainingRows(
+        stage, mels, texts, trig[~is_val], rec[~is_val], text_features=text_features, validation=validation
+    )
 
 
 def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.ndarray]:
@@ -291,20 +319,31 @@ def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.nd
 AUDIO_INPUT = "audio encoder input (mels/ or the backbone's cached features)"  # names it in refusals
 
 
-def audio_reader(cfg: Config, cache_rows: int, model_cfg=None, audio_cfg=None,
-                 files: list[Path] | None = None) -> ShardReader:
+def audio_reader(
+    cfg: Config, cache_rows: int, model_cfg=None, audio_cfg=None, files: list[Path] | None = None
+) -> ShardReader:
     """The songs of audio_inputs(cfg), read from their shards on demand (htcl.streaming) through
     a cache of at most cache_rows rows: what training reads instead of holding them all.
     model_cfg / audio_cfg: a checkpoint's own (default: cfg's); files: only these input shards."""
     model_cfg, audio_cfg = model_cfg or cfg.model, audio_cfg or cfg.audio
     if model_cfg.audio_backbone == "none":
-        return ShardReader(files or mel_shards(out_path(cfg, "mels")), MEL_COLUMNS,
-                           lambda t: mels_from_table(t, audio_cfg.n_mels), AUDIO_INPUT, cache_rows)
+        return ShardReader(
+            files or mel_shards(out_path(cfg, "mels")),
+            MEL_COLUMNS,
+            lambda t: mels_from_table(t, audio_cfg.n_mels),
+            AUDIO_INPUT,
+            cache_rows,
+        )
     from htcl.towers import FEATURES_SCHEMA, audio_tower_spec, feature_shards, features_from_table, tower_dir
 
     directory = tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg))
-    return ShardReader(files or feature_shards(directory), FEATURES_SCHEMA.names,
-                       lambda t: features_from_table(t, where=directory), AUDIO_INPUT, cache_rows)
+    return ShardReader(
+        files or feature_shards(directory),
+        FEATURES_SCHEMA.names,
+        lambda t: features_from_table(t, where=directory),
+        AUDIO_INPUT,
+        cache_rows,
+    )
 
 
 # --- locked towers' features ----------------------------------------------------------------
@@ -366,10 +405,16 @@ def finish_features(cfg: Config, plan: TowerPlan, rows: list[dict], quarantine: 
     if quarantine:
         name = f"features-{plan.spec['tower']}-{time.strftime('%Y%m%d%H%M%S')}.parquet"
         write_table(quarantine, S.QUARANTINE_SCHEMA, out_path(cfg, "quarantine", name))
-    return {"tower": plan.spec["tower"], "dir": str(plan.directory), "computed": len(rows),
-            "kept": len(plan.inputs) - len(plan.todo) - plan.skipped_quarantined, "replaced_stale": plan.dropped,
-            "skipped_quarantined": plan.skipped_quarantined, "quarantined": len(quarantine),
-            "seconds": round(seconds, 2)}
+    return {
+        "tower": plan.spec["tower"],
+        "dir": str(plan.directory),
+        "computed": len(rows),
+        "kept": len(plan.inputs) - len(plan.todo) - plan.skipped_quarantined,
+        "replaced_stale": plan.dropped,
+        "skipped_quarantined": plan.skipped_quarantined,
+        "quarantined": len(quarantine),
+        "seconds": round(seconds, 2),
+    }
 
 
 def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = False, batch_size: int = 8) -> dict:
@@ -410,8 +455,14 @@ def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer, audio: Mapping[in
             batch["text_features"] = torch.as_tensor(np.stack([feats[i] for i in ids]))
         return batch
     trig, rec = rows.trigger[idx], rows.rec[idx]
-    batch = stage2_batch([audio[i] for i in trig], [audio[i] for i in rec], [rows.texts[i] for i in rec],
-                         None if feats else tokenizer, trig, rec)
+    batch = stage2_batch(
+        [audio[i] for i in trig],
+        [audio[i] for i in rec],
+        [rows.texts[i] for i in rec],
+        None if feats else tokenizer,
+        trig,
+        rec,
+    )
     if feats is not None:
         batch["rec_text_features"] = torch.as_tensor(np.stack([feats[i] for i in rec]))
     return batch
@@ -448,8 +499,9 @@ def batch_stream(
             yield make_batch(rows, idx, tokenizer)
 
 
-def rank_slices(n: int, batch_size: int, seed: int, *, start_step: int = 0, rank: int = 0,
-                world: int = 1) -> Iterator[np.ndarray]:
+def rank_slices(
+    n: int, batch_size: int, seed: int, *, start_step: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[np.ndarray]:
     """Endless row positions of rank's slice of each global batch from start_step (batch_stream)."""
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} is not divisible by {world} workers")
@@ -565,9 +617,13 @@ class EmbedPlan:
     out_dir: Path
 
     def summary(self) -> dict:
-        return {"input_songs": self.input_songs, "new": self.new, "changed": self.changed,
-                "unchanged_skipped": self.input_songs - self.new - self.changed,
-                "replaced_stale_rows": self.replaced_rows}
+        return {
+            "input_songs": self.input_songs,
+            "new": self.new,
+            "changed": self.changed,
+            "unchanged_skipped": self.input_songs - self.new - self.changed,
+            "replaced_stale_rows": self.replaced_rows,
+        }
 
 
 def embed_inputs(cfg: Config, model_cfg, audio_cfg) -> tuple[Path, list[str]]:
@@ -606,8 +662,10 @@ def plan_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Embe
     todo_shards = []
     for f in shards:
         if S.INPUT_HASH not in pq.read_schema(f).names:
-            raise ValueError(f"{f}: no {S.INPUT_HASH} column (written by an older htcl): run `htcl preprocess` "
-                             f"once, which records every song's audio hash, then embed again")
+            raise ValueError(
+                f"{f}: no {S.INPUT_HASH} column (written by an older htcl): run `htcl preprocess` "
+                f"once, which records every song's audio hash, then embed again"
+            )
         t = pq.read_table(f, columns=[S.SONG_ID, S.INPUT_HASH])
         pairs = dict(zip(t.column(S.SONG_ID).to_pylist(), t.column(S.INPUT_HASH).to_pylist()))
         inputs.update(pairs)
@@ -617,8 +675,20 @@ def plan_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Embe
             todo_shards.append(f)
     new = sum(1 for sid in todo if sid not in recorded)
     replaced = drop_stale_rows(out_dir, inputs)
-    return EmbedPlan(checkpoint, version, ckpt_cfg.model, inputs_dir, columns, todo_shards, todo, len(inputs),
-                     new, len(todo) - new, replaced, out_dir)
+    return EmbedPlan(
+        checkpoint,
+        version,
+        ckpt_cfg.model,
+        inputs_dir,
+        columns,
+        todo_shards,
+        todo,
+        len(inputs),
+        new,
+        len(todo) - new,
+        replaced,
+        out_dir,
+    )
 
 
 def run_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Path:
@@ -642,8 +712,13 @@ def run_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Path:
         emb = np.concatenate(parts)
         now = datetime.now(timezone.utc)
         rows = [
-            {S.SONG_ID: sid, S.EMBEDDING: e.tolist(), S.MODEL_VERSION: plan.version, S.EVENT_TIMESTAMP: now,
-             S.INPUT_HASH: plan.todo[sid]}
+            {
+                S.SONG_ID: sid,
+                S.EMBEDDING: e.tolist(),
+                S.MODEL_VERSION: plan.version,
+                S.EVENT_TIMESTAMP: now,
+                S.INPUT_HASH: plan.todo[sid],
+            }
             for sid, e in zip(ids, emb)
         ]
         write_table(rows, S.embeddings_schema(model.cfg.embed_dim), plan.out_dir / new_shard_name())
@@ -661,7 +736,9 @@ INDEX_SOURCE = "source.json"  # beside an index: the embeddings parts it was bui
 
 def embeddings_fingerprint(embeddings_dir: Path) -> list[list]:
     """[name, bytes, mtime_ns] of each part of embeddings/<version>/: changes with any rewrite."""
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(embeddings_dir).glob("part-*.parquet"))]
+    return [
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(embeddings_dir).glob("part-*.parquet"))
+    ]
 
 
 def index_is_current(cfg: Config, embeddings_dir: Path) -> bool:
@@ -686,13 +763,17 @@ def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
 
 # --- evaluation ----------------------------------------------------------------------------
 
+
 def family_runs(cfg: Config) -> dict[str, tuple[str, str, str]]:
     """Run folders of each audio family's stage 1, HTCL and HTCL_w_CF: the paper's encoder, and
     the config's backbone (musicnn_msd when the config is the paper's)."""
     backbone = cfg.model.audio_backbone if cfg.model.audio_backbone != "none" else "musicnn_msd"
-    return {fam: tuple(stage_dir_name(st, v, bb) for st, v in (("pretrain", "favor"), ("finetune", "favor"),
-                                                                ("finetune", "cf")))
-            for fam, bb in (("scratch", "none"), ("backbone", backbone))}
+    return {
+        fam: tuple(
+            stage_dir_name(st, v, bb) for st, v in (("pretrain", "favor"), ("finetune", "favor"), ("finetune", "cf"))
+        )
+        for fam, bb in (("scratch", "none"), ("backbone", backbone))
+    }
 
 
 @dataclass
@@ -714,8 +795,10 @@ def variant_models(cfg: Config, verbose: bool = True) -> list[Variant]:
 
     scratch_cfg = replace(cfg.model, audio_backbone="none")
     torch.manual_seed(cfg.eval.seed)
-    out = [Variant(RANDOM_INIT, HTCLModel(scratch_cfg, cfg.audio).eval(), scratch_cfg, cfg.audio),
-           Variant(MEL_STATS, None, scratch_cfg, cfg.audio)]
+    out = [
+        Variant(RANDOM_INIT, HTCLModel(scratch_cfg, cfg.audio).eval(), scratch_cfg, cfg.audio),
+        Variant(MEL_STATS, None, scratch_cfg, cfg.audio),
+    ]
     runs = family_runs(cfg)
     for family in ("scratch", "backbone"):
         for name, run in zip(FAMILY_VARIANTS[family], runs[family]):
@@ -770,8 +853,16 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
     """The audio encoder inputs of real recordings: log-Mel for the paper family; for a backbone,
     its patch features, cached under features/real_audio/ (keyed by the files' hashes)."""
     from htcl.delta import new_or_changed, recorded_hashes
-    from htcl.towers import (INPUT_HASH, BackboneFeatures, audio_file_hash, audio_tower_spec, read_features,
-                             tower_dir, write_features, write_tower_spec)
+    from htcl.towers import (
+        INPUT_HASH,
+        BackboneFeatures,
+        audio_file_hash,
+        audio_tower_spec,
+        read_features,
+        tower_dir,
+        write_features,
+        write_tower_spec,
+    )
 
     if model_cfg.audio_backbone == "none":
         from htcl.audio import LogMel
@@ -788,8 +879,10 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
         from htcl.towers import feature_row
 
         tower = BackboneFeatures(model_cfg, cfg.audio)
-        rows = [feature_row(i, hashes[i], tower.waveform_features(waves[i]))
-                for i in tqdm(todo[S.SONG_ID].tolist(), desc=f"real audio {spec['tower']}", unit="song")]
+        rows = [
+            feature_row(i, hashes[i], tower.waveform_features(waves[i]))
+            for i in tqdm(todo[S.SONG_ID].tolist(), desc=f"real audio {spec['tower']}", unit="song")
+        ]
         write_features(rows, directory)
         write_tower_spec(directory, spec)
     cached = read_features(directory, dict(enumerate(hashes)))
@@ -822,16 +915,18 @@ def real_audio_results(cfg: Config, verbose: bool = True, models: list[Variant] 
             x = backbone_as_is(inputs, key)[1]
         else:
             x = embed_mels(v.model, [inputs[i] for i in range(len(inputs))])
-        out[v.name] = real_audio_probe(x, manifest["label"], groups, cfg.eval.probe_folds, cfg.eval.seed,
-                                       return_correct=True)
+        out[v.name] = real_audio_probe(
+            x, manifest["label"], groups, cfg.eval.probe_folds, cfg.eval.seed, return_correct=True
+        )
         if verbose:
             print(f"evaluate: {v.name}: real-audio genre {out[v.name]['accuracy']:.3f}", flush=True)
     return out
 
 
 @torch.no_grad()
-def embed_song_texts(cfg: Config, model: HTCLModel, texts: dict[int, str], ids: list[int],
-                     batch_size: int = 64) -> np.ndarray:
+def embed_song_texts(
+    cfg: Config, model: HTCLModel, texts: dict[int, str], ids: list[int], batch_size: int = 64
+) -> np.ndarray:
     """(n, D) text embeddings of songs `ids`: a locked text tower's cached features through the
     text projection when the cache holds them all (equal to the BERT's output), else the BERT."""
     model.eval()
@@ -841,20 +936,24 @@ def embed_song_texts(cfg: Config, model: HTCLModel, texts: dict[int, str], ids: 
         from htcl.towers import StaleFeaturesError, read_features, text_hash, text_tower_spec, tower_dir
 
         try:
-            feats = read_features(tower_dir(cfg.output_dir, text_tower_spec(model.cfg)),
-                                  {i: text_hash(texts[i]) for i in ids})
+            feats = read_features(
+                tower_dir(cfg.output_dir, text_tower_spec(model.cfg)), {i: text_hash(texts[i]) for i in ids}
+            )
         except (FileNotFoundError, StaleFeaturesError):  # no cache, or a stale one: the BERT gives the same
             feats = {}
         if all(i in feats for i in ids):
             return model.encode_text_features(torch.as_tensor(np.stack([feats[i] for i in ids]))).float().numpy()
     tokenizer = SongTokenizer(model.cfg)
-    out = [model.encode_text(**tokenizer([texts[i] for i in ids[k : k + batch_size]])).float().numpy()
-           for k in range(0, len(ids), batch_size)]
+    out = [
+        model.encode_text(**tokenizer([texts[i] for i in ids[k : k + batch_size]])).float().numpy()
+        for k in range(0, len(ids), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 
-def retrieval_results(cfg: Config, verbose: bool = True,
-                      models: list[Variant] | None = None) -> tuple[dict[str, dict], dict] | None:
+def retrieval_results(
+    cfg: Config, verbose: bool = True, models: list[Variant] | None = None
+) -> tuple[dict[str, dict], dict] | None:
     """Zero-shot audio<->text retrieval (htcl.evaluation.zero_shot_retrieval) of every variant with
     a text tower (the random-init encoder and the trained checkpoints) among the songs of the
     held-out artists (`heldout_song_ids`, which no training stage saw). Returns (variant name ->
@@ -879,16 +978,27 @@ def retrieval_results(cfg: Config, verbose: bool = True,
         out[v.name] = zero_shot_retrieval(audio, embed_song_texts(cfg, v.model, texts, ids))
         if verbose:
             r = out[v.name]
-            print(f"evaluate: {v.name}: zero-shot retrieval on {r['n']} held-out songs, A->T R@1 "
-                  f"{r['audio_to_text']['r@1']:.3f} R@10 {r['audio_to_text']['r@10']:.3f}, T->A R@1 "
-                  f"{r['text_to_audio']['r@1']:.3f} R@10 {r['text_to_audio']['r@10']:.3f}", flush=True)
+            print(
+                f"evaluate: {v.name}: zero-shot retrieval on {r['n']} held-out songs, A->T R@1 "
+                f"{r['audio_to_text']['r@1']:.3f} R@10 {r['audio_to_text']['r@10']:.3f}, T->A R@1 "
+                f"{r['text_to_audio']['r@1']:.3f} R@10 {r['text_to_audio']['r@10']:.3f}",
+                flush=True,
+            )
     artists = catalog.loc[catalog[S.SONG_ID].isin(held), S.ARTIST].fillna("").astype(str).nunique()
-    return out, {"artists": int(artists), "songs": len(held), "share": cfg.eval.retrieval_holdout_artists,
-                 "seed": cfg.eval.seed}
+    return out, {
+        "artists": int(artists),
+        "songs": len(held),
+        "share": cfg.eval.retrieval_holdout_artists,
+        "seed": cfg.eval.seed,
+    }
 
 
-def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir: str | Path | None = None,
-                 external: dict[str, str] | None = None) -> dict:
+def run_evaluate(
+    cfg: Config,
+    ranker_frame: pd.DataFrame | None = None,
+    out_dir: str | Path | None = None,
+    external: dict[str, str] | None = None,
+) -> dict:
     """The comparison table of every variant on the held-out period; writes results.json/.md and
     plots to <output_dir>/evaluation/. ranker_frame None = the in-process point-in-time stats
     (htcl.features.point_in_time_stats); the Ray/Feast job passes Feast's backfill instead.
@@ -907,16 +1017,28 @@ def run_evaluate(cfg: Config, ranker_frame: pd.DataFrame | None = None, out_dir:
     outside, coverage = {}, {}
     for name, table in (external or {}).items():  # read first: a bad file fails before the long part
         outside[name], coverage[name] = read_external_embeddings(table, catalog[S.SONG_ID])
-        print(f"evaluate: {name}: {coverage[name]['covered']} of {coverage[name]['catalog_songs']} catalog songs "
-              f"have a vector in {table}", flush=True)
+        print(
+            f"evaluate: {name}: {coverage[name]['covered']} of {coverage[name]['catalog_songs']} catalog songs "
+            f"have a vector in {table}",
+            flush=True,
+        )
     if ranker_frame is None:
         genre = dict(zip(catalog[S.SONG_ID], catalog[S.GENRE].fillna(""))) if S.GENRE in catalog else None
         ranker_frame = point_in_time_stats(interactions, genre)
     models = variant_models(cfg)  # every checkpoint loaded once, for all three uses below
     variants = {**variant_embeddings(cfg, models=models), **outside}
-    results = compare_variants(variants, catalog, interactions, ranker_frame, cut, cfg.eval.hit_rate_ks,
-                               cfg.eval.probe_folds, cfg.eval.seed, real_audio=real_audio_results(cfg, models=models),
-                               coverage=coverage)
+    results = compare_variants(
+        variants,
+        catalog,
+        interactions,
+        ranker_frame,
+        cut,
+        cfg.eval.hit_rate_ks,
+        cfg.eval.probe_folds,
+        cfg.eval.seed,
+        real_audio=real_audio_results(cfg, models=models),
+        coverage=coverage,
+    )
     out_dir = Path(out_dir or out_path(cfg, "evaluation"))
     metric_files = [out_path(cfg, d, "metrics.jsonl") for runs in family_runs(cfg).values() for d in runs]
     retrieval, held = retrieval_results(cfg, models=models) or ({}, None)

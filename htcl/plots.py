@@ -38,7 +38,7 @@ def plot_training_curves(metric_files: Sequence[str | Path], png: str | Path) ->
         colours: dict[str, str] = {}
         for key in sorted({k for r in records for k in r}, key=lambda k: (k.startswith("val_"), k)):
             values = [r.get(key) for r in records]
-            name = key[len("val_"):] if key.startswith("val_") else key
+            name = key[len("val_") :] if key.startswith("val_") else key
             ax = axes[0] if name.startswith("loss") else axes[1] if name.startswith("top1") else None
             if ax is None:
                 continue
@@ -55,4 +55,3 @@ def plot_training_curves(metric_files: Sequence[str | Path], png: str | Path) ->
         if ax.lines:
             ax.legend(fontsize=7)
     return save_figure(fig, png)
-

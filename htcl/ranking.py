@@ -56,14 +56,19 @@ class RankerParams:
 def stats_columns(frame: pd.DataFrame) -> list[str]:
     """The numeric stats columns of a ranker frame, in a fixed (sorted) order."""
     cols = [c for c in frame.columns if c.startswith(STATS_PREFIXES)]
-    return sorted(c for c in cols if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c]))
+    return sorted(
+        c for c in cols if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+    )
 
 
 def stack_embeddings(column: pd.Series, what: str) -> np.ndarray:
     """A column of per-row vectors -> (n, D) float32; a missing vector is an error naming the row."""
     missing = column.isna() if column.dtype != object else column.map(lambda v: v is None or len(v) == 0)
     if missing.any():
-        raise RankingError(f"{what}: no embedding for {int(missing.sum())} row(s), first at row {int(np.flatnonzero(missing.to_numpy())[0])}")
+        raise RankingError(
+            f"{what}: no embedding for {int(missing.sum())} row(s), "
+            f"first at row {int(np.flatnonzero(missing.to_numpy())[0])}"
+        )
     return np.stack([np.asarray(v, dtype=np.float32) for v in column]).astype(np.float32, copy=False)
 
 
@@ -91,7 +96,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def ranker_matrix(frame: pd.DataFrame, stats: Sequence[str], projection: Projection | None) -> tuple[np.ndarray, list[str]]:
+def ranker_matrix(
+    frame: pd.DataFrame, stats: Sequence[str], projection: Projection | None
+) -> tuple[np.ndarray, list[str]]:
     """(n, F) float32 features and their names. projection None = no embedding features."""
     names: list[str] = []
     parts: list[np.ndarray] = []
@@ -134,8 +141,10 @@ class Rankers:
         """(n, F) float32 -> CTR (n,), CVR (n,) probabilities."""
         if x.shape[1] != len(self.feature_names):
             raise RankingError(f"{x.shape[1]} features given, the rankers take {len(self.feature_names)}")
-        return (np.asarray(self.ctr.inplace_predict(x), dtype=np.float32),
-                np.asarray(self.cvr.inplace_predict(x), dtype=np.float32))
+        return (
+            np.asarray(self.ctr.inplace_predict(x), dtype=np.float32),
+            np.asarray(self.cvr.inplace_predict(x), dtype=np.float32),
+        )
 
     def predict(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         x, _ = ranker_matrix(frame, self.stats, self.projection)
@@ -148,8 +157,13 @@ class Rankers:
         self.cvr.save_model(str(directory / "cvr.ubj"))
         if self.projection is not None:
             np.savez(directory / "projection.npz", mean=self.projection.mean, components=self.projection.components)
-        meta = {"model_version": self.model_version, "feature_names": self.feature_names, "stats": self.stats,
-                "uses_embedding": self.uses_embedding, "info": self.info}
+        meta = {
+            "model_version": self.model_version,
+            "feature_names": self.feature_names,
+            "stats": self.stats,
+            "uses_embedding": self.uses_embedding,
+            "info": self.info,
+        }
         (directory / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, default=str))
         return directory
 
@@ -159,7 +173,9 @@ class Rankers:
 
         directory = Path(directory)
         if not (directory / BUNDLE_FILE).is_file():
-            raise FileNotFoundError(f"no rankers in {directory} (missing {BUNDLE_FILE}); run `htcl train-rankers` first")
+            raise FileNotFoundError(
+                f"no rankers in {directory} (missing {BUNDLE_FILE}); run `htcl train-rankers` first"
+            )
         meta = json.loads((directory / BUNDLE_FILE).read_text())
         boosters = []
         for name in ("ctr", "cvr"):
@@ -170,19 +186,35 @@ class Rankers:
         if meta["uses_embedding"]:
             z = np.load(directory / "projection.npz")
             projection = Projection(z["mean"], z["components"])
-        return cls(boosters[0], boosters[1], meta["stats"], projection, meta["model_version"],
-                   meta["feature_names"], meta.get("info", {}))
+        return cls(
+            boosters[0],
+            boosters[1],
+            meta["stats"],
+            projection,
+            meta["model_version"],
+            meta["feature_names"],
+            meta.get("info", {}),
+        )
 
 
 def _fit_booster(x: np.ndarray, y: np.ndarray, names: list[str], params: RankerParams, what: str):
     import xgboost as xgb
 
     if len(np.unique(y)) < 2:
-        raise RankingError(f"{what}: the training labels are all {bool(y[0]) if len(y) else 'missing'}; need both classes")
+        raise RankingError(
+            f"{what}: the training labels are all {bool(y[0]) if len(y) else 'missing'}; need both classes"
+        )
     model = xgb.XGBClassifier(
-        n_estimators=params.n_estimators, max_depth=params.max_depth, learning_rate=params.learning_rate,
-        subsample=params.subsample, colsample_bytree=params.colsample_bytree, min_child_weight=params.min_child_weight,
-        reg_lambda=params.reg_lambda, random_state=params.seed, n_jobs=params.n_jobs, tree_method="hist",
+        n_estimators=params.n_estimators,
+        max_depth=params.max_depth,
+        learning_rate=params.learning_rate,
+        subsample=params.subsample,
+        colsample_bytree=params.colsample_bytree,
+        min_child_weight=params.min_child_weight,
+        reg_lambda=params.reg_lambda,
+        random_state=params.seed,
+        n_jobs=params.n_jobs,
+        tree_method="hist",
         eval_metric="auc",
     )
     model.fit(x, y.astype(np.int32))
@@ -205,8 +237,12 @@ def train_rankers(
     favored = train[S.FAVORED].to_numpy(dtype=bool)
     ctr = _fit_booster(x, clicked, names, params, "CTR")
     cvr = _fit_booster(x[clicked], favored[clicked], names, params, "CVR")
-    info = {"train_rows": len(train), "train_clicked": int(clicked.sum()), "train_favored": int((favored & clicked).sum()),
-            "params": params.__dict__}
+    info = {
+        "train_rows": len(train),
+        "train_clicked": int(clicked.sum()),
+        "train_favored": int((favored & clicked).sum()),
+        "params": params.__dict__,
+    }
     return Rankers(ctr, cvr, stats, projection, model_version, names, info)
 
 
@@ -231,10 +267,8 @@ def _auc_interval(labels: np.ndarray, scores: np.ndarray) -> list[float]:
     """95% bootstrap interval of the AUC over the scored rows (a one-class resample is skipped)."""
     from sklearn.metrics import roc_auc_score
 
-
     def auc(rows: np.ndarray) -> float:
         y = labels[rows]
         return float(roc_auc_score(y, scores[rows])) if y.min() != y.max() else float("nan")
 
     return bootstrap_ci(np.arange(len(labels)), auc, resamples=200)
-

@@ -68,7 +68,9 @@ class AnnIndex:
 
     # -- build / save / load -------------------------------------------------------------
     @classmethod
-    def build(cls, song_ids, embeddings: np.ndarray, model_version: str, params: HnswParams = HnswParams()) -> "AnnIndex":
+    def build(
+        cls, song_ids, embeddings: np.ndarray, model_version: str, params: HnswParams = HnswParams()
+    ) -> "AnnIndex":
         import faiss
 
         song_ids = np.asarray(song_ids, dtype=np.int64)
@@ -91,9 +93,17 @@ class AnnIndex:
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / INDEX_FILE))
         np.save(directory / IDS_FILE, self.song_ids)
-        meta = {"model_version": self.model_version, "count": len(self), "dim": self.dim, "metric": "cosine",
-                "kind": "faiss.IndexHNSWFlat", "m": self.params.m, "ef_construction": self.params.ef_construction,
-                "ef_search": self.params.ef_search, "build_seconds": round(self.build_seconds, 3)}
+        meta = {
+            "model_version": self.model_version,
+            "count": len(self),
+            "dim": self.dim,
+            "metric": "cosine",
+            "kind": "faiss.IndexHNSWFlat",
+            "m": self.params.m,
+            "ef_construction": self.params.ef_construction,
+            "ef_search": self.params.ef_search,
+            "build_seconds": round(self.build_seconds, 3),
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
 
@@ -189,8 +199,9 @@ def read_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, str]
     return ids[order], emb[order], versions.pop()
 
 
-def build_index_from_embeddings(embeddings_dir: str | Path, index_root: str | Path,
-                                params: HnswParams = HnswParams()) -> Path:
+def build_index_from_embeddings(
+    embeddings_dir: str | Path, index_root: str | Path, params: HnswParams = HnswParams()
+) -> Path:
     """embeddings/<version>/ -> <index_root>/<version>/ (index.faiss, song_ids.npy, index.json)."""
     ids, emb, version = read_embeddings(embeddings_dir)
     return AnnIndex.build(ids, emb, version, params).save(Path(index_root) / version)

@@ -121,17 +121,31 @@ def song_stats_features(windows=STAT_WINDOWS) -> dict[str, str]:
     """The song_stats view's features, name -> dtype ("int64" | "float32" | "string"), in column order."""
     out: dict[str, str] = {}
     for w in windows:
-        out.update({f"impressions_{w}d": "int64", f"clicks_{w}d": "int64", f"favors_{w}d": "int64",
-                    f"ctr_{w}d": "float32", f"cvr_{w}d": "float32"})
+        out.update(
+            {
+                f"impressions_{w}d": "int64",
+                f"clicks_{w}d": "int64",
+                f"favors_{w}d": "int64",
+                f"ctr_{w}d": "float32",
+                f"cvr_{w}d": "float32",
+            }
+        )
     return out
 
 
 def listener_stats_features(window: int = LISTENER_WINDOW) -> dict[str, str]:
     """The listener_stats view's features, name -> dtype, in column order."""
     w = window
-    return {f"impressions_{w}d": "int64", f"clicks_{w}d": "int64", f"favors_{w}d": "int64",
-            f"active_days_{w}d": "int64", f"ctr_{w}d": "float32", f"top_genre_{w}d": "string",
-            f"top_genre_share_{w}d": "float32", f"genre_entropy_{w}d": "float32"}
+    return {
+        f"impressions_{w}d": "int64",
+        f"clicks_{w}d": "int64",
+        f"favors_{w}d": "int64",
+        f"active_days_{w}d": "int64",
+        f"ctr_{w}d": "float32",
+        f"top_genre_{w}d": "string",
+        f"top_genre_share_{w}d": "float32",
+        f"genre_entropy_{w}d": "float32",
+    }
 
 
 def full_feature_name(view: str, feature: str) -> str:

@@ -53,8 +53,7 @@ class ShardReader(Mapping):
     input in the non-finite refusal. Safe to call from two threads (read_ahead's and the caller's).
     """
 
-    def __init__(self, files: Sequence[str | Path], columns: Sequence[str], decode: Decode, what: str,
-                 cache_rows: int):
+    def __init__(self, files: Sequence[str | Path], columns: Sequence[str], decode: Decode, what: str, cache_rows: int):
         if cache_rows < 1:
             raise ValueError(f"cache_rows={cache_rows}: the reader needs at least one row of cache")
         self.files = [Path(f) for f in files]
@@ -190,8 +189,9 @@ class _Failed:
 _DONE = object()  # the items ran out
 
 
-def read_ahead(read: Callable[[Item], dict], items: Iterable[Item],
-               depth: int = READ_AHEAD_BATCHES) -> Iterator[tuple[Item, dict]]:
+def read_ahead(
+    read: Callable[[Item], dict], items: Iterable[Item], depth: int = READ_AHEAD_BATCHES
+) -> Iterator[tuple[Item, dict]]:
     """(item, read(item)) for each item, in order, read up to `depth` items ahead on a daemon
     thread. An error in `read` is raised here, at the item it failed on; closing the generator
     (or dropping it) stops the thread."""

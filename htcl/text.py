@@ -37,9 +37,7 @@ class SongTokenizer:
     def __init__(self, cfg: ModelConfig):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(resolve_text_model(cfg.text_model)), local_files_only=True
-        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_text_model(cfg.text_model)), local_files_only=True)
         self.max_length = cfg.text_max_length
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

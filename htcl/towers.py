@@ -47,12 +47,14 @@ FEATURE_FORMAT = 1  # bump when what a tower's feature means changes
 TOWER_FILE = "_tower.json"  # "_": Parquet dataset readers skip it
 INPUT_HASH = S.INPUT_HASH
 SHAPE, FEATURE, TEXT = "shape", "feature", "text"
-FEATURES_SCHEMA = pa.schema([
-    pa.field(S.SONG_ID, pa.int64(), nullable=False),
-    pa.field(INPUT_HASH, pa.string(), nullable=False),
-    pa.field(SHAPE, pa.list_(pa.int32()), nullable=False),
-    pa.field(FEATURE, pa.binary(), nullable=False),
-])
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field(S.SONG_ID, pa.int64(), nullable=False),
+        pa.field(INPUT_HASH, pa.string(), nullable=False),
+        pa.field(SHAPE, pa.list_(pa.int32()), nullable=False),
+        pa.field(FEATURE, pa.binary(), nullable=False),
+    ]
+)
 
 
 class StaleFeaturesError(RuntimeError):
@@ -85,7 +87,7 @@ def audio_file_hash(path: str) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
-    return sha256_file(path[len("file://"):] if path.startswith("file://") else path)
+    return sha256_file(path[len("file://") :] if path.startswith("file://") else path)
 
 
 def audio_hashes(paths: list[str]) -> list[str]:
@@ -123,8 +125,13 @@ def text_tower_spec(model_cfg: ModelConfig) -> dict:
     from htcl.model import resolve_text_model
 
     model_dir = resolve_text_model(model_cfg.text_model)
-    return {"tower": TEXT_TOWER, "format": FEATURE_FORMAT, "weights": _model_dir_hash(str(model_dir)),
-            "max_length": model_cfg.text_max_length, "pooling": model_cfg.text_pooling}
+    return {
+        "tower": TEXT_TOWER,
+        "format": FEATURE_FORMAT,
+        "weights": _model_dir_hash(str(model_dir)),
+        "max_length": model_cfg.text_max_length,
+        "pooling": model_cfg.text_pooling,
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -138,8 +145,12 @@ def audio_tower_spec(model_cfg: ModelConfig, audio_cfg: AudioConfig) -> dict:
     name = model_cfg.audio_backbone
     if name == "none":
         raise ValueError("model.audio_backbone is 'none': the paper's audio encoder trains, it has no cached features")
-    return {"tower": name, "format": FEATURE_FORMAT, "weights": _backbone_weights_hash(name),
-            "max_seconds": audio_cfg.max_seconds}
+    return {
+        "tower": name,
+        "format": FEATURE_FORMAT,
+        "weights": _backbone_weights_hash(name),
+        "max_seconds": audio_cfg.max_seconds,
+    }
 
 
 def tower_hash(spec: Mapping[str, Any]) -> str:
@@ -210,8 +221,9 @@ def feature_shards(directory: str | Path) -> list[Path]:
     return files
 
 
-def features_from_table(table: pa.Table, expected: Mapping[int, str] | None = None,
-                        where: str | Path = "") -> dict[int, np.ndarray]:
+def features_from_table(
+    table: pa.Table, expected: Mapping[int, str] | None = None, where: str | Path = ""
+) -> dict[int, np.ndarray]:
     """Rows of a feature shard (a whole file or any slice of it) -> {song_id: feature}; `expected`
     as read_features, `where` (the shard) names the file in its error."""
     t = table.select(FEATURES_SCHEMA.names).to_pydict()
@@ -220,7 +232,8 @@ def features_from_table(table: pa.Table, expected: Mapping[int, str] | None = No
         if expected is not None and int(sid) in expected and expected[int(sid)] != h:
             raise StaleFeaturesError(
                 f"{where}: song {sid}'s cached features are of another input (hash {h[:12]}, now "
-                f"{expected[int(sid)][:12]}); run `htcl features` to recompute them")
+                f"{expected[int(sid)][:12]}); run `htcl features` to recompute them"
+            )
         out[int(sid)] = feature_from_row(shape, data)
     return out
 
@@ -327,12 +340,14 @@ def tower_inputs(cfg: Config, catalog: pd.DataFrame, tower: str) -> pd.DataFrame
 
         texts = song_texts(catalog)
         ids = sorted(texts)
-        return pd.DataFrame({S.SONG_ID: ids, TEXT: [texts[i] for i in ids],
-                             INPUT_HASH: [text_hash(texts[i]) for i in ids]})
+        return pd.DataFrame(
+            {S.SONG_ID: ids, TEXT: [texts[i] for i in ids], INPUT_HASH: [text_hash(texts[i]) for i in ids]}
+        )
     paths = [str(p) for p in catalog[S.AUDIO_PATH]]
     hashes = audio_hashes(paths)
-    return pd.DataFrame({S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths,
-                         INPUT_HASH: hashes})
+    return pd.DataFrame(
+        {S.SONG_ID: catalog[S.SONG_ID].astype("int64").to_numpy(), S.AUDIO_PATH: paths, INPUT_HASH: hashes}
+    )
 
 
 def audio_input(model, audio_cfg: AudioConfig, wave: np.ndarray) -> np.ndarray:

@@ -126,7 +126,9 @@ def stage1_embeddings(model: HTCLModel, batch: dict[str, torch.Tensor]) -> dict[
     }
 
 
-def stage1_global_loss(z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+def stage1_global_loss(
+    z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True
+):
     """Audio-text InfoNCE over the global batch (gather=False: over this rank's batch alone,
     no collective: validation). Returns (loss, metrics)."""
     g = gather_with_grad if gather else _local
@@ -150,7 +152,9 @@ def stage2_embeddings(model: HTCLModel, batch: dict[str, torch.Tensor]) -> dict[
     }
 
 
-def stage2_global_loss(z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True):
+def stage2_global_loss(
+    z: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], tcfg: TrainConfig, gather: bool = True
+):
     """Weighted L_aa + L_af + L_at over the global batch (gather: as stage1_global_loss)."""
     g, gi = (gather_with_grad, gather_ids) if gather else (_local, _local)
     z_ta, z_ra, z_rt, z_rf = (g(z[k]).float() for k in ("trigger_audio", "rec_audio", "rec_text", "rec_fused"))
@@ -225,15 +229,23 @@ def data_parallel(model: HTCLModel, stage: str, device: torch.device | str = "cp
     net = StageEmbeddings(model, stage)
     if not is_distributed():
         return net
-    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False, static_graph=True)
-
-
+    device_ids = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    )
+    return nn.parallel.DistributedDataParallel(
+        net, device_ids=device_ids, forward_sync_buffers=False, static_graph=True
+    )
 
 
 @torch.no_grad()
-def validate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], tcfg: TrainConfig, stage: str,
-             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+def validate(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    tcfg: TrainConfig,
+    stage: str,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
     """The stage's loss and metrics on fixed held-out batches, averaged over them, as
     {"val_loss", "val_<metric>"}: eval mode (no dropout, so no RNG is drawn), no gradient, no
     collective (each rank scores every batch itself), then back to the mode it was in."""
@@ -450,8 +462,10 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[HTCLMod
 
         found = tower_hash(text_tower_spec(cfg.model))
         if found != locked_text:
-            raise ValueError(f"{path}: trained with a locked text tower of hash {locked_text[:16]}, but "
-                             f"model.text_model={cfg.model.text_model!r} is {found[:16]}; point it at the same BERT")
+            raise ValueError(
+                f"{path}: trained with a locked text tower of hash {locked_text[:16]}, but "
+                f"model.text_model={cfg.model.text_model!r} is {found[:16]}; point it at the same BERT"
+            )
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=locked_text is None)
     if unexpected or any(not k.startswith(LOCKED_TEXT_PREFIX) for k in missing):
         raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

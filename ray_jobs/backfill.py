@@ -29,20 +29,28 @@ def _timestamp(value: str, name: str) -> pd.Timestamp:
     try:
         ts = pd.Timestamp(value)
     except ValueError:
-        raise SystemExit(f"backfill: --{name} {value!r} is not a date or timestamp (e.g. 2026-01-31 or 2026-01-31T12:00Z)")
+        raise SystemExit(
+            f"backfill: --{name} {value!r} is not a date or timestamp (e.g. 2026-01-31 or 2026-01-31T12:00Z)"
+        )
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.backfill", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.backfill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser)
     parser.add_argument("--start", required=True, help="first impression time included (UTC unless given)")
     parser.add_argument("--end", required=True, help="first impression time excluded")
     parser.add_argument("--model-version", help="embedding version (default: the current one)")
-    parser.add_argument("--online-store", default=None,
-                        help="whose registry and current model version to use (default: $HTCL_ONLINE_STORE, else SQLite)")
-    parser.add_argument("--out", help="output Parquet (default: <output_dir>/backfill/ranker_frame_<start>_<end>.parquet)")
+    parser.add_argument(
+        "--online-store",
+        default=None,
+        help="whose registry and current model version to use (default: $HTCL_ONLINE_STORE, else SQLite)",
+    )
+    parser.add_argument(
+        "--out", help="output Parquet (default: <output_dir>/backfill/ranker_frame_<start>_<end>.parquet)"
+    )
     args, cfg = parse_args(parser, argv)
     from feature_repo.store import open_store
 
@@ -60,13 +68,25 @@ def main(argv=None) -> int:
         print(f"backfill: no impressions in [{start}, {end})", file=sys.stderr)
         return 1
     frame = historical_frame(open_store(data_dir, args.online_store), entities)
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / "backfill" / (
-        f"ranker_frame_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}.parquet")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(cfg.output_dir) / "backfill" / (f"ranker_frame_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}.parquet")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out, index=False)
     save_resolved_config(cfg, out.parent)
-    print_summary({"rows": len(frame), "columns": len(frame.columns), "model_version": version,
-                   "start": str(start), "end": str(end), "frame": str(out), "seconds": round(time.perf_counter() - t0, 2)})
+    print_summary(
+        {
+            "rows": len(frame),
+            "columns": len(frame.columns),
+            "model_version": version,
+            "start": str(start),
+            "end": str(end),
+            "frame": str(out),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
     return 0
 
 

@@ -29,8 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 # What `ray job submit --working-dir .` must not upload (gitignore syntax; Ray also honours
 # .gitignore): the virtualenv, outputs, git objects, caches.
 WORKING_DIR_EXCLUDES = [
-    ".venv", ".git", "outputs", "runs", "data", "**/__pycache__", "*.egg-info", ".pytest_cache",
-    "benchmarks/results", ".whl", ".gl",
+    ".venv",
+    ".git",
+    "outputs",
+    "runs",
+    "data",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    "benchmarks/results",
+    ".whl",
+    ".gl",
 ]
 
 
@@ -62,10 +71,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=int, default=None,
-                        help="parallel Ray Data actors (default: the cluster's CPUs, or its GPUs for GPU work)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs for a local Ray instance (default: all); ignored when joining a cluster")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel Ray Data actors (default: the cluster's CPUs, or its GPUs for GPU work)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs for a local Ray instance (default: all); ignored when joining a cluster",
+    )
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -174,8 +191,11 @@ def job_banner(name: str) -> None:
     import ray
 
     ctx = ray.get_runtime_context()
-    print(f"htcl job {name}: python={sys.executable} code={REPO} ray={ctx.gcs_address} "
-          f"cpus={cluster_resources().get('CPU', 0):g} gpus={cluster_resources().get('GPU', 0):g}", flush=True)
+    print(
+        f"htcl job {name}: python={sys.executable} code={REPO} ray={ctx.gcs_address} "
+        f"cpus={cluster_resources().get('CPU', 0):g} gpus={cluster_resources().get('GPU', 0):g}",
+        flush=True,
+    )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -235,6 +255,8 @@ def ray_start_on_loopback(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     # python -m ray_jobs.common ray-start --address=127.0.0.1:PORT [ray start options]
     if sys.argv[1:2] != ["ray-start"]:
-        sys.exit("usage: python -m ray_jobs.common ray-start --address=127.0.0.1:PORT [ray start options]\n"
-                 "(`ray start` of one more node on this machine, on 127.0.0.1; see ray_start_on_loopback)")
+        sys.exit(
+            "usage: python -m ray_jobs.common ray-start --address=127.0.0.1:PORT [ray start options]\n"
+            "(`ray start` of one more node on this machine, on 127.0.0.1; see ray_start_on_loopback)"
+        )
     ray_start_on_loopback(sys.argv[2:])

@@ -17,17 +17,22 @@ import argparse
 import time
 from pathlib import Path
 
+from feature_repo.history import whole_log_frame
 from htcl.cli import add_embeddings_arg, external_embeddings
 from htcl.pipeline import run_evaluate
-from feature_repo.history import whole_log_frame
 from ray_jobs.common import add_config_args, parse_args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser)
-    parser.add_argument("--online-store", default=None, help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)")
+    parser.add_argument(
+        "--online-store",
+        default=None,
+        help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)",
+    )
     parser.add_argument("--out", help="report folder (default: <output_dir>/evaluation)")
     add_embeddings_arg(parser)
     args, cfg = parse_args(parser, argv)

@@ -39,10 +39,18 @@ from ray_jobs.common import (
 
 # One row per input song: the feature columns are null for a quarantined song, the quarantine
 # columns null for a good one (a Ray Data batch is one table).
-RESULT_SCHEMA = pa.schema([
-    (S.SONG_ID, pa.int64()), ("input_hash", pa.string()), ("shape", pa.list_(pa.int32())), ("feature", pa.binary()),
-    (S.AUDIO_PATH, pa.string()), (S.STAGE, pa.string()), (S.ERROR_TYPE, pa.string()), (S.MESSAGE, pa.string()),
-])
+RESULT_SCHEMA = pa.schema(
+    [
+        (S.SONG_ID, pa.int64()),
+        ("input_hash", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("feature", pa.binary()),
+        (S.AUDIO_PATH, pa.string()),
+        (S.STAGE, pa.string()),
+        (S.ERROR_TYPE, pa.string()),
+        (S.MESSAGE, pa.string()),
+    ]
+)
 
 
 class TowerUDF:
@@ -81,14 +89,18 @@ def run(cfg: Config, catalog=None, force: bool = False, workers: int | None = No
                 else:
                     quarantine.append({k: r[k] for k in (S.SONG_ID, S.AUDIO_PATH, S.STAGE, S.ERROR_TYPE, S.MESSAGE)})
         summary[plan.tower] = finish_features(cfg, plan, rows, quarantine, time.perf_counter() - t0)
-        print(f"features {plan.spec['tower']}: {summary[plan.tower]['computed']} computed, "
-              f"{summary[plan.tower]['kept']} kept -> {plan.directory}", flush=True)
+        print(
+            f"features {plan.spec['tower']}: {summary[plan.tower]['computed']} computed, "
+            f"{summary[plan.tower]['kept']} kept -> {plan.directory}",
+            flush=True,
+        )
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.features", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ray_jobs.features", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p)
     p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
     p.add_argument("--force", action="store_true", help="recompute every song's features")

@@ -38,17 +38,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from htcl import schema as S
-from htcl.features import listener_stats, song_stats
 from feature_repo.definitions import EPOCH, embedding_source_file
 from feature_repo.store import feast_dir, read_current_version, write_current_version
+from htcl import schema as S
+from htcl.features import listener_stats, song_stats
 from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
 MATERIALIZED = "materialized_sources.json"  # per online store: the source files it holds, by fingerprint
 OFFLINE_PARTS = "song_embeddings_parts.json"  # which embeddings part each source file was made from
 LEGACY_EMBEDDINGS_FILE = "song_embeddings.parquet"  # earlier releases' one-file source
-STATS_INPUTS = "stats_inputs.json"
-BUCKET = "_bucket"  # compute_stats' grouping column: a key's hash bucket  # hashes of the logs the stats files were computed from
+STATS_INPUTS = "stats_inputs.json"  # hashes of the logs the stats files were computed from
+BUCKET = "_bucket"  # compute_stats' grouping column: a key's hash bucket
 
 
 def newest_model_version(cfg) -> str:
@@ -117,13 +117,17 @@ def compute_stats(interactions_path: Path, catalog_path: Path) -> tuple[pd.DataF
     start, end = _utc(log.min(S.EVENT_TIMESTAMP)), _utc(log.max(S.EVENT_TIMESTAMP))
     # Global rates are what every group's smoothed rates shrink towards: one pass over the log.
     counts = log.map_batches(
-        lambda b: pd.DataFrame({"n": [len(b)], "clicks": [int(b[S.CLICKED].sum())],
-                                "favors": [int((b[S.CLICKED] & b[S.FAVORED]).sum())]}),
+        lambda b: pd.DataFrame(
+            {"n": [len(b)], "clicks": [int(b[S.CLICKED].sum())], "favors": [int((b[S.CLICKED] & b[S.FAVORED]).sum())]}
+        ),
         batch_format="pandas",
     ).sum(["n", "clicks", "favors"])
     priors = (counts["sum(clicks)"] / max(counts["sum(n)"], 1), counts["sum(favors)"] / max(counts["sum(clicks)"], 1))
-    catalog = pd.read_parquet(catalog_path, columns=[S.SONG_ID, S.GENRE]) if S.GENRE in pq.read_schema(catalog_path).names \
+    catalog = (
+        pd.read_parquet(catalog_path, columns=[S.SONG_ID, S.GENRE])
+        if S.GENRE in pq.read_schema(catalog_path).names
         else pd.DataFrame({S.SONG_ID: [], S.GENRE: []})
+    )
     song_genre = dict(zip(catalog[S.SONG_ID].astype(int), catalog[S.GENRE].fillna("").astype(str)))
 
     # A few buckets per CPU (key modulo buckets), each one call of song_stats / listener_stats over
@@ -132,17 +136,26 @@ def compute_stats(interactions_path: Path, catalog_path: Path) -> tuple[pd.DataF
     parts = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
     def by_bucket(key: str, stats):
-        bucketed = log.map_batches(lambda b: b.assign(**{BUCKET: np.asarray(b[key], dtype=np.int64) % parts}),
-                                   batch_format="pandas")
-        return bucketed.groupby(BUCKET, num_partitions=parts).map_groups(
-            lambda g: stats(g.drop(columns=BUCKET)), batch_format="pandas").to_pandas()
+        bucketed = log.map_batches(
+            lambda b: b.assign(**{BUCKET: np.asarray(b[key], dtype=np.int64) % parts}), batch_format="pandas"
+        )
+        return (
+            bucketed.groupby(BUCKET, num_partitions=parts)
+            .map_groups(lambda g: stats(g.drop(columns=BUCKET)), batch_format="pandas")
+            .to_pandas()
+        )
 
     songs = by_bucket(S.REC_SONG_ID, lambda g: song_stats(g, start, end, priors))
     listeners = by_bucket(S.USER_ID, lambda g: listener_stats(g, start, end, song_genre, priors))
     for frame, key in ((songs, S.SONG_ID), (listeners, S.USER_ID)):
         frame.sort_values([key, S.EVENT_TIMESTAMP], inplace=True, ignore_index=True)
         frame["created"] = frame[S.EVENT_TIMESTAMP]  # deterministic: a rerun writes identical rows
-    info = {"log_start": str(start), "log_end": str(end), "global_ctr": round(priors[0], 4), "global_cvr": round(priors[1], 4)}
+    info = {
+        "log_start": str(start),
+        "log_end": str(end),
+        "global_ctr": round(priors[0], 4),
+        "global_cvr": round(priors[1], 4),
+    }
     return songs, listeners, info
 
 
@@ -150,14 +163,18 @@ def embedding_rows(part: Path, model_version: str) -> pd.DataFrame:
     """One part of embeddings/<model_version>/ as rows of the Feast source."""
     emb = pq.read_table(part).to_pandas()
     if len(emb) and (emb[S.MODEL_VERSION].nunique() != 1 or emb[S.MODEL_VERSION].iloc[0] != model_version):
-        raise ValueError(f"{part}: model_version column {sorted(emb[S.MODEL_VERSION].unique())} does not match its folder")
-    return pd.DataFrame({
-        S.SONG_ID: emb[S.SONG_ID].astype("int64"),
-        S.MODEL_VERSION: emb[S.MODEL_VERSION].astype(str),
-        S.EMBEDDING: [np.asarray(v, dtype=np.float32) for v in emb[S.EMBEDDING]],
-        S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH),  # valid at any time (see feature_repo/definitions.py)
-        "created": pd.to_datetime(emb[S.EVENT_TIMESTAMP], utc=True),
-    })
+        raise ValueError(
+            f"{part}: model_version column {sorted(emb[S.MODEL_VERSION].unique())} does not match its folder"
+        )
+    return pd.DataFrame(
+        {
+            S.SONG_ID: emb[S.SONG_ID].astype("int64"),
+            S.MODEL_VERSION: emb[S.MODEL_VERSION].astype(str),
+            S.EMBEDDING: [np.asarray(v, dtype=np.float32) for v in emb[S.EMBEDDING]],
+            S.EVENT_TIMESTAMP: pd.Timestamp(EPOCH),  # valid at any time (see feature_repo/definitions.py)
+            "created": pd.to_datetime(emb[S.EVENT_TIMESTAMP], utc=True),
+        }
+    )
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -188,12 +205,20 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
     if not any((root / version).glob("part-*.parquet")):
         raise FileNotFoundError(f"no embeddings for model_version {version!r} in {root / version}")
     versions = {version} | {e["version"] for e in manifest.values() if isinstance(e, dict) and "version" in e}
-    wanted = {embedding_source_file(v, part): (v, part) for v in sorted(versions) for part in sorted((root / v).glob("part-*.parquet"))}
+    wanted = {
+        embedding_source_file(v, part): (v, part)
+        for v in sorted(versions)
+        for part in sorted((root / v).glob("part-*.parquet"))
+    }
     written, removed = [], []
     for name, (v, part) in wanted.items():
         entry, target = manifest.get(name), folder / name
-        if (isinstance(entry, dict) and entry.get("source") == _fingerprint(part) and target.is_file()
-                and entry.get("file") == _fingerprint(target)):
+        if (
+            isinstance(entry, dict)
+            and entry.get("source") == _fingerprint(part)
+            and target.is_file()
+            and entry.get("file") == _fingerprint(target)
+        ):
             continue
         _write_atomic(embedding_rows(part, v), target)
         manifest[name] = {"version": v, "source": _fingerprint(part), "file": _fingerprint(target)}
@@ -221,8 +246,13 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
     if legacy.is_file():  # the one-file source of earlier releases, replaced by the folder
         legacy.unlink()
     files = sorted(folder.glob("*.parquet"))
-    return {"written": written, "removed": removed, "files": len(files),
-            "rows": sum(pq.read_metadata(f).num_rows for f in files), "dim": sizes.get(version)}
+    return {
+        "written": written,
+        "removed": removed,
+        "files": len(files),
+        "rows": sum(pq.read_metadata(f).num_rows for f in files),
+        "dim": sizes.get(version),
+    }
 
 
 def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
@@ -259,18 +289,23 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
             wrote[view] = f"incremental from {max(e for _, e in fv.materialization_intervals)}"
         else:
             store.materialize(EPOCH, now, feature_views=[view])
-            wrote[view] = "all time (first run)" if not fv.materialization_intervals else f"all time (was {fv.state.name})"
+            wrote[view] = (
+                "all time (first run)" if not fv.materialization_intervals else f"all time (was {fv.state.name})"
+            )
     return {"views": wrote, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.materialize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.materialize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser)
     add_ray_args(parser)
     parser.add_argument("--model-version", help="embeddings/<V> to publish (default: the newest)")
     parser.add_argument("--no-switch", action="store_true", help="backfill the version without making it current")
-    parser.add_argument("--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)")
+    parser.add_argument(
+        "--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)"
+    )
     args, cfg = parse_args(parser, argv)
     from feature_repo.store import publish_lock
 
@@ -282,15 +317,27 @@ def main(argv=None) -> int:
 def publish(args, cfg, data_dir: Path) -> int:
     """The whole publish; the caller holds the data folder's publish lock."""
     from feature_repo.definitions import LISTENER_STATS, SONG_EMBEDDINGS, SONG_STATS
-    from feature_repo.store import (apply_definitions, open_store, remove_partial_files, repo_config,
-                                    set_aside_unreadable_registry, state_dir, state_dirs)
+    from feature_repo.store import (
+        apply_definitions,
+        open_store,
+        remove_partial_files,
+        repo_config,
+        set_aside_unreadable_registry,
+        state_dir,
+        state_dirs,
+    )
 
     t0 = time.perf_counter()
     state = state_dir(data_dir, args.online_store)
     # What a killed publish may have left: its half-written files, a registry torn by Feast's
     # in-place rewrite (before AtomicFileRegistryStore).
-    repaired = {"partial_files_removed": [name for folder in (data_dir, data_dir / SONG_EMBEDDINGS, *state_dirs(data_dir))
-                                          for name in remove_partial_files(folder)]}
+    repaired = {
+        "partial_files_removed": [
+            name
+            for folder in (data_dir, data_dir / SONG_EMBEDDINGS, *state_dirs(data_dir))
+            for name in remove_partial_files(folder)
+        ]
+    }
     if aside := set_aside_unreadable_registry(repo_config(data_dir, args.online_store)):
         repaired["unreadable_registry_moved_to"] = str(aside)
     world = Path(cfg.data.root)
@@ -330,25 +377,33 @@ def publish(args, cfg, data_dir: Path) -> int:
         write_current_version(data_dir, args.online_store, version)
     save_resolved_config(cfg, data_dir)
     rows = len(songs) + len(listeners) + offline["rows"]
-    print_summary({
-        "feature_data": str(data_dir),
-        "online_store": type(store.config.online_store).__name__,
-        "model_version": version,
-        "current_model_version": read_current_version(data_dir, args.online_store),
-        "online_state": str(state),
-        "previous_model_version": previous,
-        "embed_dim": embed_dim,
-        "rows": {S.SONG_STATS_VIEW: len(songs), S.LISTENER_STATS_VIEW: len(listeners),
-                 "song_embeddings (all versions)": offline["rows"]},
-        "embedding_source_files": {"written": len(offline["written"]), "removed": len(offline["removed"]),
-                                   "total": offline["files"]},
-        **info,
-        "materialized": result["views"],
-        **({"repaired": repaired} if any(repaired.values()) else {}),
-        "materialize_seconds": result["seconds"],
-        "rows_per_s_materialize": round(rows / max(result["seconds"], 1e-9), 1),
-        "seconds": round(time.perf_counter() - t0, 2),
-    })
+    print_summary(
+        {
+            "feature_data": str(data_dir),
+            "online_store": type(store.config.online_store).__name__,
+            "model_version": version,
+            "current_model_version": read_current_version(data_dir, args.online_store),
+            "online_state": str(state),
+            "previous_model_version": previous,
+            "embed_dim": embed_dim,
+            "rows": {
+                S.SONG_STATS_VIEW: len(songs),
+                S.LISTENER_STATS_VIEW: len(listeners),
+                "song_embeddings (all versions)": offline["rows"],
+            },
+            "embedding_source_files": {
+                "written": len(offline["written"]),
+                "removed": len(offline["removed"]),
+                "total": offline["files"],
+            },
+            **info,
+            "materialized": result["views"],
+            **({"repaired": repaired} if any(repaired.values()) else {}),
+            "materialize_seconds": result["seconds"],
+            "rows_per_s_materialize": round(rows / max(result["seconds"], 1e-9), 1),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
     return 0
 
 

@@ -50,8 +50,8 @@ from htcl.config import AudioConfig, Config
 from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
 from htcl.pipeline import catalog_path, out_path, plan_preprocess
 from ray_jobs.common import (
-    add_config_args,
     NODE_ID,
+    add_config_args,
     add_ray_args,
     count_by_node,
     current_node_id,
@@ -166,8 +166,13 @@ class MelsDatasink(Datasink):
         for r in bad.column(S.ERROR_TYPE).to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
         nodes = count_by_node(table.column(NODE_ID).to_pylist())
-        return {"processed": good.num_rows, "quarantined": bad.num_rows, "reasons": reasons, "files": files,
-                "nodes": nodes}
+        return {
+            "processed": good.num_rows,
+            "quarantined": bad.num_rows,
+            "reasons": reasons,
+            "files": files,
+            "nodes": nodes,
+        }
 
     def on_write_complete(self, write_result) -> None:
         for r in write_result.write_returns:
@@ -235,15 +240,17 @@ def run(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.preprocess", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ray_jobs.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p)
     p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
     p.add_argument("--force", action="store_true", help="recompute songs already done")
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="songs per UDF call (default: %(default)s)")
-    p.add_argument("--rows-per-file", type=int, default=128,
-                   help="songs per output shard (at least; default: %(default)s)")
+    p.add_argument(
+        "--rows-per-file", type=int, default=128, help="songs per output shard (at least; default: %(default)s)"
+    )
     return p
 
 
@@ -258,16 +265,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = init_ray(args.num_cpus)
     job_banner("preprocess")
     try:
-        summary = run(cfg, catalog, args.force, args.workers, args.batch_size, args.rows_per_file,
-                      catalog_table=table)
+        summary = run(cfg, catalog, args.force, args.workers, args.batch_size, args.rows_per_file, catalog_table=table)
     finally:
         if started:
             import ray
 
             ray.shutdown()
     print_summary(summary)
-    print(f"preprocess: {summary['processed']} processed, {summary['quarantined']} quarantined, "
-          f"{summary['songs_per_s']} songs/s -> {summary['mels']}", flush=True)
+    print(
+        f"preprocess: {summary['processed']} processed, {summary['quarantined']} quarantined, "
+        f"{summary['songs_per_s']} songs/s -> {summary['mels']}",
+        flush=True,
+    )
     return 0
 
 

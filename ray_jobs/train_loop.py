@@ -69,8 +69,16 @@ import numpy as np
 import torch
 
 from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
-from htcl.pipeline import (audio_reader, batch_stream, init_model, out_path, run_dir_name, stage_config,
-                           training_rows, validation_batches)
+from htcl.pipeline import (
+    audio_reader,
+    batch_stream,
+    init_model,
+    out_path,
+    run_dir_name,
+    stage_config,
+    training_rows,
+    validation_batches,
+)
 from htcl.text import SongTokenizer
 from htcl.training import (
     JsonlLogger,
@@ -120,8 +128,14 @@ def _record_worker(run_dir: Path, rank: int, world: int, start_step: int) -> dic
     """Append this rank's line to workers.jsonl (one write, O_APPEND: ranks append concurrently)."""
     from ray_jobs.common import current_node_id
 
-    record = {"rank": rank, "world_size": world, "node_id": current_node_id(), "pid": os.getpid(),
-              "start_step": start_step, "time": time.time()}
+    record = {
+        "rank": rank,
+        "world_size": world,
+        "node_id": current_node_id(),
+        "pid": os.getpid(),
+        "start_step": start_step,
+        "time": time.time(),
+    }
     fd = os.open(run_dir / WORKERS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (json.dumps(record) + "\n").encode())
@@ -150,9 +164,7 @@ def _kill_once(batches, fault: dict, rank: int, start_step: int, run_dir: Path):
     for done, batch in enumerate(batches, start=start_step):
         if rank == fault["rank"] and done == fault["step"] and not marker.exists():
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any(
-                r["step"] >= done for r in read_jsonl(run_dir / METRICS)
-            ):
+            while time.monotonic() < deadline and not any(r["step"] >= done for r in read_jsonl(run_dir / METRICS)):
                 time.sleep(0.05)
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
@@ -208,8 +220,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             dropped = _truncate_metrics(run_dir, state.step)
             with (run_dir / RESUMES).open("a") as f:
-                f.write(json.dumps({"step": state.step, "world_size": world, "dropped_log_lines": dropped,
-                                    "time": time.time()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"step": state.step, "world_size": world, "dropped_log_lines": dropped, "time": time.time()}
+                    )
+                    + "\n"
+                )
             print(f"[{stage}] resumed from checkpoint at step {state.step} ({dropped} log lines past it dropped)")
     else:
         model = init_model(cfg, stage, config.get("init_from"))
@@ -266,8 +282,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": s.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1", "val_"))}}
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{s.step:08d}")
 
-    train(state, batches, tcfg, stage, device=device, on_log=on_log, on_checkpoint=on_checkpoint,
-          val_batches=val_batches, on_best=on_best, best_val_loss=best_val_loss)
+    train(
+        state,
+        batches,
+        tcfg,
+        stage,
+        device=device,
+        on_log=on_log,
+        on_checkpoint=on_checkpoint,
+        val_batches=val_batches,
+        on_best=on_best,
+        best_val_loss=best_val_loss,
+    )
 
 
 # --- on the driver -------------------------------------------------------------------------
@@ -317,7 +343,9 @@ def fit(
     if stage == "finetune":
         init_from = Path(init_from or out_path(cfg, run_dir_name(cfg, "pretrain"), "model.pt")).expanduser().resolve()
         if not init_from.is_file():
-            raise FileNotFoundError(f"stage-1 checkpoint not found: {init_from} (run pretrain first or pass --init-from)")
+            raise FileNotFoundError(
+                f"stage-1 checkpoint not found: {init_from} (run pretrain first or pass --init-from)"
+            )
     if tcfg.batch_size % tcfg.num_workers:
         raise ValueError(
             f"{stage}.batch_size={tcfg.batch_size} must be divisible by {stage}.num_workers={tcfg.num_workers}"
@@ -337,7 +365,9 @@ def fit(
             "fault": _fault,
         },
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources_per_worker,
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=resources_per_worker,
             placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
@@ -368,14 +398,22 @@ def fit(
 
 
 def build_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m ray_jobs.{stage}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"python -m ray_jobs.{stage}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
-    p.add_argument("--run-name", help="Ray Train run name (default: <stage dir>-<time>); "
-                                      "the same name again resumes that run from its last checkpoint")
-    p.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES, default="PACK",
-                   help="Ray placement of the workers (default: %(default)s); SPREAD: one per node where it can")
+    p.add_argument(
+        "--run-name",
+        help="Ray Train run name (default: <stage dir>-<time>); "
+        "the same name again resumes that run from its last checkpoint",
+    )
+    p.add_argument(
+        "--placement-strategy",
+        choices=PLACEMENT_STRATEGIES,
+        default="PACK",
+        help="Ray placement of the workers (default: %(default)s); SPREAD: one per node where it can",
+    )
     if stage == "finetune":
         p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
         p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
@@ -396,8 +434,9 @@ def main(stage: str, argv: Sequence[str] | None = None, doc: str | None = None) 
     except ConfigError as e:
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = fit(cfg, stage, getattr(args, "init_from", None), run_name=args.run_name,
-                 placement_strategy=args.placement_strategy)
+    result = fit(
+        cfg, stage, getattr(args, "init_from", None), run_name=args.run_name, placement_strategy=args.placement_strategy
+    )
     print(f"{stage} checkpoint: {result.checkpoint}  (Ray Train run {result.run_name}, {result.seconds:.1f} s)")
     # Where each rank ran in each attempt (workers.jsonl, in the order the ranks started).
     placed = [{k: r[k] for k in ("start_step", "rank", "node_id")} for r in read_jsonl(result.run_dir / WORKERS)]

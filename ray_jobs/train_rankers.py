@@ -18,20 +18,27 @@ from pathlib import Path
 
 import pandas as pd
 
+from feature_repo.history import whole_log_frame
 from htcl import schema as S
 from htcl.pairs import split_time
 from htcl.ranking import RankerParams, ranker_auc, train_rankers
 from htcl.retrieval import read_embeddings
-from feature_repo.history import whole_log_frame
 from ray_jobs.common import add_config_args, parse_args, print_summary, save_resolved_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train_rankers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.train_rankers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_args(parser)
     parser.add_argument("--model-version", help="embedding version (default: the current one)")
-    parser.add_argument("--online-store", default=None, help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)")
+    parser.add_argument(
+        "--online-store",
+        default=None,
+        help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)",
+    )
     args, cfg = parse_args(parser, argv)
     t0 = time.perf_counter()
     frame, version = whole_log_frame(cfg, args.online_store, args.model_version)
@@ -44,10 +51,19 @@ def main(argv=None) -> int:
     rankers.info.update({"split_time": str(cut), "heldout": heldout})
     out = rankers.save(Path(cfg.output_dir) / "rankers" / version)
     save_resolved_config(cfg, out)
-    print_summary({"model_version": version, "rankers": str(out), "features": len(rankers.feature_names),
-                   "train_rows": len(train), "heldout_rows": len(test), "split_time": str(cut),
-                   "heldout_ctr_auc": round(heldout["ctr_auc"], 4), "heldout_cvr_auc": round(heldout["cvr_auc"], 4),
-                   "seconds": round(time.perf_counter() - t0, 2)})
+    print_summary(
+        {
+            "model_version": version,
+            "rankers": str(out),
+            "features": len(rankers.feature_names),
+            "train_rows": len(train),
+            "heldout_rows": len(test),
+            "split_time": str(cut),
+            "heldout_ctr_auc": round(heldout["ctr_auc"], 4),
+            "heldout_cvr_auc": round(heldout["cvr_auc"], 4),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
     return 0
 
 

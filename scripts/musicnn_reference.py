@@ -70,15 +70,16 @@ def synthetic_clips() -> dict[str, np.ndarray]:
         for k, f0 in enumerate(roots):
             vib = 1.0 + 0.002 * np.sin(2 * np.pi * (4.0 + k) * t)
             for h in range(1, 7):  # harmonics, decaying
-                x += (0.6 ** h) * np.sin(2 * np.pi * f0 * h * vib * t + k)
+                x += (0.6**h) * np.sin(2 * np.pi * f0 * h * vib * t + k)
         x *= 0.5 + 0.5 * np.sin(2 * np.pi * 0.2 * t) ** 2  # slow envelope
         clicks = np.zeros(n)
         burst = int(0.08 * SR)
         env = np.exp(-np.arange(burst) / (0.012 * SR))
         kick = np.sin(2 * np.pi * np.cumsum(np.linspace(150, 50, burst)) / SR) * env
         for i, start in enumerate(range(0, n - burst, int(beat * SR))):
-            clicks[start:start + burst] += (0.8 * rng.standard_normal(burst) * env * (i % 2)
-                                            + 1.5 * kick * ((i + 1) % 2))
+            clicks[start : start + burst] += 0.8 * rng.standard_normal(burst) * env * (i % 2) + 1.5 * kick * (
+                (i + 1) % 2
+            )
         x = gain * (x / np.abs(x).max()) + 0.3 * clicks + noise * rng.standard_normal(n)
         out[name] = x.astype(np.float32)
     return out
@@ -108,19 +109,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
 
-    import soundfile as sf
-    import tensorflow as tf
     import librosa
     import musicnn
+    import soundfile as sf
+    import tensorflow as tf
     from musicnn import configuration as config
     from musicnn import extractor, models
 
     tf.compat.v1.disable_eager_execution()
     pkg = Path(musicnn.__file__).parent
     clips = {**synthetic_clips(), **real_clips()}
-    store: dict[str, np.ndarray] = {"clip_names": np.array(list(clips)),
-                                    "versions": np.array([f"tensorflow {tf.__version__}", f"numpy {np.__version__}",
-                                                          f"librosa {librosa.__version__}"])}
+    store: dict[str, np.ndarray] = {
+        "clip_names": np.array(list(clips)),
+        "versions": np.array(
+            [f"tensorflow {tf.__version__}", f"numpy {np.__version__}", f"librosa {librosa.__version__}"]
+        ),
+    }
     mels = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, y in clips.items():
@@ -128,8 +132,13 @@ def main(argv=None) -> int:
             sf.write(path, y, SR, subtype="FLOAT")  # float WAV at 16 kHz: librosa.load gives y back exactly
             batch, audio_rep = extractor.batch_data(path, N_FRAMES, N_FRAMES)  # musicnn's own front end
             # its power before the log, recovered exactly as the float16 it was rounded to
-            p = librosa.feature.melspectrogram(y=librosa.load(path, sr=SR)[0], sr=SR, hop_length=config.FFT_HOP,
-                                               n_fft=config.FFT_SIZE, n_mels=config.N_MELS).T.astype(np.float16)
+            p = librosa.feature.melspectrogram(
+                y=librosa.load(path, sr=SR)[0],
+                sr=SR,
+                hop_length=config.FFT_HOP,
+                n_fft=config.FFT_SIZE,
+                n_mels=config.N_MELS,
+            ).T.astype(np.float16)
             assert np.array_equal(np.log10(10000 * p + 1), audio_rep)
             store[f"power16/{name}"] = p
             store[f"wave/{name}"] = wave_checksum(y)
@@ -152,8 +161,11 @@ def main(argv=None) -> int:
             outs = sess.run([pooled, penultimate, y, taggram], feed_dict={x: batch, is_training: False})
             for key, v in zip(("pooled", "penultimate", "logits", "taggram"), outs):
                 store[f"{model}/{name}/{key}"] = np.asarray(v, dtype=np.float32)
-            print(f"{model} {name}: pooled {outs[0].shape}, top tag "
-                  f"{labels[int(outs[3].mean(0).argmax())]} ({outs[3].mean(0).max():.3f})", flush=True)
+            print(
+                f"{model} {name}: pooled {outs[0].shape}, top tag "
+                f"{labels[int(outs[3].mean(0).argmax())]} ({outs[3].mean(0).max():.3f})",
+                flush=True,
+            )
         sess.close()
 
     out = Path(args.out)

@@ -60,9 +60,13 @@ class ApiSettings:
     extra: dict = field(default_factory=dict)
 
     def body_limits(self) -> BodyLimits:
-        return BodyLimits(max_json_bytes=self.max_json_bytes, max_upload_bytes=self.max_upload_bytes,
-                          body_timeout_s=self.body_timeout_s, upload_timeout_s=self.upload_timeout_s,
-                          max_uploads=self.max_uploads)
+        return BodyLimits(
+            max_json_bytes=self.max_json_bytes,
+            max_upload_bytes=self.max_upload_bytes,
+            body_timeout_s=self.body_timeout_s,
+            upload_timeout_s=self.upload_timeout_s,
+            max_uploads=self.max_uploads,
+        )
 
 
 class Backend(Protocol):
@@ -148,8 +152,9 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body("path" if exc.status_code == 404 else None, str(exc.detail)),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            error_body("path" if exc.status_code == 404 else None, str(exc.detail)), status_code=exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # never bad input: that is answered above
@@ -169,8 +174,11 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
                 scheme, _, token = header.partition(" ")
                 given = key_digest(token.strip()).encode() if scheme.lower() == "bearer" and token.strip() else b""
                 if not hmac.compare_digest(given, expected):
-                    return JSONResponse(error_body("authorization", "missing or wrong bearer key"),
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                    return JSONResponse(
+                        error_body("authorization", "missing or wrong bearer key"),
+                        status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
             return await call_next(request)
 
     @app.get("/healthz")
@@ -183,19 +191,23 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.get("/v1/songs/{song_id}/similar")
     async def similar(song_id: str, k: str = "100"):
-        return await backend.similar(_id("song_id", _digits("song_id", song_id)),
-                                     _in_range("k", _digits("k", k), 1, settings.max_k))
+        return await backend.similar(
+            _id("song_id", _digits("song_id", song_id)), _in_range("k", _digits("k", k), 1, settings.max_k)
+        )
 
     @app.post("/v1/rank")
     async def rank(body: RankRequest):
         if not body.candidates:
             raise ApiError(422, "candidates", "candidates must hold at least one song id")
         if len(body.candidates) > settings.max_candidates:
-            raise ApiError(422, "candidates", f"at most {settings.max_candidates} candidates, got {len(body.candidates)}")
+            raise ApiError(
+                422, "candidates", f"at most {settings.max_candidates} candidates, got {len(body.candidates)}"
+            )
         for i, c in enumerate(body.candidates):
             _id(f"candidates[{i}]", c)
-        return await backend.rank(_id("user_id", body.user_id), _id("trigger_song_id", body.trigger_song_id),
-                                  body.candidates)
+        return await backend.rank(
+            _id("user_id", body.user_id), _id("trigger_song_id", body.trigger_song_id), body.candidates
+        )
 
     @app.post("/v1/recommend")
     async def recommend(body: RecommendRequest):
@@ -213,7 +225,9 @@ def create_api(backend: Backend, settings: ApiSettings) -> FastAPI:
             raise ApiError(501, None, "the cold-start encoder is not deployed for this model version")
         ctype = request.headers.get("content-type", "application/octet-stream").lower()
         if not ctype.startswith(AUDIO_TYPES):
-            raise ApiError(415, "content-type", f"send the audio file's bytes as audio/* or application/octet-stream, not {ctype}")
+            raise ApiError(
+                415, "content-type", f"send the audio file's bytes as audio/* or application/octet-stream, not {ctype}"
+            )
         limit = settings.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -22,7 +22,8 @@ reads), so a killed replica costs latency, not answers, while Serve replaces it.
 
 Args (a dict: the `args:` of serving/config.yaml, or built by `htcl serve`):
     config: htcl YAML config (default configs/demo.yaml)   overrides: [dotted k=v, ...]
-    model_version: default the store's current one          online_store: redis://... (default $HTCL_ONLINE_STORE, else SQLite)
+    model_version: default the store's current one
+    online_store: redis://... (default $HTCL_ONLINE_STORE, else SQLite)
     encoder: auto | true | false (auto: when the checkpoint's version is the served one)
     checkpoint: default the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)
     api_key_sha256: the SHA-256 (hex) of the API key: all the ingress gets (`htcl serve` computes it
@@ -89,11 +90,13 @@ class AppPlan:
 def body_limits(args: dict) -> BodyLimits:
     """The body gate's limits from the app's args (the same in the ingress and, via `htcl serve`, the proxy)."""
     d = BodyLimits()
-    return BodyLimits(max_json_bytes=int(float(args.get("max_json_kb", d.max_json_bytes / 1024)) * 1024),
-                      max_upload_bytes=int(float(args.get("max_upload_mb", d.max_upload_bytes / 2**20)) * 2**20),
-                      body_timeout_s=float(args.get("body_timeout_s", d.body_timeout_s)),
-                      upload_timeout_s=float(args.get("upload_timeout_s", d.upload_timeout_s)),
-                      max_uploads=int(args.get("max_uploads", d.max_uploads)))
+    return BodyLimits(
+        max_json_bytes=int(float(args.get("max_json_kb", d.max_json_bytes / 1024)) * 1024),
+        max_upload_bytes=int(float(args.get("max_upload_mb", d.max_upload_bytes / 2**20)) * 2**20),
+        body_timeout_s=float(args.get("body_timeout_s", d.body_timeout_s)),
+        upload_timeout_s=float(args.get("upload_timeout_s", d.upload_timeout_s)),
+        max_uploads=int(args.get("max_uploads", d.max_uploads)),
+    )
 
 
 def api_key_sha256(args: dict) -> str | None:
@@ -113,7 +116,10 @@ def plan(args: dict | None = None) -> AppPlan:
     args = dict(args or {})
     cfg = load_config(str(_path(args.get("config") or "configs/demo.yaml")), list(args.get("overrides") or []))
     out = _path(cfg.output_dir)
-    from feature_repo.store import FEAST_DIR, online_store_url  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
+    from feature_repo.store import (
+        FEAST_DIR,
+        online_store_url,
+    )  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
 
     feast_dir = out / FEAST_DIR
 
@@ -124,8 +130,9 @@ def plan(args: dict | None = None) -> AppPlan:
 
         version = read_current_version(feast_dir, online_store)
         if not version:
-            raise FileNotFoundError(f"no current model version in {feast_dir}: run `htcl materialize` first "
-                                    f"(or pass model_version)")
+            raise FileNotFoundError(
+                f"no current model version in {feast_dir}: run `htcl materialize` first (or pass model_version)"
+            )
     index_dir = out / "index" / version
     if not (index_dir / "index.json").is_file():
         emb = out / "embeddings" / version
@@ -137,7 +144,9 @@ def plan(args: dict | None = None) -> AppPlan:
         build_index_from_embeddings(emb, out / "index")
     rankers_dir = out / "rankers" / version
     if not (rankers_dir / "rankers.json").is_file():
-        raise FileNotFoundError(f"no rankers for model version {version} in {rankers_dir}: run `htcl train-rankers` first")
+        raise FileNotFoundError(
+            f"no rankers for model version {version} in {rankers_dir}: run `htcl train-rankers` first"
+        )
 
     encoder = str(args.get("encoder", "auto")).lower()
     from htcl.pipeline import run_dir_name
@@ -159,13 +168,25 @@ def plan(args: dict | None = None) -> AppPlan:
         api_key_sha256=api_key_sha256(args),
         max_k=int(args.get("max_k", 1000)),
         max_candidates=int(args.get("max_candidates", 1000)),
-        max_upload_bytes=limits.max_upload_bytes, max_json_bytes=limits.max_json_bytes,
-        body_timeout_s=limits.body_timeout_s, upload_timeout_s=limits.upload_timeout_s, max_uploads=limits.max_uploads,
+        max_upload_bytes=limits.max_upload_bytes,
+        max_json_bytes=limits.max_json_bytes,
+        body_timeout_s=limits.body_timeout_s,
+        upload_timeout_s=limits.upload_timeout_s,
+        max_uploads=limits.max_uploads,
         encoder=checkpoint is not None,
         model_version=version,
     )
-    return AppPlan(version, feast_dir, online_store, index_dir, rankers_dir, checkpoint, api,
-                   float(args.get("timeout_s", 5.0)), dict(args.get("replicas") or {}))
+    return AppPlan(
+        version,
+        feast_dir,
+        online_store,
+        index_dir,
+        rankers_dir,
+        checkpoint,
+        api,
+        float(args.get("timeout_s", 5.0)),
+        dict(args.get("replicas") or {}),
+    )
 
 
 # --- deployments -------------------------------------------------------------------------------
@@ -177,9 +198,13 @@ def plan(args: dict | None = None) -> AppPlan:
 # Batches (lookup, matcher) start at once with what is queued (batch_wait_timeout_s=0): under
 # load the next batch fills while one runs, so waiting would only add latency at low load.
 # Shared by every deployment: health checks, graceful drains, surge during rollouts.
-COMMON = dict(health_check_period_s=10, health_check_timeout_s=30,
-              graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=15,
-              max_surge_percent=100)  # a new version: old replicas serve until the new ones are ready
+COMMON = dict(
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=1,
+    graceful_shutdown_timeout_s=15,
+    max_surge_percent=100,
+)  # a new version: old replicas serve until the new ones are ready
 
 
 class _Worker:
@@ -210,7 +235,9 @@ class EmbeddingLookup(_Worker):
 
     def _read(self, song_ids: list[int]) -> list:
         rows = [{"song_id": int(s), "model_version": self.version} for s in song_ids]
-        return self.store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()["embedding"]
+        return self.store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()[
+            "embedding"
+        ]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _lookup(self, song_ids: list[int]) -> list:
@@ -298,19 +325,29 @@ class Ranker(_Worker):
         self.index = AnnIndex.load(index_dir, model_version)
         self.store = open_store(feast_dir, online_store)
         service = self.store.get_feature_service("ranker_v1")
-        self.song_refs = [f"{v.name}:{f.name}" for v in service.feature_view_projections
-                          if v.name == S.SONG_STATS_VIEW for f in v.features]
-        self.listener_refs = [f"{v.name}:{f.name}" for v in service.feature_view_projections
-                              if v.name == S.LISTENER_STATS_VIEW for f in v.features]
+        self.song_refs = [
+            f"{v.name}:{f.name}"
+            for v in service.feature_view_projections
+            if v.name == S.SONG_STATS_VIEW
+            for f in v.features
+        ]
+        self.listener_refs = [
+            f"{v.name}:{f.name}"
+            for v in service.feature_view_projections
+            if v.name == S.LISTENER_STATS_VIEW
+            for f in v.features
+        ]
         self._stats(0, [0])  # warm the registry and connection
 
     def _stats(self, user_id: int, candidates: list[int]):
         import pandas as pd
 
-        songs = self.store.get_online_features(features=self.song_refs, entity_rows=[{"song_id": int(c)} for c in candidates],
-                                               full_feature_names=True).to_dict()
-        listener = self.store.get_online_features(features=self.listener_refs, entity_rows=[{"user_id": int(user_id)}],
-                                                  full_feature_names=True).to_dict()
+        songs = self.store.get_online_features(
+            features=self.song_refs, entity_rows=[{"song_id": int(c)} for c in candidates], full_feature_names=True
+        ).to_dict()
+        listener = self.store.get_online_features(
+            features=self.listener_refs, entity_rows=[{"user_id": int(user_id)}], full_feature_names=True
+        ).to_dict()
         frame = pd.DataFrame(songs)
         for name, values in listener.items():
             if name.startswith(S.full_feature_name(S.LISTENER_STATS_VIEW, "")):
@@ -444,8 +481,12 @@ class ServeBackend:
         got = await self._call(self.matcher, "similar", song_id, k)
         if got is None:
             raise error_for_unknown("song_id", [song_id])
-        return {"song_id": song_id, "model_version": got["model_version"], "k": k,
-                "similar": [{"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(got["ids"], got["scores"])]}
+        return {
+            "song_id": song_id,
+            "model_version": got["model_version"],
+            "k": k,
+            "similar": [{"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(got["ids"], got["scores"])],
+        }
 
     async def _scores(self, user_id: int, trigger: int, candidates: list[int]) -> dict:
         got = await self._call(self.ranker, "rank", user_id, trigger, candidates)
@@ -455,11 +496,17 @@ class ServeBackend:
 
     async def rank(self, user_id: int, trigger_song_id: int, candidates: list[int]) -> dict:
         got = await self._scores(user_id, trigger_song_id, candidates)
-        results = [{"song_id": int(c), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
-                   for c, a, b in zip(candidates, got["ctr"], got["cvr"])]
+        results = [
+            {"song_id": int(c), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
+            for c, a, b in zip(candidates, got["ctr"], got["cvr"])
+        ]
         results.sort(key=lambda r: -r["score"])
-        return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": got["model_version"],
-                "results": results}
+        return {
+            "user_id": user_id,
+            "trigger_song_id": trigger_song_id,
+            "model_version": got["model_version"],
+            "results": results,
+        }
 
     async def recommend(self, user_id: int, trigger_song_id: int, k: int, candidates: int) -> dict:
         """Matching (the trigger's `candidates` nearest songs), then ranking by CTR x CVR; top k."""
@@ -468,15 +515,26 @@ class ServeBackend:
             raise error_for_unknown("trigger_song_id", [trigger_song_id])
         ids = [int(i) for i in matched["ids"]]
         if not ids:
-            return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": matched["model_version"],
-                    "recommendations": []}
+            return {
+                "user_id": user_id,
+                "trigger_song_id": trigger_song_id,
+                "model_version": matched["model_version"],
+                "recommendations": [],
+            }
         got = await self._scores(user_id, trigger_song_id, ids)
-        recs = [{"song_id": i, "similarity": round(float(s), 6), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
-                for i, s, a, b in zip(ids, matched["scores"], got["ctr"], got["cvr"])]
+        recs = [
+            {"song_id": i, "similarity": round(float(s), 6), "ctr": float(a), "cvr": float(b), "score": float(a * b)}
+            for i, s, a, b in zip(ids, matched["scores"], got["ctr"], got["cvr"])
+        ]
         recs.sort(key=lambda r: -r["score"])
-        return {"user_id": user_id, "trigger_song_id": trigger_song_id, "model_version": got["model_version"],
-                "matching_model_version": matched["model_version"], "candidates": len(ids),
-                "recommendations": recs[:k]}
+        return {
+            "user_id": user_id,
+            "trigger_song_id": trigger_song_id,
+            "model_version": got["model_version"],
+            "matching_model_version": matched["model_version"],
+            "candidates": len(ids),
+            "recommendations": recs[:k],
+        }
 
     async def embed_audio(self, data: bytes, k: int) -> dict:
         got = await self._call(self.encoder, "encode", data)
@@ -486,7 +544,9 @@ class ServeBackend:
         out = {"model_version": got["model_version"], "embedding": jsonable(got["embedding"])}
         if k:
             near = await self._call(self.matcher, "search", got["embedding"], k)
-            out["similar"] = [{"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(near["ids"], near["scores"])]
+            out["similar"] = [
+                {"song_id": int(i), "score": round(float(s), 6)} for i, s in zip(near["ids"], near["scores"])
+            ]
         return out
 
     async def health(self) -> dict:
@@ -530,8 +590,13 @@ async def _wait(response):
 # probes must find room. Not wider: at 1024/256 a 1000/s burst on /recommend filled its one event
 # loop, and answers came as 408s after 23 s instead of 503s at once. Serve's own 503 past them carries
 # Retry-After (backpressure_config); the proxy gate turns its text/plain body into our JSON one.
-@serve.deployment(max_ongoing_requests=128, max_queued_requests=128, ray_actor_options={"num_cpus": 0.2},
-                  backpressure_config=BackpressureConfig(retry_after_s=1), **COMMON)
+@serve.deployment(
+    max_ongoing_requests=128,
+    max_queued_requests=128,
+    ray_actor_options={"num_cpus": 0.2},
+    backpressure_config=BackpressureConfig(retry_after_s=1),
+    **COMMON,
+)
 @serve.ingress()
 class Ingress:
     """The HTTP front (serving/api.py) over the other deployments."""
@@ -562,11 +627,16 @@ def build_app(args: dict | None = None):
     p = plan(args)
     lookup = EmbeddingLookup.options(**_options(p, "lookup")).bind(str(p.feast_dir), p.online_store, p.model_version)
     matcher = Matcher.options(**_options(p, "matcher")).bind(str(p.index_dir), p.model_version)
-    ranker = Ranker.options(**_options(p, "ranker")).bind(str(p.feast_dir), p.online_store, str(p.rankers_dir),
-                                                          str(p.index_dir), p.model_version)
+    ranker = Ranker.options(**_options(p, "ranker")).bind(
+        str(p.feast_dir), p.online_store, str(p.rankers_dir), str(p.index_dir), p.model_version
+    )
     encoder = None
     if p.checkpoint is not None:
         encoder = Encoder.options(**_options(p, "encoder")).bind(str(p.checkpoint), p.model_version)
-    log.info("htcl app: model_version %s, encoder %s, auth %s", p.model_version, "on" if encoder else "off",
-             "on" if p.api.api_key_sha256 else "off")
+    log.info(
+        "htcl app: model_version %s, encoder %s, auth %s",
+        p.model_version,
+        "on" if encoder else "off",
+        "on" if p.api.api_key_sha256 else "off",
+    )
     return Ingress.options(**_options(p, "ingress")).bind(lookup, matcher, ranker, encoder, p.api, p.timeout_s)

@@ -74,13 +74,23 @@ class _TooLarge(Exception):
     pass
 
 
-async def send_error(send, status: int, field: str | None, message: str, headers: list | tuple = (),
-                     close: bool = False) -> None:
+async def send_error(
+    send, status: int, field: str | None, message: str, headers: list | tuple = (), close: bool = False
+) -> None:
     body = json.dumps(error_body(field, message)).encode()
     extra = [(b"connection", b"close")] if close else []
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers, *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -116,19 +126,27 @@ class BodyGate:
         what = "upload" if upload else "JSON body"
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
-            return await send_error(send, 413, "body", f"{what} of {int(declared)} bytes exceeds the limit of {cap} bytes",
-                                    close=True)
+            return await send_error(
+                send, 413, "body", f"{what} of {int(declared)} bytes exceeds the limit of {cap} bytes", close=True
+            )
         if upload:
             if self._uploads.locked():
-                return await send_error(send, 503, None, f"{limits.max_uploads} uploads in progress: retry later",
-                                        [(b"retry-after", b"1")], close=True)
+                return await send_error(
+                    send,
+                    503,
+                    None,
+                    f"{limits.max_uploads} uploads in progress: retry later",
+                    [(b"retry-after", b"1")],
+                    close=True,
+                )
             await self._uploads.acquire()
         try:
             try:
                 body, disconnect = await asyncio.wait_for(_read_body(receive, cap), timeout)
             except asyncio.TimeoutError:
-                return await send_error(send, 408, "body", f"the request body did not arrive within {timeout:g} s",
-                                        close=True)
+                return await send_error(
+                    send, 408, "body", f"the request body did not arrive within {timeout:g} s", close=True
+                )
             except _TooLarge:
                 return await send_error(send, 413, "body", f"{what} exceeds the limit of {cap} bytes", close=True)
             if disconnect is not None:  # the client left: nobody to answer

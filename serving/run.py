@@ -39,8 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
-         timeout: float = 30.0) -> tuple[int, dict]:
+def http(
+    method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None, timeout: float = 30.0
+) -> tuple[int, dict]:
     """A small JSON client on the standard library: (status, parsed body)."""
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
     hdrs = {"Content-Type": "application/json"} if isinstance(body, dict) else {}
@@ -82,8 +83,14 @@ def _environment_without(name: str):
             os.environ[name] = value
 
 
-def start(args: dict, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-          request_timeout_s: float = REQUEST_TIMEOUT_S, wait_s: float = 120.0) -> dict:
+def start(
+    args: dict,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus: int | None = None,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+    wait_s: float = 120.0,
+) -> dict:
     """Ray (joined or started), Serve's proxy on host:port, the htcl app; returns once /healthz answers."""
     # Serve's throughput-optimized mode (user code on each replica's event loop, no separate router
     # loop, buffered access logs); our deployments already keep blocking work on their own thread.
@@ -134,8 +141,13 @@ def stop(started_ray: bool) -> None:
         ray.shutdown()
 
 
-def app_args(config: str, overrides: list[str], model_version: str | None = None, online_store: str | None = None,
-             encoder: str = "auto") -> dict:
+def app_args(
+    config: str,
+    overrides: list[str],
+    model_version: str | None = None,
+    online_store: str | None = None,
+    encoder: str = "auto",
+) -> dict:
     args = {"config": config, "overrides": list(overrides), "encoder": encoder}
     if model_version:
         args["model_version"] = model_version
@@ -145,16 +157,23 @@ def app_args(config: str, overrides: list[str], model_version: str | None = None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="htcl serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="htcl serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-version", help="default: the store's current_model_version")
-    parser.add_argument("--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)")
-    parser.add_argument("--encoder", choices=["auto", "true", "false"], default="auto",
-                        help="cold-start encoder (auto: when the checkpoint is the served version)")
+    parser.add_argument(
+        "--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)"
+    )
+    parser.add_argument(
+        "--encoder",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="cold-start encoder (auto: when the checkpoint is the served version)",
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     stopping = []
@@ -163,14 +182,27 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(1))
     try:
-        info = start(app_args(args.config, args.overrides, args.model_version, args.online_store, args.encoder),
-                     args.host, args.port, args.num_cpus)
+        info = start(
+            app_args(args.config, args.overrides, args.model_version, args.online_store, args.encoder),
+            args.host,
+            args.port,
+            args.num_cpus,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"htcl serve: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"serving": info["url"], "model_version": info["health"].get("model_version"),
-                      "ray_dashboard": info["dashboard"], "auth": bool(os.environ.get(API_KEY_ENV))}, indent=2),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "serving": info["url"],
+                "model_version": info["health"].get("model_version"),
+                "ray_dashboard": info["dashboard"],
+                "auth": bool(os.environ.get(API_KEY_ENV)),
+            },
+            indent=2,
+        ),
+        flush=True,
+    )
     print(f"try: curl {info['url']}/v1/songs/<song_id>/similar?k=10   (Ctrl-C stops)", flush=True)
     try:
         while not stopping:

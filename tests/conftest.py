@@ -53,25 +53,44 @@ def write_tiny_world(root: Path, bad_file: bool = False) -> Path:
         wave = 0.3 * np.sin(2 * np.pi * (110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * i * t))
         path = root / "audio" / f"{i}.flac"
         sf.write(path, wave.astype(np.float32), sr)
-        rows.append({"song_id": i, "audio_path": str(path), "title": f"tone {i}", "artist": f"artist {i % 3}",
-                     "lyrics": "", "tags": "low" if i < 7 else "high", "genre": "low" if i < 7 else "high",
-                     "language": "instrumental", "updated_at": T0})
+        rows.append(
+            {
+                "song_id": i,
+                "audio_path": str(path),
+                "title": f"tone {i}",
+                "artist": f"artist {i % 3}",
+                "lyrics": "",
+                "tags": "low" if i < 7 else "high",
+                "genre": "low" if i < 7 else "high",
+                "language": "instrumental",
+                "updated_at": T0,
+            }
+        )
     if bad_file:
         bad = root / "audio" / "13.wav"
         bad.write_bytes(b"this is not audio at all" * 10)
         rows.append({**rows[0], "song_id": 13, "audio_path": str(bad), "title": "broken"})
     pd.DataFrame(rows).to_parquet(root / "catalog.parquet")
     rng = np.random.default_rng(0)
-    pd.DataFrame({
-        "user_id": rng.integers(1, 5, 60), "trigger_song_id": rng.integers(1, 13, 60),
-        "rec_song_id": rng.integers(1, 13, 60), "clicked": True, "favored": rng.random(60) < 0.7,
-        "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(60)],  # 20 days: a holdout split
-    }).to_parquet(root / "interactions.parquet")
-    pd.DataFrame({
-        "user_id": np.repeat([1, 2, 3], 8), "session_id": np.repeat([1, 2, 3], 8),
-        "position": np.tile(np.arange(8), 3), "song_id": rng.integers(1, 13, 24),
-        "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(24)],
-    }).to_parquet(root / "sessions.parquet")
+    pd.DataFrame(
+        {
+            "user_id": rng.integers(1, 5, 60),
+            "trigger_song_id": rng.integers(1, 13, 60),
+            "rec_song_id": rng.integers(1, 13, 60),
+            "clicked": True,
+            "favored": rng.random(60) < 0.7,
+            "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(60)],  # 20 days: a holdout split
+        }
+    ).to_parquet(root / "interactions.parquet")
+    pd.DataFrame(
+        {
+            "user_id": np.repeat([1, 2, 3], 8),
+            "session_id": np.repeat([1, 2, 3], 8),
+            "position": np.tile(np.arange(8), 3),
+            "song_id": rng.integers(1, 13, 24),
+            "event_timestamp": [T0 + pd.Timedelta(hours=8 * m) for m in range(24)],
+        }
+    ).to_parquet(root / "sessions.parquet")
     return root
 
 
@@ -87,9 +106,18 @@ def write_tiny_bert(path: Path, dropout: float = 0.0) -> Path:
 
     src = default_text_model_dir()
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                                attention_probs_dropout_prob=dropout))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+    )
     bert.save_pretrained(path)
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(src / f, path / f)

@@ -15,8 +15,15 @@ SR = 16000
 def librosa_logmel(wave: np.ndarray) -> np.ndarray:
     """The paper's recipe (README, Configs): 128-bin log-Mel, 128 ms window, 96 ms hop at 16 kHz."""
     power = librosa.feature.melspectrogram(
-        y=wave, sr=SR, n_fft=2048, hop_length=1536, win_length=2048, window="hann",
-        center=True, power=2.0, n_mels=128,
+        y=wave,
+        sr=SR,
+        n_fft=2048,
+        hop_length=1536,
+        win_length=2048,
+        window="hann",
+        center=True,
+        power=2.0,
+        n_mels=128,
     )
     return np.log(np.maximum(power, 1e-10)), power
 
@@ -87,7 +94,7 @@ def test_logmel_blocks_give_the_whole_song_result(monkeypatch):
     rng = np.random.default_rng(4)
     waves = torch.from_numpy(rng.standard_normal((3, 2 * SR + 700)).astype(np.float32))
     logmel = LogMel()
-    monkeypatch.setattr(htcl.audio, "CPU_BLOCK_FRAMES", 10 ** 6)  # whole songs at once
+    monkeypatch.setattr(htcl.audio, "CPU_BLOCK_FRAMES", 10**6)  # whole songs at once
     whole = logmel(waves)
     assert whole.shape == (3, 128, 22)
     monkeypatch.setattr(htcl.audio, "CPU_BLOCK_FRAMES", 4)  # 22 frames -> 5 blocks of 4 and one of 2
@@ -304,10 +311,16 @@ def test_embed_endpoint_answers_422_for_poisoned_audio(tmp_path):
     good = float_wav(tmp_path / "good.wav", 0.3 * np.sin(2 * np.pi * 440 * t)).read_bytes()
     assert client.post("/v1/embed?k=0", content=good, headers={"content-type": "audio/wav"}).status_code == 200
     for name, wave in {"huge": 1e20 * np.sin(2 * np.pi * 440 * t), "constant": np.full(3 * SR, 1e38)}.items():
-        r = client.post("/v1/embed?k=0", content=float_wav(tmp_path / f"{name}.wav", wave).read_bytes(),
-                        headers={"content-type": "audio/wav"})
+        r = client.post(
+            "/v1/embed?k=0",
+            content=float_wav(tmp_path / f"{name}.wav", wave).read_bytes(),
+            headers={"content-type": "audio/wav"},
+        )
         assert r.status_code == 422, f"{name}: {r.status_code} {r.text}"
         assert r.json()["error"]["field"] == "body" and "invalid" in r.json()["error"]["message"]
-    r = client.post("/v1/embed?k=0", content=wav_claiming_rate(tmp_path / "rate.wav", 2**31 - 1).read_bytes(),
-                    headers={"content-type": "audio/wav"})
+    r = client.post(
+        "/v1/embed?k=0",
+        content=wav_claiming_rate(tmp_path / "rate.wav", 2**31 - 1).read_bytes(),
+        headers={"content-type": "audio/wav"},
+    )
     assert r.status_code == 422 and "sample rate" in r.json()["error"]["message"]

@@ -68,7 +68,8 @@ def test_feature_repo_imports_of_htcl_only_the_data_contract():
         f"{p.relative_to(REPO)} imports {module}"
         for p in sorted((REPO / "feature_repo").rglob("*.py"))
         for module in imported_modules(p)
-        if module.split(".")[0] == "htcl" and module != "htcl.schema"
+        if module.split(".")[0] == "htcl"
+        and module != "htcl.schema"
         and not (module == "htcl" and _imports_only_schema(p))
     ]
     assert offenders == []
@@ -77,6 +78,10 @@ def test_feature_repo_imports_of_htcl_only_the_data_contract():
 def _imports_only_schema(path) -> bool:
     """`from htcl import schema [as S]` and nothing else from the package."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    names = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "htcl"
-             for a in node.names]
+    names = [
+        a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "htcl"
+        for a in node.names
+    ]
     return set(names) <= {"schema"}

@@ -31,9 +31,16 @@ def make_global_batch(text_width=None):
     att = torch.ones(B_GLOBAL, L, dtype=torch.long)
     att[1::2, 8:] = 0
     batch = {
-        "mel": mel(), "mel_mask": mask, "input_ids": ids, "attention_mask": att,
-        "trigger_mel": mel(), "trigger_mask": mask.roll(1, 0), "rec_mel": mel(), "rec_mask": mask,
-        "rec_input_ids": ids.roll(2, 0), "rec_attention_mask": att,
+        "mel": mel(),
+        "mel_mask": mask,
+        "input_ids": ids,
+        "attention_mask": att,
+        "trigger_mel": mel(),
+        "trigger_mask": mask.roll(1, 0),
+        "rec_mel": mel(),
+        "rec_mask": mask,
+        "rec_input_ids": ids.roll(2, 0),
+        "rec_attention_mask": att,
     }
     if text_width is not None:  # a locked tower's cached pooled BERT output (B, H_text)
         batch["text_features"] = torch.randn(B_GLOBAL, text_width, generator=g)
@@ -87,11 +94,15 @@ def run_training(bert_dir, ckpt_dir, rank=None):
     if rank is not None:
         batch = local_slice(batch, rank)
     for stage, steps in (("pretrain", 3), ("finetune", 2)):
-        tcfg = replace(getattr(cfg, stage), max_steps=steps, warmup_steps=1, log_every=1, checkpoint_every=0,
-                       batch_size=B_GLOBAL)
+        tcfg = replace(
+            getattr(cfg, stage), max_steps=steps, warmup_steps=1, log_every=1, checkpoint_every=0, batch_size=B_GLOBAL
+        )
         state = TrainState(model, build_optimizer(model, tcfg))
-        save = (lambda s, stage=stage: save_checkpoint(os.path.join(ckpt_dir, stage, "model.pt"), s, cfg, stage)) \
-            if rank in (None, 0) else None
+        save = (
+            (lambda s, stage=stage: save_checkpoint(os.path.join(ckpt_dir, stage, "model.pt"), s, cfg, stage))
+            if rank in (None, 0)
+            else None
+        )
         train(state, [batch] * steps, tcfg, stage, on_checkpoint=save)
         assert state.model is model  # train() wraps internally; the state keeps the bare model
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -9,9 +9,27 @@ import pytest
 
 from htcl import schema as S
 from htcl.evaluation import (
-    BACKBONE_AS_IS, FAMILY_VARIANTS, HTCL, HTCL_BACKBONE, HTCL_CF, HTCL_CF_BACKBONE, RANDOM_INIT, STAGE1,
-    STAGE1_BACKBONE, Embeddings, check_claims, compare_variants, heldout_favor_pairs, hit_rate_at_k, linear_probe,
-    load_manifest_audio, mel_statistics, read_audio_manifest, real_audio_probe, results_markdown, summary_line,
+    BACKBONE_AS_IS,
+    FAMILY_VARIANTS,
+    HTCL,
+    HTCL_BACKBONE,
+    HTCL_CF,
+    HTCL_CF_BACKBONE,
+    RANDOM_INIT,
+    STAGE1,
+    STAGE1_BACKBONE,
+    Embeddings,
+    check_claims,
+    compare_variants,
+    heldout_favor_pairs,
+    hit_rate_at_k,
+    linear_probe,
+    load_manifest_audio,
+    mel_statistics,
+    read_audio_manifest,
+    real_audio_probe,
+    results_markdown,
+    summary_line,
     write_report,
 )
 from htcl.features import point_in_time_stats
@@ -36,9 +54,9 @@ def test_hit_rate_counts_rank_over_catalog_minus_trigger():
 def test_linear_probe_separable_vs_noise_with_artists_held_out():
     rng = np.random.default_rng(0)
     labels = np.repeat(["a", "b", "c"], 40)
-    artists = np.array([f"{l}{i % 8}" for i, l in enumerate(labels)])
+    artists = np.array([f"{label}{i % 8}" for i, label in enumerate(labels)])
     centers = {"a": [3, 0, 0], "b": [0, 3, 0], "c": [0, 0, 3]}
-    x = np.array([centers[l] for l in labels]) + rng.standard_normal((120, 3))
+    x = np.array([centers[label] for label in labels]) + rng.standard_normal((120, 3))
     good = linear_probe(np.hstack([x, rng.standard_normal((120, 5))]), labels, artists)
     noise = linear_probe(rng.standard_normal((120, 8)), labels, artists)
     assert good["accuracy"] > 0.9 and good["classes"] == 3
@@ -46,11 +64,20 @@ def test_linear_probe_separable_vs_noise_with_artists_held_out():
 
 
 def test_point_in_time_stats_see_only_earlier_days():
-    log = pd.DataFrame({
-        S.USER_ID: [1, 2, 1], S.TRIGGER_SONG_ID: [9, 9, 9], S.REC_SONG_ID: [5, 5, 5],
-        S.CLICKED: [True, True, False], S.FAVORED: [True, False, False],
-        S.EVENT_TIMESTAMP: [T0 + pd.Timedelta(hours=1), T0 + pd.Timedelta(hours=2), T0 + pd.Timedelta(days=1, hours=1)],
-    })
+    log = pd.DataFrame(
+        {
+            S.USER_ID: [1, 2, 1],
+            S.TRIGGER_SONG_ID: [9, 9, 9],
+            S.REC_SONG_ID: [5, 5, 5],
+            S.CLICKED: [True, True, False],
+            S.FAVORED: [True, False, False],
+            S.EVENT_TIMESTAMP: [
+                T0 + pd.Timedelta(hours=1),
+                T0 + pd.Timedelta(hours=2),
+                T0 + pd.Timedelta(days=1, hours=1),
+            ],
+        }
+    )
     frame = point_in_time_stats(log, {5: "rock"})
     assert list(frame[S.SONG_ID]) == [5, 5, 5]
     # the same day's impressions are not yet in any snapshot; the next day sees both
@@ -75,8 +102,14 @@ def synthetic_world(seed: int = 0):
     rng = np.random.default_rng(seed)
     n = 60
     genre = np.repeat(["g0", "g1", "g2"], 20)
-    catalog = pd.DataFrame({S.SONG_ID: np.arange(1, n + 1), S.GENRE: genre, S.LANGUAGE: np.tile(["en", "fr"], 30),
-                            S.ARTIST: [f"artist{i % 12}" for i in range(n)]})
+    catalog = pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(1, n + 1),
+            S.GENRE: genre,
+            S.LANGUAGE: np.tile(["en", "fr"], 30),
+            S.ARTIST: [f"artist{i % 12}" for i in range(n)],
+        }
+    )
     rows = []
     for k in range(3000):
         trig = int(rng.integers(1, n + 1))
@@ -84,9 +117,16 @@ def synthetic_world(seed: int = 0):
         pool = np.flatnonzero(genre == genre[trig - 1]) + 1 if same else np.arange(1, n + 1)
         cand = int(rng.choice(pool))
         click = rng.random() < (0.6 if genre[cand - 1] == genre[trig - 1] else 0.15)
-        rows.append({S.USER_ID: int(rng.integers(1, 10)), S.TRIGGER_SONG_ID: trig, S.REC_SONG_ID: cand, S.CLICKED: click,
-                     S.FAVORED: click and rng.random() < (0.7 if genre[cand - 1] == genre[trig - 1] else 0.1),
-                     S.EVENT_TIMESTAMP: T0 + pd.Timedelta(minutes=20 * k)})
+        rows.append(
+            {
+                S.USER_ID: int(rng.integers(1, 10)),
+                S.TRIGGER_SONG_ID: trig,
+                S.REC_SONG_ID: cand,
+                S.CLICKED: click,
+                S.FAVORED: click and rng.random() < (0.7 if genre[cand - 1] == genre[trig - 1] else 0.1),
+                S.EVENT_TIMESTAMP: T0 + pd.Timedelta(minutes=20 * k),
+            }
+        )
     interactions = pd.DataFrame(rows)
     onehot = (genre[:, None] == np.array(["g0", "g1", "g2"])).astype(np.float32)
     good = Embeddings(catalog[S.SONG_ID], onehot + 0.3 * rng.standard_normal((n, 3)))
@@ -98,8 +138,9 @@ def test_compare_variants_report_and_claims(tmp_path):
     catalog, interactions, good, noise = synthetic_world()
     cut = split_time(interactions[S.EVENT_TIMESTAMP], 0.25)
     frame = point_in_time_stats(interactions, dict(zip(catalog[S.SONG_ID], catalog[S.GENRE])))
-    results = compare_variants({RANDOM_INIT: noise, STAGE1: noise, HTCL: good}, catalog, interactions, frame, cut,
-                               ks=(5, 20), folds=3)
+    results = compare_variants(
+        {RANDOM_INIT: noise, STAGE1: noise, HTCL: good}, catalog, interactions, frame, cut, ks=(5, 20), folds=3
+    )
     rows = results["variants"]
     assert results["heldout_favor_pairs"] == len(heldout_favor_pairs(interactions, cut)) > 0
     assert rows[HTCL]["semantics"]["genre"]["accuracy"] > 0.9
@@ -110,10 +151,12 @@ def test_compare_variants_report_and_claims(tmp_path):
     hr = results["claims"]["HTCL > stage 1 on hit-rate@20"]  # paired over the held-out favor pairs
     assert hr["verdict"] == "holds" and hr["paired_over"] == "favor pairs" and hr["n"] == results["heldout_favor_pairs"]
     assert hr["ci95"][0] > 0 and hr["difference"] == pytest.approx(
-        100 * (rows[HTCL]["matching"]["hit_rate@20"] - rows[STAGE1]["matching"]["hit_rate@20"]))
+        100 * (rows[HTCL]["matching"]["hit_rate@20"] - rows[STAGE1]["matching"]["hit_rate@20"])
+    )
     ctr = results["claims"]["HTCL > stage 1 on CTR AUC"]  # paired over the held-out impressions
     assert ctr["paired_over"] == "impressions" and ctr["difference"] == pytest.approx(
-        100 * (rows[HTCL]["ranking"]["ctr_auc"] - rows[STAGE1]["ranking"]["ctr_auc"]))
+        100 * (rows[HTCL]["ranking"]["ctr_auc"] - rows[STAGE1]["ranking"]["ctr_auc"])
+    )
     genre = results["claims"]["HTCL genre accuracy within 3 points of stage 1"]  # paired over the songs
     assert genre["verdict"] == "holds" and genre["paired_over"] == "songs" and genre["threshold"] == -3
     assert results["claims"]["HTCL_w_CF < HTCL on genre accuracy"]["verdict"] == "n/a"  # no w_CF variant given
@@ -124,8 +167,10 @@ def test_compare_variants_report_and_claims(tmp_path):
     md = paths["markdown"].read_text()
     assert "| HTCL |" in md and "Hit-rate@20" in md and "chance" in md
     assert "Real-audio" not in md  # no real recordings given: no such column
-    assert (f"- holds: HTCL > stage 1 on hit-rate@20 ({hr['difference']:+.1f} points, 95% CI "
-            f"{hr['ci95'][0]:+.1f} to {hr['ci95'][1]:+.1f})") in md
+    assert (
+        f"- holds: HTCL > stage 1 on hit-rate@20 ({hr['difference']:+.1f} points, 95% CI "
+        f"{hr['ci95'][0]:+.1f} to {hr['ci95'][1]:+.1f})"
+    ) in md
     assert paths["histograms"].stat().st_size > 1000
 
 
@@ -155,14 +200,16 @@ def write_tones(folder, n: int, sr: int = 16000, seconds: float = 0.5) -> list[s
 def test_read_audio_manifest_aliases_and_relative_paths(tmp_path):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "manifest.tsv").write_text(
-        "file\tgenre\tseconds\nsub/a.mp3\trock\t30\n/abs/b.mp3\tNA\t30\n../c.mp3\tpop\t30\n")
+        "file\tgenre\tseconds\nsub/a.mp3\trock\t30\n/abs/b.mp3\tNA\t30\n../c.mp3\tpop\t30\n"
+    )
     df = read_audio_manifest(tmp_path / "set" / "manifest.tsv")
     assert list(df.columns) == ["path", "label", "group"]
     assert list(df["path"]) == [str(tmp_path / "set" / "sub" / "a.mp3"), "/abs/b.mp3", str(tmp_path / "c.mp3")]
     assert list(df["label"]) == ["rock", "NA", "pop"]  # a genre named "NA" is a label, not a missing cell
     assert df["group"].isna().all()
     pd.DataFrame({"path": ["x.flac", "y.flac"], "label": ["a", "b"], "group": ["artist1", "artist2"]}).to_csv(
-        tmp_path / "m.csv", index=False)
+        tmp_path / "m.csv", index=False
+    )
     csv = read_audio_manifest(tmp_path / "m.csv")
     assert list(csv["path"]) == [str(tmp_path / "x.flac"), str(tmp_path / "y.flac")]
     assert list(csv["group"]) == ["artist1", "artist2"]
@@ -195,12 +242,15 @@ def test_load_manifest_audio_leaves_bad_files_out(tmp_path):
     write_tones(tmp_path, 2)
     (tmp_path / "broken.wav").write_bytes(b"not audio at all" * 20)
     pd.DataFrame({"file": ["tone0.wav", "broken.wav", "gone.wav", "tone1.wav"], "genre": ["a", "b", "a", "b"]}).to_csv(
-        tmp_path / "m.tsv", sep="\t", index=False)
+        tmp_path / "m.tsv", sep="\t", index=False
+    )
     df = read_audio_manifest(tmp_path / "m.tsv")
     waves, failed = load_manifest_audio(df, sample_rate=8000, max_seconds=0.25, progress=False)
     assert [w.shape for w in waves] == [(2000,), (2000,)] and waves[0].dtype == np.float32
-    assert [(f["row"], Path(f["path"]).name, f["reason"]) for f in failed] == [(1, "broken.wav", "not_audio"),
-                                                                              (2, "gone.wav", "missing")]
+    assert [(f["row"], Path(f["path"]).name, f["reason"]) for f in failed] == [
+        (1, "broken.wav", "not_audio"),
+        (2, "gone.wav", "missing"),
+    ]
     kept = df.drop(index=df.index[[f["row"] for f in failed]])
     assert list(kept["label"]) == ["a", "b"]  # aligned with waves
 
@@ -208,9 +258,9 @@ def test_load_manifest_audio_leaves_bad_files_out(tmp_path):
 def separable(n_per: int = 30, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(["rock", "pop", "jazz", "folk"], n_per)
-    groups = np.array([f"{l}-artist{i % 6}" for i, l in enumerate(labels)])
+    groups = np.array([f"{label}-artist{i % 6}" for i, label in enumerate(labels)])
     centers = {c: rng.standard_normal(16) * 4 for c in ("rock", "pop", "jazz", "folk")}
-    x = np.array([centers[l] for l in labels]) + rng.standard_normal((len(labels), 16))
+    x = np.array([centers[label] for label in labels]) + rng.standard_normal((len(labels), 16))
     return x, labels, groups
 
 
@@ -249,15 +299,28 @@ def test_compare_variants_real_audio_column_and_real_only_row(tmp_path):
     cut = split_time(interactions[S.EVENT_TIMESTAMP], 0.25)
     x, labels, _ = separable()
     real_good = real_audio_probe(x, labels, folds=3, return_correct=True)
-    real_noise = real_audio_probe(np.random.default_rng(1).standard_normal(x.shape), labels, folds=3,
-                                  return_correct=True)
+    real_noise = real_audio_probe(
+        np.random.default_rng(1).standard_normal(x.shape), labels, folds=3, return_correct=True
+    )
     assert real_good["_correct"].shape == (len(labels),)
     real_good, real_noise = ({k: v for k, v in r.items() if k != "_correct"} for r in (real_good, real_noise))
-    correct = {name: real_audio_probe(f, labels, folds=3, return_correct=True)["_correct"]
-               for name, f in ((HTCL, np.random.default_rng(1).standard_normal(x.shape)), (BACKBONE_AS_IS, x))}
-    results = compare_variants({STAGE1: noise, HTCL: good}, catalog, interactions, None, cut, ks=(5, 20), folds=3,
-                               real_audio={HTCL: {**real_noise, "_correct": correct[HTCL]},
-                                           BACKBONE_AS_IS: {**real_good, "_correct": correct[BACKBONE_AS_IS]}})
+    correct = {
+        name: real_audio_probe(f, labels, folds=3, return_correct=True)["_correct"]
+        for name, f in ((HTCL, np.random.default_rng(1).standard_normal(x.shape)), (BACKBONE_AS_IS, x))
+    }
+    results = compare_variants(
+        {STAGE1: noise, HTCL: good},
+        catalog,
+        interactions,
+        None,
+        cut,
+        ks=(5, 20),
+        folds=3,
+        real_audio={
+            HTCL: {**real_noise, "_correct": correct[HTCL]},
+            BACKBONE_AS_IS: {**real_good, "_correct": correct[BACKBONE_AS_IS]},
+        },
+    )
     rows = results["variants"]
     assert list(rows) == [STAGE1, HTCL, BACKBONE_AS_IS]
     assert "real_audio" not in rows[STAGE1] and rows[HTCL]["real_audio"] == real_noise
@@ -301,18 +364,32 @@ def auc_items(auc: float) -> tuple:
 
 def test_backbone_family_claims():
     def row(genre, real, hit, cvr, ctr=0.6, lang=0.5):
-        return {"semantics": {"genre": {"accuracy": genre}, "language": {"accuracy": lang}},
-                "real_audio": {"accuracy": real}, "matching": {"hit_rate@100": hit},
-                "ranking": {"ctr_auc": ctr, "cvr_auc": cvr}}
+        return {
+            "semantics": {"genre": {"accuracy": genre}, "language": {"accuracy": lang}},
+            "real_audio": {"accuracy": real},
+            "matching": {"hit_rate@100": hit},
+            "ranking": {"ctr_auc": ctr, "cvr_auc": cvr},
+        }
 
     def items(genre, real, hit, cvr, ctr=0.6, lang=0.5):
-        return {("semantics", "genre", "accuracy"): mean_items(genre), ("semantics", "language", "accuracy"): mean_items(lang),
-                ("real_audio", "accuracy"): mean_items(real), ("matching", "hit_rate@100"): mean_items(hit),
-                ("ranking", "ctr_auc"): auc_items(ctr), ("ranking", "cvr_auc"): auc_items(cvr)}
+        return {
+            ("semantics", "genre", "accuracy"): mean_items(genre),
+            ("semantics", "language", "accuracy"): mean_items(lang),
+            ("real_audio", "accuracy"): mean_items(real),
+            ("matching", "hit_rate@100"): mean_items(hit),
+            ("ranking", "ctr_auc"): auc_items(ctr),
+            ("ranking", "cvr_auc"): auc_items(cvr),
+        }
 
-    figures = {RANDOM_INIT: (0.3, 0.30, 0.05, 0.55), STAGE1: (0.6, 0.50, 0.10, 0.60), HTCL: (0.6, 0.52, 0.20, 0.65),
-               BACKBONE_AS_IS: (0.7, 0.80, 0.08, 0.62), STAGE1_BACKBONE: (0.7, 0.79, 0.12, 0.63),
-               HTCL_BACKBONE: (0.69, 0.79, 0.25, 0.61), HTCL_CF_BACKBONE: (0.65, 0.70, 0.26, 0.70)}
+    figures = {
+        RANDOM_INIT: (0.3, 0.30, 0.05, 0.55),
+        STAGE1: (0.6, 0.50, 0.10, 0.60),
+        HTCL: (0.6, 0.52, 0.20, 0.65),
+        BACKBONE_AS_IS: (0.7, 0.80, 0.08, 0.62),
+        STAGE1_BACKBONE: (0.7, 0.79, 0.12, 0.63),
+        HTCL_BACKBONE: (0.69, 0.79, 0.25, 0.61),
+        HTCL_CF_BACKBONE: (0.65, 0.70, 0.26, 0.70),
+    }
     rows = {name: row(*f) for name, f in figures.items()}
     per_item = {name: items(*f) for name, f in figures.items()}
     claims = check_claims(rows, ks=(10, 100), per_item=per_item)
@@ -353,10 +430,13 @@ def test_backbone_family_claims():
     every = claims["every backbone variant above every from-scratch variant on real-audio genre"]
     assert every["verdict"] == "does NOT hold" and every["weakest"] == f"{HTCL_CF_BACKBONE} vs {HTCL}"
     assert every["difference"] == pytest.approx(-1.0)
-    assert verdict_of(claims, "HTCL (backbone) real-audio genre within 2 points of the backbone as is") == "does NOT hold"
+    assert (
+        verdict_of(claims, "HTCL (backbone) real-audio genre within 2 points of the backbone as is") == "does NOT hold"
+    )
 
-    scratch_only = check_claims({k: rows[k] for k in (RANDOM_INIT, STAGE1, HTCL)}, ks=(100,), per_item=per_item,
-                                resamples=200)
+    scratch_only = check_claims(
+        {k: rows[k] for k in (RANDOM_INIT, STAGE1, HTCL)}, ks=(100,), per_item=per_item, resamples=200
+    )
     backbone_keys = [c for c in scratch_only if "backbone" in c]
     assert len(backbone_keys) == 10 and all(scratch_only[c]["verdict"] == "n/a" for c in backbone_keys)
     # without per-item data nothing can be paired: n/a, with the figures' difference and no interval
@@ -364,13 +444,26 @@ def test_backbone_family_claims():
     assert all(c["verdict"] == "n/a" for c in unpaired.values())
     assert unpaired["HTCL > stage 1 on hit-rate@100"]["difference"] == pytest.approx(10.0)
     assert unpaired["HTCL > stage 1 on hit-rate@100"]["ci95"] is None
-    md = results_markdown({"split_time": "t", "heldout_favor_pairs": 1, "catalog_songs": 2,
-                           "hit_rate_chance": {"hit_rate@100": 1.0}, "variants": rows, "claims": claims})
-    assert ("- does NOT hold: every backbone variant above every from-scratch variant on real-audio genre "
-            f"(weakest: {HTCL_CF_BACKBONE} vs {HTCL}, -1.0 points, 95% CI ") in md
+    md = results_markdown(
+        {
+            "split_time": "t",
+            "heldout_favor_pairs": 1,
+            "catalog_songs": 2,
+            "hit_rate_chance": {"hit_rate@100": 1.0},
+            "variants": rows,
+            "claims": claims,
+        }
+    )
+    assert (
+        "- does NOT hold: every backbone variant above every from-scratch variant on real-audio genre "
+        f"(weakest: {HTCL_CF_BACKBONE} vs {HTCL}, -1.0 points, 95% CI "
+    ) in md
     hr = claims["HTCL > stage 1 on hit-rate@100"]
     assert 8 < hr["ci95"][0] < 10 < hr["ci95"][1] < 12  # 200 of 2000 pairs differ, all one way
-    assert f"- holds: HTCL > stage 1 on hit-rate@100 (+10.0 points, 95% CI {hr['ci95'][0]:+.1f} to {hr['ci95'][1]:+.1f})" in md
+    assert (
+        f"- holds: HTCL > stage 1 on hit-rate@100 (+10.0 points, 95% CI {hr['ci95'][0]:+.1f} to {hr['ci95'][1]:+.1f})"
+        in md
+    )
     assert "HTCL genre accuracy within 3 points of stage 1 (+0.0 points, 95% CI +0.0 to +0.0; threshold -3)" in md
     json.dumps(claims)  # JSON-ready
 
@@ -439,8 +532,11 @@ def test_claim_verdicts_and_within_n_points():
     worse[np.flatnonzero(better)[:40]] = 0
     coin1, coin2 = (rng.random(400) < 0.3).astype(float), (rng.random(400) < 0.3).astype(float)
     path = ("matching", "hit_rate@10")
-    for first, second, verdict in ((better, worse, "holds"), (worse, better, "does NOT hold"),
-                                   (coin1, coin2, "not significant")):
+    for first, second, verdict in (
+        (better, worse, "holds"),
+        (worse, better, "does NOT hold"),
+        (coin1, coin2, "not significant"),
+    ):
         rows = {STAGE1: {"matching": {"hit_rate@10": second.mean()}}, HTCL: {"matching": {"hit_rate@10": first.mean()}}}
         per_item = {STAGE1: {path: ("mean", ids, second)}, HTCL: {path: ("mean", ids, first)}}
         claim = check_claims(rows, ks=(10,), per_item=per_item)["HTCL > stage 1 on hit-rate@10"]
@@ -448,8 +544,10 @@ def test_claim_verdicts_and_within_n_points():
         assert claim["difference"] == pytest.approx(100 * (first.mean() - second.mean()))
     # items are paired by id: stage 1 scored in another order, and on one song fewer
     rows = {STAGE1: {"semantics": {"genre": {"accuracy": 0.5}}}, HTCL: {"semantics": {"genre": {"accuracy": 0.5}}}}
-    per_item = {HTCL: {("semantics", "genre", "accuracy"): ("mean", np.array([1, 2, 3, 4]), np.array([1.0, 0, 1, 0]))},
-                STAGE1: {("semantics", "genre", "accuracy"): ("mean", np.array([3, 2, 1]), np.array([1.0, 0, 1]))}}
+    per_item = {
+        HTCL: {("semantics", "genre", "accuracy"): ("mean", np.array([1, 2, 3, 4]), np.array([1.0, 0, 1, 0]))},
+        STAGE1: {("semantics", "genre", "accuracy"): ("mean", np.array([3, 2, 1]), np.array([1.0, 0, 1]))},
+    }
     claim = check_claims(rows, ks=(10,), per_item=per_item)["HTCL genre accuracy within 3 points of stage 1"]
     assert claim["n"] == 3 and claim["difference"] == 0 and claim["verdict"] == "holds"
 
@@ -462,12 +560,14 @@ def test_external_embeddings_coverage_and_misses(tmp_path):
 
     # ten catalog songs on a circle; the table lacks songs 9 and 10
     angles = np.linspace(0, 1, 10)
-    table = pd.DataFrame({"song_id": np.arange(1, 9), "embedding": [[np.cos(t), np.sin(t)] for t in angles[:8]],
-                          "other": "ignored"})
+    table = pd.DataFrame(
+        {"song_id": np.arange(1, 9), "embedding": [[np.cos(t), np.sin(t)] for t in angles[:8]], "other": "ignored"}
+    )
     table.to_parquet(tmp_path / "cf.parquet")
     emb, cov = read_external_embeddings(tmp_path / "cf.parquet", np.arange(1, 11))
-    assert {k: cov[k] for k in ("catalog_songs", "covered", "missing", "missing_song_ids", "not_in_catalog", "dim")} == {
-        "catalog_songs": 10, "covered": 8, "missing": 2, "missing_song_ids": [9, 10], "not_in_catalog": 0, "dim": 2}
+    assert {
+        k: cov[k] for k in ("catalog_songs", "covered", "missing", "missing_song_ids", "not_in_catalog", "dim")
+    } == {"catalog_songs": 10, "covered": 8, "missing": 2, "missing_song_ids": [9, 10], "not_in_catalog": 0, "dim": 2}
     assert list(emb.song_ids) == list(range(1, 11)) and emb.covered.tolist() == [True] * 8 + [False] * 2
     np.testing.assert_array_equal(emb.vectors[8:], 0)  # a zero vector for the probes and rankers
     # K = 9 is every other song: each pair with both vectors is a hit; a pair with song 9 or 10 a miss
@@ -476,7 +576,9 @@ def test_external_embeddings_coverage_and_misses(tmp_path):
     assert got["hit_rate@9"] == pytest.approx(2 / 5) and got["pairs"] == 5 and got["pairs_without_vector"] == 3
     assert np.isinf(pair_ranks(emb, triggers, targets)[[1, 2, 4]]).all()
     # a song outside the catalog is counted, not scored
-    pd.DataFrame({"song_id": [1, 2, 99], "embedding": ["[1, 0]", "0 1", "[0.5, 0.5]"]}).to_csv(tmp_path / "v.csv", index=False)
+    pd.DataFrame({"song_id": [1, 2, 99], "embedding": ["[1, 0]", "0 1", "[0.5, 0.5]"]}).to_csv(
+        tmp_path / "v.csv", index=False
+    )
     emb, cov = read_external_embeddings(tmp_path / "v.csv", [1, 2, 3])
     assert (cov["covered"], cov["missing"], cov["not_in_catalog"]) == (2, 1, 1)
     np.testing.assert_allclose(emb.vectors[:2], [[1, 0], [0, 1]])
@@ -490,12 +592,14 @@ def test_external_embeddings_as_a_row_of_the_comparison(tmp_path):
     pairs = heldout_favor_pairs(interactions, cut)
     lacking = [int(pairs[S.TRIGGER_SONG_ID].iloc[0]), int(pairs[S.REC_SONG_ID].iloc[1])]
     keep = ~np.isin(good.song_ids, lacking)
-    pd.DataFrame({"song_id": good.song_ids[keep], "embedding": [" ".join(map(str, v)) for v in good.vectors[keep]]}).to_csv(
-        tmp_path / "team_cf.csv", index=False)
+    pd.DataFrame(
+        {"song_id": good.song_ids[keep], "embedding": [" ".join(map(str, v)) for v in good.vectors[keep]]}
+    ).to_csv(tmp_path / "team_cf.csv", index=False)
     ext, cov = read_external_embeddings(tmp_path / "team_cf.csv", catalog[S.SONG_ID])
     assert (cov["covered"], cov["missing"]) == (58, 2)
-    results = compare_variants({"team CF": ext}, catalog, interactions, None, cut, ks=(5, 20), folds=3,
-                               coverage={"team CF": cov})
+    results = compare_variants(
+        {"team CF": ext}, catalog, interactions, None, cut, ks=(5, 20), folds=3, coverage={"team CF": cov}
+    )
     rows = results["variants"]
     in_lacking = pairs[S.TRIGGER_SONG_ID].isin(lacking) | pairs[S.REC_SONG_ID].isin(lacking)
     assert rows["team CF"]["matching"]["pairs"] == len(pairs)  # none dropped
@@ -530,13 +634,27 @@ def test_read_external_embeddings_errors_name_file_and_row(tmp_path):
         with pytest.raises(ValueError, match=match):
             read_external_embeddings(tmp_path / name, [1, 2, 3])
 
-    bad("length.csv", 'song_id,embedding\n1,"[0.1, 0.2]"\n2,"[0.1, 0.2, 0.3]"\n',
-        r"length\.csv: data row 2 \(song_id 2\): embedding has 3 values, the first row has 2")
-    bad("nan.csv", "song_id,embedding\n1,0.1 0.2\n2,0.1 0.2\n3,0.3 nan\n", r"nan\.csv: data row 3 \(song_id 3\): embedding has NaN or inf")
+    bad(
+        "length.csv",
+        'song_id,embedding\n1,"[0.1, 0.2]"\n2,"[0.1, 0.2, 0.3]"\n',
+        r"length\.csv: data row 2 \(song_id 2\): embedding has 3 values, the first row has 2",
+    )
+    bad(
+        "nan.csv",
+        "song_id,embedding\n1,0.1 0.2\n2,0.1 0.2\n3,0.3 nan\n",
+        r"nan\.csv: data row 3 \(song_id 3\): embedding has NaN or inf",
+    )
     bad("inf.csv", 'song_id,embedding\n1,"[inf, 0]"\n', r"inf\.csv: data row 1 \(song_id 1\): embedding has NaN or inf")
-    bad("dup.csv", "song_id,embedding\n1,1 0\n2,0 1\n1,1 1\n",
-        r"dup\.csv: data row 3 \(song_id 1\): duplicate song_id, first at data row 1")
-    bad("nocol.csv", "song_id,vector\n1,1 0\n", r"nocol\.csv: no 'embedding' column; columns are \['song_id', 'vector'\]")
+    bad(
+        "dup.csv",
+        "song_id,embedding\n1,1 0\n2,0 1\n1,1 1\n",
+        r"dup\.csv: data row 3 \(song_id 1\): duplicate song_id, first at data row 1",
+    )
+    bad(
+        "nocol.csv",
+        "song_id,vector\n1,1 0\n",
+        r"nocol\.csv: no 'embedding' column; columns are \['song_id', 'vector'\]",
+    )
     bad("noid.csv", "id,embedding\n1,1 0\n", r"noid\.csv: no 'song_id' column")
     bad("empty.csv", "song_id,embedding\n", r"empty\.csv: no rows")
     bad("blank.csv", "song_id,embedding\n1,1 0\n2,\n", r"blank\.csv: data row 2 \(song_id 2\): empty embedding")
@@ -563,8 +681,9 @@ def test_cli_embeddings_argument(capsys):
     from htcl.cli import build_parser, main
     from ray_jobs import evaluate as evaluate_job
 
-    args = build_parser().parse_args(["evaluate", "--local", "--embeddings", "team CF=a.parquet",
-                                      "--embeddings", "item2vec=/x/b.csv"])
+    args = build_parser().parse_args(
+        ["evaluate", "--local", "--embeddings", "team CF=a.parquet", "--embeddings", "item2vec=/x/b.csv"]
+    )
     assert args.embeddings == [("team CF", "a.parquet"), ("item2vec", "/x/b.csv")]
     assert build_parser().parse_args(["evaluate", "--local"]).embeddings == []
     for form in ("no-equals.parquet", "=a.parquet", "name="):
@@ -575,8 +694,10 @@ def test_cli_embeddings_argument(capsys):
     with pytest.raises(SystemExit) as e:
         evaluate_job.main(["--config", "configs/demo.yaml", "--embeddings", "oops"])
     assert e.value.code == 2 and "expected NAME=PATH" in capsys.readouterr().err
-    for argv, message in ((["--embeddings", "a=x.csv", "--embeddings", "a=y.csv"], "'a' given twice"),
-                          (["--embeddings", f"{HTCL}=x.csv"], "htcl's own variants")):
+    for argv, message in (
+        (["--embeddings", "a=x.csv", "--embeddings", "a=y.csv"], "'a' given twice"),
+        (["--embeddings", f"{HTCL}=x.csv"], "htcl's own variants"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(["evaluate", "--local", "--config", "configs/demo.yaml", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -16,6 +16,7 @@ from htcl.features import listener_stats, song_stats
 T0 = pd.Timestamp("2026-03-02 10:00", tz="UTC")
 # the module world's model is conftest's tiny one; evaluate builds a random-init model from the config
 from conftest import TINY_MODEL as TINY_OVERRIDES  # noqa: E402
+
 N_SONGS, N_USERS = 120, 12
 
 
@@ -23,15 +24,19 @@ N_SONGS, N_USERS = 120, 12
 
 
 def test_song_stats_count_only_the_past_and_expire():
-    log = pd.DataFrame({
-        S.USER_ID: [1, 1, 2, 1],
-        S.REC_SONG_ID: [7, 7, 7, 8],
-        S.CLICKED: [True, False, True, True],
-        S.FAVORED: [True, False, False, False],
-        S.EVENT_TIMESTAMP: [T0, T0 + pd.Timedelta(hours=1), T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=9)],
-    })
-    stats = song_stats(log, log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()).set_index([S.SONG_ID, S.EVENT_TIMESTAMP])
-    day = lambda d: (T0.floor("D") + pd.Timedelta(days=d))  # noqa: E731
+    log = pd.DataFrame(
+        {
+            S.USER_ID: [1, 1, 2, 1],
+            S.REC_SONG_ID: [7, 7, 7, 8],
+            S.CLICKED: [True, False, True, True],
+            S.FAVORED: [True, False, False, False],
+            S.EVENT_TIMESTAMP: [T0, T0 + pd.Timedelta(hours=1), T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=9)],
+        }
+    )
+    stats = song_stats(log, log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()).set_index(
+        [S.SONG_ID, S.EVENT_TIMESTAMP]
+    )
+    day = lambda d: T0.floor("D") + pd.Timedelta(days=d)  # noqa: E731
     # the all-zero snapshot at the log's first midnight, for every song (Feast needs a row at or before each label)
     assert stats.loc[(7, day(0)), "impressions_7d"] == 0 and stats.loc[(8, day(0)), "impressions_30d"] == 0
     # as of the end of day 0: both impressions of day 0, one click, one favor
@@ -52,13 +57,15 @@ def test_song_stats_count_only_the_past_and_expire():
 
 
 def test_listener_stats_genre_summary():
-    log = pd.DataFrame({
-        S.USER_ID: [1, 1, 1, 1],
-        S.REC_SONG_ID: [1, 2, 3, 4],
-        S.CLICKED: [True, True, True, False],
-        S.FAVORED: [False, True, False, False],
-        S.EVENT_TIMESTAMP: [T0] * 4,
-    })
+    log = pd.DataFrame(
+        {
+            S.USER_ID: [1, 1, 1, 1],
+            S.REC_SONG_ID: [1, 2, 3, 4],
+            S.CLICKED: [True, True, True, False],
+            S.FAVORED: [False, True, False, False],
+            S.EVENT_TIMESTAMP: [T0] * 4,
+        }
+    )
     genre = {1: "rock", 2: "rock", 3: "pop", 4: "pop"}
     stats = listener_stats(log, T0, T0, genre)
     last = stats.iloc[-1]
@@ -72,8 +79,10 @@ def test_listener_stats_genre_summary():
 
 
 def write_embeddings(out, version, vectors, made_at):
-    rows = [{S.SONG_ID: i + 1, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: made_at}
-            for i, v in enumerate(vectors)]
+    rows = [
+        {S.SONG_ID: i + 1, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: made_at}
+        for i, v in enumerate(vectors)
+    ]
     path = out / "embeddings" / version / "part-0.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=S.embeddings_schema(vectors.shape[1])), path)
@@ -89,24 +98,42 @@ def world(tmp_path_factory, tiny_config):
     world, out = root / "world", root / "out"
     world.mkdir()
     rng = np.random.default_rng(0)
-    pd.DataFrame({
-        S.SONG_ID: np.arange(1, N_SONGS + 1), S.AUDIO_PATH: "", S.TITLE: "t", S.ARTIST: "a", S.LYRICS: "", S.TAGS: "",
-        S.GENRE: rng.choice(["rock", "pop", "folk"], N_SONGS), S.LANGUAGE: "instrumental", S.UPDATED_AT: T0,
-    }).to_parquet(world / "catalog.parquet")
+    pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(1, N_SONGS + 1),
+            S.AUDIO_PATH: "",
+            S.TITLE: "t",
+            S.ARTIST: "a",
+            S.LYRICS: "",
+            S.TAGS: "",
+            S.GENRE: rng.choice(["rock", "pop", "folk"], N_SONGS),
+            S.LANGUAGE: "instrumental",
+            S.UPDATED_AT: T0,
+        }
+    ).to_parquet(world / "catalog.parquet")
     n = 1500
     clicked = rng.random(n) < 0.3
-    pd.DataFrame({
-        S.USER_ID: rng.integers(1, N_USERS + 1, n), S.TRIGGER_SONG_ID: rng.integers(1, N_SONGS + 1, n),
-        S.REC_SONG_ID: rng.integers(1, N_SONGS + 1, n), S.CLICKED: clicked, S.FAVORED: clicked & (rng.random(n) < 0.5),
-        S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.sort(rng.integers(0, 21 * 86400, n)), unit="s"),
-    }).to_parquet(world / "interactions.parquet")
+    pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, N_USERS + 1, n),
+            S.TRIGGER_SONG_ID: rng.integers(1, N_SONGS + 1, n),
+            S.REC_SONG_ID: rng.integers(1, N_SONGS + 1, n),
+            S.CLICKED: clicked,
+            S.FAVORED: clicked & (rng.random(n) < 0.5),
+            S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.sort(rng.integers(0, 21 * 86400, n)), unit="s"),
+        }
+    ).to_parquet(world / "interactions.parquet")
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     model = HTCLModel(tiny_config.model, tiny_config.audio)
     mels = [rng.normal(-6, 3, (128, 40)).astype(np.float32) for _ in range(N_SONGS)]
     write_embeddings(out, "v1", embed_mels(model, mels), T0 + pd.Timedelta(days=30))
-    return {"world": world, "out": out, "embed_dim": tiny_config.model.embed_dim,
-            "overrides": [f"output_dir={out}", f"data.root={world}"]}
+    return {
+        "world": world,
+        "out": out,
+        "embed_dim": tiny_config.model.embed_dim,
+        "overrides": [f"output_dir={out}", f"data.root={world}"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +153,7 @@ def materialize(world, capsys, *extra):
     capsys.readouterr()
     assert materialize.main(["--config", "configs/demo.yaml", *world["overrides"], *extra]) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.index("{\n"):])
+    return json.loads(out[out.index("{\n") :])
 
 
 def online_embeddings(store, song_ids, version):
@@ -151,16 +178,23 @@ def test_materialize_is_idempotent_and_switches_versions_without_a_gap(world, ra
     assert all(v is not None and len(v) == world["embed_dim"] for v in v1)
     stored = pq.read_table(world["out"] / "embeddings" / "v1").to_pandas().sort_values(S.SONG_ID)
     np.testing.assert_allclose(np.array(v1), np.stack(stored[S.EMBEDDING]), rtol=1e-6)
-    stats_before = store.get_online_features(features=["song_stats:impressions_30d", "song_stats:ctr_7d"],
-                                             entity_rows=[{S.SONG_ID: s} for s in range(1, N_SONGS + 1)]).to_dict()
+    stats_before = store.get_online_features(
+        features=["song_stats:impressions_30d", "song_stats:ctr_7d"],
+        entity_rows=[{S.SONG_ID: s} for s in range(1, N_SONGS + 1)],
+    ).to_dict()
     files = {p.name: p.read_bytes() for p in data.glob("*.parquet")}
 
     # A second run changes nothing: same source bytes, nothing new materialized, same online values.
     second = materialize(world, capsys, "--model-version", "v1")
     assert "song_embedding" not in second["materialized"] and second["stats"] == "inputs unchanged: reused"
     assert {p.name: p.read_bytes() for p in data.glob("*.parquet")} == files
-    assert store.get_online_features(features=["song_stats:impressions_30d", "song_stats:ctr_7d"],
-                                     entity_rows=[{S.SONG_ID: s} for s in range(1, N_SONGS + 1)]).to_dict() == stats_before
+    assert (
+        store.get_online_features(
+            features=["song_stats:impressions_30d", "song_stats:ctr_7d"],
+            entity_rows=[{S.SONG_ID: s} for s in range(1, N_SONGS + 1)],
+        ).to_dict()
+        == stats_before
+    )
 
     # A new model version is backfilled next to the old one; v1 stays current and readable ...
     new = np.random.default_rng(1).standard_normal((N_SONGS, world["embed_dim"])).astype(np.float32)
@@ -200,8 +234,17 @@ def _check_backfill(world, capsys):
     # row after it must.
     stats_path = world["out"] / "feast" / "song_stats.parquet"
     stats = pd.read_parquet(stats_path)
-    planted = stats[stats[S.SONG_ID] == song].iloc[[-1]].assign(**{
-        S.EVENT_TIMESTAMP: at + pd.Timedelta(seconds=1), "created": at + pd.Timedelta(seconds=1), "impressions_7d": 99999})
+    planted = (
+        stats[stats[S.SONG_ID] == song]
+        .iloc[[-1]]
+        .assign(
+            **{
+                S.EVENT_TIMESTAMP: at + pd.Timedelta(seconds=1),
+                "created": at + pd.Timedelta(seconds=1),
+                "impressions_7d": 99999,
+            }
+        )
+    )
     pd.concat([stats, planted]).to_parquet(stats_path, index=False)
     later = pd.DataFrame([{**label.to_dict(), S.EVENT_TIMESTAMP: at + pd.Timedelta(seconds=2)}])
     pd.concat([log, later], ignore_index=True).to_parquet(world["world"] / "interactions.parquet")
@@ -211,7 +254,9 @@ def _check_backfill(world, capsys):
     assert backfill.main(["--config", "configs/demo.yaml", *world["overrides"], "--start", start, "--end", end]) == 0
     summary = json.loads(capsys.readouterr().out)
     frame = pd.read_parquet(summary["frame"])
-    window = log[(log[S.EVENT_TIMESTAMP] >= at - pd.Timedelta(days=3)) & (log[S.EVENT_TIMESTAMP] < at + pd.Timedelta(days=3))]
+    window = log[
+        (log[S.EVENT_TIMESTAMP] >= at - pd.Timedelta(days=3)) & (log[S.EVENT_TIMESTAMP] < at + pd.Timedelta(days=3))
+    ]
     assert len(frame) == len(window) + 1  # every impression, duplicates included
     mine = frame[(frame[S.SONG_ID] == song) & (frame[S.EVENT_TIMESTAMP] == at)]
     assert len(mine) >= 1 and (mine["song_stats__impressions_7d"] != 99999).all()
@@ -231,10 +276,16 @@ def _check_backfill(world, capsys):
     local = point_in_time_stats(log, dict(zip(catalog[S.SONG_ID], catalog[S.GENRE])))
     rows = frame[(frame["impression_id"] < len(log)) & (frame[S.SONG_ID] != song)]
     theirs = local.iloc[rows["impression_id"].to_numpy()]
-    numeric = [c for c in frame.columns if c.startswith(("song_stats__", "listener_stats__")) and c != "listener_stats__top_genre_30d"]
+    numeric = [
+        c
+        for c in frame.columns
+        if c.startswith(("song_stats__", "listener_stats__")) and c != "listener_stats__top_genre_30d"
+    ]
     assert len(rows) > 100 and len(numeric) == 17
     np.testing.assert_allclose(rows[numeric].to_numpy(float), theirs[numeric].to_numpy(float), rtol=1e-6)
-    assert (rows["listener_stats__top_genre_30d"].to_numpy() == theirs["listener_stats__top_genre_30d"].to_numpy()).all()
+    assert (
+        rows["listener_stats__top_genre_30d"].to_numpy() == theirs["listener_stats__top_genre_30d"].to_numpy()
+    ).all()
 
 
 def redis_reachable(host="127.0.0.1", port=6379) -> bool:
@@ -262,8 +313,11 @@ def test_online_lookup_of_1_and_100_songs(world, ray_instance, capsys, backend):
     assert summary["online_store"] == ("RedisOnlineStoreConfig" if url else "SqliteOnlineStoreConfig")
     store = open_store(world["out"] / "feast", url)
     service = store.get_feature_service("ranker_v1")
-    one = store.get_online_features(features=service, full_feature_names=True, entity_rows=[
-        {S.SONG_ID: 5, S.TRIGGER_SONG_ID: 6, S.USER_ID: 1, S.MODEL_VERSION: "v1"}]).to_dict()
+    one = store.get_online_features(
+        features=service,
+        full_feature_names=True,
+        entity_rows=[{S.SONG_ID: 5, S.TRIGGER_SONG_ID: 6, S.USER_ID: 1, S.MODEL_VERSION: "v1"}],
+    ).to_dict()
     assert len(one["candidate_embedding__embedding"][0]) == world["embed_dim"]
     assert one["song_stats__impressions_30d"][0] is not None and one["listener_stats__ctr_30d"][0] is not None
     hundred = online_embeddings(store, range(1, 101), "v1")
@@ -286,15 +340,17 @@ def test_train_rankers_and_evaluate_jobs_on_the_feast_frame(world, ray_instance,
     capsys.readouterr()
     assert train_rankers.main(["--config", "configs/demo.yaml", *world["overrides"]]) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{\n"):])  # after the backfill's progress line
+    summary = json.loads(out[out.index("{\n") :])  # after the backfill's progress line
     rankers = Rankers.load(summary["rankers"])
     assert rankers.model_version == "v1" and rankers.feature_names[0] == "emb_cosine"
     assert summary["train_rows"] + summary["heldout_rows"] == 1500 and 0 <= summary["heldout_ctr_auc"] <= 1
 
     # evaluate scores every variant it finds: here no checkpoints, so random-init and mel statistics
     rng = np.random.default_rng(1)
-    mels = [{S.SONG_ID: i, S.N_FRAMES: 40, S.MEL: mel_to_bytes(rng.normal(-6, 3, (128, 40)).astype(np.float32))}
-            for i in range(1, N_SONGS + 1)]
+    mels = [
+        {S.SONG_ID: i, S.N_FRAMES: 40, S.MEL: mel_to_bytes(rng.normal(-6, 3, (128, 40)).astype(np.float32))}
+        for i in range(1, N_SONGS + 1)
+    ]
     write_table(mels, S.MELS_SCHEMA, world["out"] / "mels" / "part-00000.parquet")
     capsys.readouterr()
     assert evaluate.main(["--config", "configs/demo.yaml", *world["overrides"], *TINY_OVERRIDES]) == 0

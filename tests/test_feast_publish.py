@@ -30,8 +30,10 @@ RACE_ROUNDS = 12
 def write_embeddings(out: Path, version: str, seed: int) -> np.ndarray:
     vectors = np.random.default_rng(seed).standard_normal((N_SONGS, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    rows = [{S.SONG_ID: i + 1, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: T0}
-            for i, v in enumerate(vectors)]
+    rows = [
+        {S.SONG_ID: i + 1, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: version, S.EVENT_TIMESTAMP: T0}
+        for i, v in enumerate(vectors)
+    ]
     path = out / "embeddings" / version / "part-0.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=S.embeddings_schema(DIM)), path)
@@ -56,17 +58,31 @@ def world(tmp_path):
     world, out = tmp_path / "world", tmp_path / "out"
     world.mkdir()
     rng = np.random.default_rng(0)
-    pd.DataFrame({
-        S.SONG_ID: np.arange(1, N_SONGS + 1), S.AUDIO_PATH: "", S.TITLE: "t", S.ARTIST: "a", S.LYRICS: "", S.TAGS: "",
-        S.GENRE: rng.choice(["rock", "pop"], N_SONGS), S.LANGUAGE: "instrumental", S.UPDATED_AT: T0,
-    }).to_parquet(world / "catalog.parquet")
+    pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(1, N_SONGS + 1),
+            S.AUDIO_PATH: "",
+            S.TITLE: "t",
+            S.ARTIST: "a",
+            S.LYRICS: "",
+            S.TAGS: "",
+            S.GENRE: rng.choice(["rock", "pop"], N_SONGS),
+            S.LANGUAGE: "instrumental",
+            S.UPDATED_AT: T0,
+        }
+    ).to_parquet(world / "catalog.parquet")
     n = 300
     clicked = rng.random(n) < 0.3
-    pd.DataFrame({
-        S.USER_ID: rng.integers(1, N_USERS + 1, n), S.TRIGGER_SONG_ID: rng.integers(1, N_SONGS + 1, n),
-        S.REC_SONG_ID: rng.integers(1, N_SONGS + 1, n), S.CLICKED: clicked, S.FAVORED: clicked & (rng.random(n) < 0.5),
-        S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.sort(rng.integers(0, 10 * 86400, n)), unit="s"),
-    }).to_parquet(world / "interactions.parquet")
+    pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, N_USERS + 1, n),
+            S.TRIGGER_SONG_ID: rng.integers(1, N_SONGS + 1, n),
+            S.REC_SONG_ID: rng.integers(1, N_SONGS + 1, n),
+            S.CLICKED: clicked,
+            S.FAVORED: clicked & (rng.random(n) < 0.5),
+            S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.sort(rng.integers(0, 10 * 86400, n)), unit="s"),
+        }
+    ).to_parquet(world / "interactions.parquet")
     vectors = write_embeddings(out, "v1", seed=1)
     overrides = ["--config", "configs/demo.yaml", f"output_dir={out}", f"data.root={world}"]
     return {"out": out, "feast": out / "feast", "overrides": overrides, "v1": vectors}
@@ -99,8 +115,7 @@ def problems(published, versions: set[str]) -> list[str]:
     """What is wrong with the store, read as a new reader would (empty: whole and servable)."""
     from feast.feature_view import FeatureViewState
 
-    from feature_repo.store import open_store
-    from feature_repo.store import read_current_version
+    from feature_repo.store import open_store, read_current_version
 
     found = []
     try:
@@ -122,7 +137,9 @@ def problems(published, versions: set[str]) -> list[str]:
                 found.append(f"{name} is {fv.state.name}")
         for version in versions:
             rows = [{S.SONG_ID: s, S.MODEL_VERSION: version} for s in range(1, N_SONGS + 1)]
-            got = store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()["embedding"]
+            got = store.get_online_features(features=["song_embedding:embedding"], entity_rows=rows).to_dict()[
+                "embedding"
+            ]
             if any(v is None for v in got):
                 found.append(f"{version}: {sum(v is None for v in got)} songs missing online")
             elif version == "v1" and not np.allclose(np.array(got), published["v1"], rtol=1e-6):
@@ -179,9 +196,15 @@ def test_two_publishes_racing_leave_the_store_whole(world, tmp_path, monkeypatch
             versions = versions | {new}
         versions_after.append(versions)
     # The workers import Feast (seconds) while this process publishes the first version.
-    workers = {name: subprocess.Popen([sys.executable, "-c", WORKER, str(REPO), str(sync), name, json.dumps(plan)],
-                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=(sync / f"{name}.err").open("w"))
-               for name, plan in plans.items()}
+    workers = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(REPO), str(sync), name, json.dumps(plan)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=(sync / f"{name}.err").open("w"),
+        )
+        for name, plan in plans.items()
+    }
     try:
         published = publish_first(world, monkeypatch, capsys)
 
@@ -213,7 +236,7 @@ def test_two_publishes_racing_leave_the_store_whole(world, tmp_path, monkeypatch
 def tear(path: Path) -> None:
     """Zero the middle of a file, as a writer killed midway (or two writers at once) leaves it."""
     data = bytearray(path.read_bytes())
-    data[len(data) // 4: 3 * len(data) // 4] = bytes(len(data) // 2)
+    data[len(data) // 4 : 3 * len(data) // 4] = bytes(len(data) // 2)
     path.write_bytes(bytes(data))
 
 
@@ -267,8 +290,17 @@ def torn_markers_and_partial_files(feast: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", [torn_embeddings_source, embedding_view_stuck_materializing, views_and_entity_lost,
-                                    torn_registry, torn_markers_and_partial_files], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "damage",
+    [
+        torn_embeddings_source,
+        embedding_view_stuck_materializing,
+        views_and_entity_lost,
+        torn_registry,
+        torn_markers_and_partial_files,
+    ],
+    ids=lambda f: f.__name__,
+)
 def test_a_rerun_repairs_what_an_interrupted_publish_left(published, damage):
     write_embeddings(published["out"], "v2", seed=2)
     publish(published, "--model-version", "v2", "--no-switch")
@@ -297,7 +329,7 @@ def test_readers_keep_serving_a_view_that_a_publish_is_materializing(published):
 def _last_summary(capsys) -> dict:
     """The JSON summary a publish printed last (an indented object: its only "{" at a line start)."""
     out = capsys.readouterr().out
-    return json.loads(out[out.rindex("\n{") + 1 if "\n{" in out else out.index("{"):])
+    return json.loads(out[out.rindex("\n{") + 1 if "\n{" in out else out.index("{") :])
 
 
 @pytest.mark.slow
@@ -310,10 +342,14 @@ def test_a_grown_version_publishes_only_its_new_rows_and_a_rerun_nothing(publish
     before = {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet")}
     extra = np.random.default_rng(7).standard_normal((5, DIM)).astype(np.float32)
     extra /= np.linalg.norm(extra, axis=1, keepdims=True)
-    rows = [{S.SONG_ID: N_SONGS + 1 + i, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: "v1", S.EVENT_TIMESTAMP: T0}
-            for i, v in enumerate(extra)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=S.embeddings_schema(DIM)),
-                   published["out"] / "embeddings" / "v1" / "part-1.parquet")
+    rows = [
+        {S.SONG_ID: N_SONGS + 1 + i, S.EMBEDDING: v.tolist(), S.MODEL_VERSION: "v1", S.EVENT_TIMESTAMP: T0}
+        for i, v in enumerate(extra)
+    ]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=S.embeddings_schema(DIM)),
+        published["out"] / "embeddings" / "v1" / "part-1.parquet",
+    )
 
     capsys.readouterr()
     publish(published, "--model-version", "v1")
@@ -322,11 +358,15 @@ def test_a_grown_version_publishes_only_its_new_rows_and_a_rerun_nothing(publish
     assert grown["materialized"]["song_embedding"] == "5 rows of 1 new source files"
     assert {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet") if p.name in before} == before
     store = open_store(published["feast"], "")
-    got = store.get_online_features(features=["song_embedding:embedding"], entity_rows=[
-        {S.SONG_ID: N_SONGS + 1 + i, S.MODEL_VERSION: "v1"} for i in range(5)]).to_dict()["embedding"]
+    got = store.get_online_features(
+        features=["song_embedding:embedding"],
+        entity_rows=[{S.SONG_ID: N_SONGS + 1 + i, S.MODEL_VERSION: "v1"} for i in range(5)],
+    ).to_dict()["embedding"]
     np.testing.assert_allclose(np.array(got), extra, rtol=1e-6)
-    old = store.get_online_features(features=["song_embedding:embedding"], entity_rows=[
-        {S.SONG_ID: s, S.MODEL_VERSION: "v1"} for s in range(1, N_SONGS + 1)]).to_dict()["embedding"]
+    old = store.get_online_features(
+        features=["song_embedding:embedding"],
+        entity_rows=[{S.SONG_ID: s, S.MODEL_VERSION: "v1"} for s in range(1, N_SONGS + 1)],
+    ).to_dict()["embedding"]
     np.testing.assert_allclose(np.array(old), published["v1"], rtol=1e-6)
 
     after = {p.name: p.stat().st_mtime_ns for p in source.glob("*.parquet")}

@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
 from conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
+
 from htcl import schema as S
 from htcl.config import config_from_dict
 from htcl.delta import UNREADABLE, drop_stale_rows, new_or_changed, recorded_hashes
@@ -45,14 +45,20 @@ def test_delta_helpers(tmp_path):
 
     folder = tmp_path / "t"
     folder.mkdir()
-    pq.write_table(pa.table({S.SONG_ID: [1, 2, 3], S.INPUT_HASH: ["a", "b", "c"], "x": [10, 20, 30]}), folder / "p1.parquet")
+    pq.write_table(
+        pa.table({S.SONG_ID: [1, 2, 3], S.INPUT_HASH: ["a", "b", "c"], "x": [10, 20, 30]}), folder / "p1.parquet"
+    )
     pq.write_table(pa.table({S.SONG_ID: [4], "x": [40]}), folder / "old.parquet")  # before hashes were recorded
     assert recorded_hashes(folder) == {1: "a", 2: "b", 3: "c", 4: None}
     inputs = pd.DataFrame({S.SONG_ID: [1, 2, 4, 5], S.INPUT_HASH: ["a", "B", "d", "e"]})
     assert new_or_changed(inputs, recorded_hashes(folder))[S.SONG_ID].tolist() == [2, 4, 5]
     # song 3 is not among the inputs: its row stays; 2 and 4 changed: theirs go (old.parquet with them)
     assert drop_stale_rows(folder, dict(zip(inputs[S.SONG_ID], inputs[S.INPUT_HASH]))) == 2
-    assert pq.read_table(folder / "p1.parquet").to_pydict() == {S.SONG_ID: [1, 3], S.INPUT_HASH: ["a", "c"], "x": [10, 30]}
+    assert pq.read_table(folder / "p1.parquet").to_pydict() == {
+        S.SONG_ID: [1, 3],
+        S.INPUT_HASH: ["a", "c"],
+        "x": [10, 30],
+    }
     assert not (folder / "old.parquet").exists()
 
 
@@ -67,13 +73,23 @@ def test_grown_catalog_preprocesses_and_embeds_only_what_is_new(tmp_path):
 
     world = write_tiny_world(tmp_path / "world")
     out = tmp_path / "out"
-    cfg = config_from_dict({}, [*TINY_MODEL, f"output_dir={out}", f"data.root={world}", "audio.max_seconds=3",
-                                f"model.text_model={write_tiny_bert(tmp_path / 'bert')}"])
+    cfg = config_from_dict(
+        {},
+        [
+            *TINY_MODEL,
+            f"output_dir={out}",
+            f"data.root={world}",
+            "audio.max_seconds=3",
+            f"model.text_model={write_tiny_bert(tmp_path / 'bert')}",
+        ],
+    )
     first = run_preprocess(cfg)
     assert (first["processed"], first["new"], first["changed"]) == (12, 12, 0)
     torch.manual_seed(0)
     model = HTCLModel(cfg.model, cfg.audio)
-    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    ckpt = save_checkpoint(
+        out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain"
+    )
     version = model_version(ckpt)
     emb_dir = run_embed(cfg, ckpt)
     before = pq.read_table(emb_dir).to_pandas().set_index(S.SONG_ID)
@@ -120,8 +136,9 @@ def test_a_missing_file_is_retried_once_it_appears(tmp_path):
     missing = world / "audio" / "late.flac"
     row = {**catalog.iloc[0].to_dict(), S.SONG_ID: 99, S.AUDIO_PATH: str(missing)}
     pd.concat([catalog.iloc[:2], pd.DataFrame([row])], ignore_index=True).to_parquet(world / "catalog.parquet")
-    cfg = config_from_dict({}, [*TINY_MODEL, f"output_dir={tmp_path / 'out'}", f"data.root={world}",
-                                "audio.max_seconds=3"])
+    cfg = config_from_dict(
+        {}, [*TINY_MODEL, f"output_dir={tmp_path / 'out'}", f"data.root={world}", "audio.max_seconds=3"]
+    )
     assert run_preprocess(cfg)["quarantined"] == 1
     q = pq.read_table(tmp_path / "out" / "quarantine").to_pandas()
     assert q[S.INPUT_HASH].tolist() == [UNREADABLE] and q[S.ERROR_TYPE].tolist() == ["missing"]

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import REPO, TINY_MODEL
 
 from htcl.config import config_from_dict, load_config
 from htcl.model import HTCLModel, conv_out_lengths, count_parameters, default_text_model_dir
 from htcl.text import SongTokenizer, song_text
-from conftest import REPO, TINY_MODEL
 
 
 def test_conv_front_end_gives_157_tokens_for_120_s():
@@ -96,8 +96,9 @@ def test_any_bert_directory_by_config(tmp_path):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     bert_dir = tmp_path / "tiny-bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(bert_dir)
+    BertModel(
+        BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(bert_dir)
     AutoTokenizer.from_pretrained(str(default_text_model_dir())).save_pretrained(bert_dir)
     cfg = config_from_dict({}, TINY_MODEL + [f"model.text_model={bert_dir}"])
     model = HTCLModel(cfg.model, cfg.audio)

@@ -18,8 +18,9 @@ REF_PATH = REPO / "tests" / "data" / "musicnn_reference.npz"
 sys.path.insert(0, str(REPO / "scripts"))
 import musicnn_reference as R  # noqa: E402  (numpy only at import)
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("musicnn") is None,
-                                reason="pip install --no-deps musicnn==0.1.0 (make install does)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("musicnn") is None, reason="pip install --no-deps musicnn==0.1.0 (make install does)"
+)
 TOL = 1e-4
 ERRS: dict[str, list[float]] = {}  # worst errors seen, printed by test_report_errors (pytest -s)
 
@@ -160,7 +161,9 @@ def test_tags_and_shapes(models):
     for model in models.values():
         assert len(model.tags) == 50
         assert isinstance(model.backend, torch.nn.Module)
-        assert sum(p.numel() for p in model.backend.parameters()) == 1506 * 2 + 1506 * 200 + 200 + 200 * 2 + 200 * 50 + 50
+        assert (
+            sum(p.numel() for p in model.backend.parameters()) == 1506 * 2 + 1506 * 200 + 200 + 200 * 2 + 200 * 50 + 50
+        )
 
 
 def test_backend_is_trainable():
@@ -218,7 +221,7 @@ def test_round_float16_no_overflow():
     small = x <= 65504
     assert torch.equal(r[small], x[small].half().float())
     assert torch.isfinite(r).all()
-    assert (torch.abs(r[~small] - x[~small]) / x[~small] <= 2 ** -11).all()
+    assert (torch.abs(r[~small] - x[~small]) / x[~small] <= 2**-11).all()
 
 
 def test_clip_features():

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from htcl.cli import main
 from conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
 
+from htcl.cli import main
 
 
 @pytest.fixture
@@ -18,9 +17,16 @@ def tiny_world(tmp_path):
 
 def overrides(tmp_path, world):
     return TINY_MODEL + [
-        f"output_dir={tmp_path / 'out'}", f"data.root={world}", "audio.max_seconds=3",
-        "pretrain.batch_size=4", "pretrain.max_steps=3", "pretrain.log_every=1", "pretrain.checkpoint_every=2",
-        "finetune.batch_size=4", "finetune.max_steps=2", "finetune.log_every=1",
+        f"output_dir={tmp_path / 'out'}",
+        f"data.root={world}",
+        "audio.max_seconds=3",
+        "pretrain.batch_size=4",
+        "pretrain.max_steps=3",
+        "pretrain.log_every=1",
+        "pretrain.checkpoint_every=2",
+        "finetune.batch_size=4",
+        "finetune.max_steps=2",
+        "finetune.log_every=1",
     ]
 
 
@@ -67,8 +73,14 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
     # the comparison table: every variant, in-process point-in-time stats (no Feast)
     assert main(["evaluate", "--local", "--config", "configs/demo.yaml", *ov]) == 0
     results = json.loads((out / "evaluation" / "results.json").read_text())
-    assert list(results["variants"]) == ["random-init encoder", "mel statistics", "stage 1 (CLAP-style)", "HTCL",
-                                         "HTCL_w_CF", "no embedding (stats only)"]
+    assert list(results["variants"]) == [
+        "random-init encoder",
+        "mel statistics",
+        "stage 1 (CLAP-style)",
+        "HTCL",
+        "HTCL_w_CF",
+        "no embedding (stats only)",
+    ]
     assert results["heldout_favor_pairs"] > 0 and 0 <= results["variants"]["HTCL"]["matching"]["hit_rate@10"] <= 1
     # every impression of the tiny log is a click: no CTR ranker can train, and the report says so
     assert "both classes" in results["variants"]["HTCL"]["ranking"]["error"]
@@ -79,7 +91,9 @@ def test_local_pipeline_end_to_end(tmp_path, tiny_world, capsys):
         assert r["n"] == 4 and 0 <= r["audio_to_text"]["r@1"] <= 1 and 1 <= r["text_to_audio"]["median_rank"] <= 4
     assert "retrieval" not in results["variants"]["mel statistics"]
     assert results["retrieval_holdout"] == {"artists": 1, "songs": 5, "share": 0.2, "seed": 0}  # song 13: no mel
-    assert "Zero-shot retrieval on held-out artists (1 artist, 4 songs)" in (out / "evaluation" / "results.md").read_text()
+    assert (
+        "Zero-shot retrieval on held-out artists (1 artist, 4 songs)" in (out / "evaluation" / "results.md").read_text()
+    )
 
 
 def test_bad_config_override_is_a_clear_error(capsys):
@@ -110,8 +124,11 @@ def test_training_leaves_the_heldout_artists_out_and_validates_on_them(tmp_path)
 
     world = write_tiny_world(tmp_path / "world")
     bert = write_tiny_bert(tmp_path / "bert")
-    cfg = config_from_dict({}, overrides(tmp_path, world) + [f"model.text_model={bert}", "pretrain.save_best=true",
-                                                             "pretrain.checkpoint_every=0"])
+    cfg = config_from_dict(
+        {},
+        overrides(tmp_path, world)
+        + [f"model.text_model={bert}", "pretrain.save_best=true", "pretrain.checkpoint_every=0"],
+    )
     run_preprocess(cfg)
     held = heldout_song_ids(cfg)
     assert held == heldout_song_ids(cfg) and len(held) == 4  # 1 of 3 artists, 4 songs each
@@ -120,7 +137,9 @@ def test_training_leaves_the_heldout_artists_out_and_validates_on_them(tmp_path)
     rows = training_rows(cfg, "pretrain")
     assert set(rows.trigger.tolist()) == set(range(1, 13)) - held and set(rows.validation.trigger.tolist()) == held
     for variant in ("favor", "cf"):
-        pairs = training_rows(config_from_dict({}, overrides(tmp_path, world) + [f"finetune.variant={variant}"]), "finetune")
+        pairs = training_rows(
+            config_from_dict({}, overrides(tmp_path, world) + [f"finetune.variant={variant}"]), "finetune"
+        )
         train_songs = set(pairs.trigger.tolist()) | set(pairs.rec.tolist())
         val_songs = set(pairs.validation.trigger.tolist()) | set(pairs.validation.rec.tolist())
         assert not train_songs & held and len(pairs) >= 4 and val_songs & held

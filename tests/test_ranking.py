@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 
 from htcl import schema as S
-from htcl.ranking import CANDIDATE_EMBEDDING, TRIGGER_EMBEDDING, Rankers, RankingError, ranker_auc, ranker_matrix, train_rankers
+from htcl.ranking import (
+    CANDIDATE_EMBEDDING,
+    TRIGGER_EMBEDDING,
+    Rankers,
+    RankingError,
+    ranker_auc,
+    ranker_matrix,
+    train_rankers,
+)
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 
@@ -23,15 +31,23 @@ def synthetic_frame(n: int = 3000, dim: int = 16, seed: int = 0) -> tuple[pd.Dat
     click = rng.random(n) < p_click
     p_favor = 1 / (1 + np.exp(-(6 * cos - 0.5)))
     favor = click & (rng.random(n) < p_favor)
-    frame = pd.DataFrame({
-        S.USER_ID: rng.integers(1, 20, n), S.TRIGGER_SONG_ID: trig + 1, S.SONG_ID: cand + 1,
-        S.CLICKED: click, S.FAVORED: favor, S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.arange(n), unit="min"),
-        CANDIDATE_EMBEDDING: list(songs[cand]), TRIGGER_EMBEDDING: list(songs[trig]),
-        "song_stats__ctr_7d": (pop[cand] + rng.standard_normal(n)).astype(np.float32),
-        "song_stats__impressions_7d": rng.integers(0, 50, n),
-        "listener_stats__top_genre_30d": "rock",  # a string: not a numeric feature
-        "p_click": p_click, "p_favor": p_favor,  # the truth, for the oracle AUCs
-    })
+    frame = pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, 20, n),
+            S.TRIGGER_SONG_ID: trig + 1,
+            S.SONG_ID: cand + 1,
+            S.CLICKED: click,
+            S.FAVORED: favor,
+            S.EVENT_TIMESTAMP: T0 + pd.to_timedelta(np.arange(n), unit="min"),
+            CANDIDATE_EMBEDDING: list(songs[cand]),
+            TRIGGER_EMBEDDING: list(songs[trig]),
+            "song_stats__ctr_7d": (pop[cand] + rng.standard_normal(n)).astype(np.float32),
+            "song_stats__impressions_7d": rng.integers(0, 50, n),
+            "listener_stats__top_genre_30d": "rock",  # a string: not a numeric feature
+            "p_click": p_click,
+            "p_favor": p_favor,  # the truth, for the oracle AUCs
+        }
+    )
     return frame, songs
 
 

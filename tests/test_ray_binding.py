@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import REPO
 
 psutil = pytest.importorskip("psutil")
@@ -29,9 +28,12 @@ psutil = pytest.importorskip("psutil")
 # Listeners Ray 2.60 opens that cannot be bound to 127.0.0.1 (kept in step with the README's
 # "What listens where"): (process name pattern, reason). Each must refuse a call without the token.
 NOT_ON_LOOPBACK: list[tuple[str, str]] = [
-    (r"^ray::ServeReplica:", "Serve's inter-deployment gRPC server: ray/serve/_private/replica.py binds "
-     "it to [::]:0 unconditionally (no option, no environment variable); Ray attaches its token "
-     "interceptor, so without RAY_AUTH_TOKEN a call gets UNAUTHENTICATED"),
+    (
+        r"^ray::ServeReplica:",
+        "Serve's inter-deployment gRPC server: ray/serve/_private/replica.py binds "
+        "it to [::]:0 unconditionally (no option, no environment variable); Ray attaches its token "
+        "interceptor, so without RAY_AUTH_TOKEN a call gets UNAUTHENTICATED",
+    ),
 ]
 # Not exercised here (it takes a Ray Train run), in the README too: while a TorchTrainer runs, rank 0's
 # torch.distributed TCPStore listens on [::]:MASTER_PORT (torch 2.13 binds it there whatever host it
@@ -61,15 +63,19 @@ def listeners(pids: set[int]) -> list[dict]:
             name = " ".join(p.cmdline()) or p.name()
         except psutil.Error:
             name = "?"
-        found.append({"ip": c.laddr.ip, "port": c.laddr.port, "proto": "tcp" if tcp else "udp",
-                      "pid": c.pid, "process": name})
+        found.append(
+            {"ip": c.laddr.ip, "port": c.laddr.port, "proto": "tcp" if tcp else "udp", "pid": c.pid, "process": name}
+        )
     return found
 
 
 def exposed(socks: list[dict]) -> list[dict]:
     """The listeners that are not on the loopback and not in NOT_ON_LOOPBACK."""
-    return [s for s in socks if not is_loopback(s["ip"])
-            and not any(re.search(pat, s["process"]) for pat, _ in NOT_ON_LOOPBACK)]
+    return [
+        s
+        for s in socks
+        if not is_loopback(s["ip"]) and not any(re.search(pat, s["process"]) for pat, _ in NOT_ON_LOOPBACK)
+    ]
 
 
 def serves_metrics(port: int, timeout: float = 2.0) -> bool:
@@ -86,8 +92,11 @@ def serves_metrics(port: int, timeout: float = 2.0) -> bool:
                 data += chunk
     except OSError:
         return False
-    return data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0] and (
-        b"# TYPE " in data or b"# HELP " in data)
+    return (
+        data.startswith(b"HTTP/1.")
+        and b" 200 " in data.split(b"\r\n", 1)[0]
+        and (b"# TYPE " in data or b"# HELP " in data)
+    )
 
 
 def grpc_refuses_without_token(port: int, method: str = "/ray.serve.ASGIService/HandleRequest") -> bool:
@@ -167,17 +176,34 @@ def test_local_ray_instance_listens_on_loopback_only_and_serves_no_metrics(tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # As a user's shell would have it, minus any Ray settings of ours: the defaults are under test.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_") and k not in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=str(REPO),
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RAY_") and k not in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+    }
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        PYTHONPATH=str(REPO),
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
+    )
     log = (tmp_path / "child.log").open("w")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(port)], cwd=REPO, env=env, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(port)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         deadline, line = time.time() + 150, ""
         while line.strip() != "READY":
-            assert child.poll() is None, f"child exited {child.returncode}: {(tmp_path / 'child.log').read_text()[-3000:]}"
+            assert child.poll() is None, (
+                f"child exited {child.returncode}: {(tmp_path / 'child.log').read_text()[-3000:]}"
+            )
             assert time.time() < deadline, "local Ray + Serve not up in 150 s"
             if select.select([child.stdout], [], [], 1.0)[0]:
                 line = child.stdout.readline()
@@ -219,5 +245,6 @@ def test_readme_documents_the_loopback_environment():
     readme = (REPO / "README.md").read_text()
     exports = dict(re.findall(r"\b(\w+)=(\S+)", " ".join(re.findall(r"^export (.*)$", readme, re.MULTILINE))))
     assert {k: exports.get(k) for k in LOOPBACK_RAY_ENV} == LOOPBACK_RAY_ENV
-    assert re.search(r"^ray start --head --node-ip-address 127\.0\.0\.1 .*--dashboard-host 127\.0\.0\.1", readme,
-                     re.MULTILINE)
+    assert re.search(
+        r"^ray start --head --node-ip-address 127\.0\.0\.1 .*--dashboard-host 127\.0\.0\.1", readme, re.MULTILINE
+    )

@@ -29,10 +29,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
 from conftest import REPO, TINY_MODEL
-from ray_jobs.common import LOOPBACK_RAY_ENV
 from test_ray_binding import exposed, fmt, grpc_refuses_without_token, is_loopback, listeners, metrics_ports
+
+from ray_jobs.common import LOOPBACK_RAY_ENV
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
@@ -60,35 +60,64 @@ class Head:
     """`ray start --head --block` in its own session; stop() kills the group and any stragglers."""
 
     def __init__(self, log_dir: Path):
-        (self.gcs, self.dashboard, self.client, self.agent_http, self.agent_grpc, self.runtime_env,
-         self.metrics, self.node_manager, self.object_manager) = free_ports(9)
+        (
+            self.gcs,
+            self.dashboard,
+            self.client,
+            self.agent_http,
+            self.agent_grpc,
+            self.runtime_env,
+            self.metrics,
+            self.node_manager,
+            self.object_manager,
+        ) = free_ports(9)
         # Short path: Ray's unix sockets live under it (108-byte limit on socket paths).
         self.temp_dir = tempfile.mkdtemp(prefix="htclray", dir="/tmp")
         self.token = secrets.token_hex(32)
-        self.env = {k: v for k, v in os.environ.items()
-                    if (not k.startswith("RAY_") or k in ("RAY_DEDUP_LOGS",)) and k not in LOOPBACK_RAY_ENV}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if (not k.startswith("RAY_") or k in ("RAY_DEDUP_LOGS",)) and k not in LOOPBACK_RAY_ENV
+        }
         self.env.update(LOOPBACK_RAY_ENV)  # as the README's `ray start --head` has them exported
         # Draining at stop() has no work left to protect (the jobs are done): 5 s, not 30.
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
-                        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5",
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
         self.log = (log_dir / "ray_head.log").open("w")
         self.url = f"http://127.0.0.1:{self.dashboard}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> None:
         cmd = [
-            str(RAY), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1", f"--port={self.gcs}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-            f"--ray-client-server-port={self.client}", f"--dashboard-agent-listen-port={self.agent_http}",
-            f"--dashboard-agent-grpc-port={self.agent_grpc}", f"--runtime-env-agent-port={self.runtime_env}",
-            f"--metrics-export-port={self.metrics}", f"--node-manager-port={self.node_manager}",
+            str(RAY),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard}",
+            f"--ray-client-server-port={self.client}",
+            f"--dashboard-agent-listen-port={self.agent_http}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc}",
+            f"--runtime-env-agent-port={self.runtime_env}",
+            f"--metrics-export-port={self.metrics}",
+            f"--node-manager-port={self.node_manager}",
             f"--object-manager-port={self.object_manager}",
-            "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={400 * 1024**2}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--object-store-memory={400 * 1024**2}",
             f"--temp-dir={self.temp_dir}",
         ]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=self.temp_dir)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -172,10 +201,35 @@ class Head:
 
     def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 300.0) -> tuple[str, str, str]:
         """`ray job submit --working-dir .` from the repo root; returns (status, job logs, CLI output)."""
-        runtime_env = {"excludes": [".venv", ".git", "outputs", "runs", "data", "**/__pycache__",
-                                    "*.egg-info", ".pytest_cache", "benchmarks/results", ".whl", ".gl"]}
-        cmd = [str(RAY), "job", "submit", f"--address={self.url}", f"--submission-id={submission_id}",
-               "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+        runtime_env = {
+            "excludes": [
+                ".venv",
+                ".git",
+                "outputs",
+                "runs",
+                "data",
+                "**/__pycache__",
+                "*.egg-info",
+                ".pytest_cache",
+                "benchmarks/results",
+                ".whl",
+                ".gl",
+            ]
+        }
+        cmd = [
+            str(RAY),
+            "job",
+            "submit",
+            f"--address={self.url}",
+            f"--submission-id={submission_id}",
+            "--no-wait",
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *entrypoint,
+        ]
         t_submit = time.time()
         cli = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -188,8 +242,10 @@ class Head:
             status = info["status"]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 if info.get("start_time") and info.get("end_time"):
-                    print(f"{submission_id}: {status} in {(info['end_time'] - info['start_time']) / 1000:.1f} s "
-                          f"(submit to done {time.time() - t_submit:.1f} s)")
+                    print(
+                        f"{submission_id}: {status} in {(info['end_time'] - info['start_time']) / 1000:.1f} s "
+                        f"(submit to done {time.time() - t_submit:.1f} s)"
+                    )
                 break
             time.sleep(0.5)
         logs = requests.get(f"{self.url}/api/jobs/{submission_id}/logs", headers=self.auth, timeout=10).json()["logs"]
@@ -216,8 +272,16 @@ def tiny_catalog(tmp_path):
         t = np.arange(3 * sr) / sr
         wave = 0.3 * np.sin(2 * np.pi * (110 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * i * t))
         sf.write(audio / f"{i}.flac", wave.astype(np.float32), sr)
-        rows.append({"song_id": i, "audio_path": str(audio / f"{i}.flac"), "title": f"tone {i}",
-                     "artist": "a", "lyrics": "", "tags": ""})
+        rows.append(
+            {
+                "song_id": i,
+                "audio_path": str(audio / f"{i}.flac"),
+                "title": f"tone {i}",
+                "artist": "a",
+                "lyrics": "",
+                "tags": "",
+            }
+        )
     (audio / "13.wav").write_bytes(b"this is not audio at all" * 10)
     rows.append({**rows[0], "song_id": 13, "audio_path": str(audio / "13.wav")})
     pd.DataFrame(rows).to_parquet(tmp_path / "catalog.parquet")
@@ -230,8 +294,11 @@ def test_dashboard_refuses_unauthenticated_requests(head):
     assert requests.get(f"{head.url}/api/jobs/", headers=wrong, timeout=10).status_code in (401, 403)
     assert requests.get(f"{head.url}/api/jobs/", headers=head.auth, timeout=10).status_code == 200
     # Bound to loopback only: nothing listens on the dashboard port of another interface.
-    conns = [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == head.dashboard
-             and c.status == psutil.CONN_LISTEN]
+    conns = [
+        c
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == head.dashboard and c.status == psutil.CONN_LISTEN
+    ]
     assert conns and all(c.laddr.ip == "127.0.0.1" for c in conns)
 
 
@@ -289,7 +356,9 @@ def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tm
     assert q.song_id.tolist() == [13] and q.error_type.tolist() == ["not_audio"]
 
     # What was uploaded: the repo without .venv, .git or outputs (small).
-    pkgs = {p.resolve() for p in Path(head.temp_dir).glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()}
+    pkgs = {
+        p.resolve() for p in Path(head.temp_dir).glob("session_*/runtime_resources/working_dir_files/*") if p.is_dir()
+    }
     assert pkgs, "no unpacked working_dir found"
     for pkg in pkgs:
         names = {p.name for p in pkg.iterdir()}
@@ -301,9 +370,21 @@ def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tm
         # Stage 1 on Ray Train, submitted the same way, at tiny sizes: its checkpoint feeds embed.
         status, logs, cli = head.submit(
             "htcl_pretrain_" + secrets.token_hex(4),
-            ["python", "-m", "ray_jobs.pretrain", "--config", "configs/demo.yaml", *ov,
-             f"data.root={tiny_catalog.parent}", "pretrain.batch_size=4", "pretrain.max_steps=2",
-             "pretrain.num_workers=1", "pretrain.log_every=1", "pretrain.checkpoint_every=2", "pretrain.warmup_steps=1"],
+            [
+                "python",
+                "-m",
+                "ray_jobs.pretrain",
+                "--config",
+                "configs/demo.yaml",
+                *ov,
+                f"data.root={tiny_catalog.parent}",
+                "pretrain.batch_size=4",
+                "pretrain.max_steps=2",
+                "pretrain.num_workers=1",
+                "pretrain.log_every=1",
+                "pretrain.checkpoint_every=2",
+                "pretrain.warmup_steps=1",
+            ],
         )
         assert status == "SUCCEEDED", logs[-4000:]
         ckpt = out / "pretrain" / "model.pt"
@@ -312,8 +393,9 @@ def test_submitted_preprocess_pretrain_embed_jobs_succeed(head, tiny_catalog, tm
         cfg = config_from_dict({}, ov)
         torch.manual_seed(0)
         model = HTCLModel(cfg.model, cfg.audio)
-        ckpt = save_checkpoint(out / "pretrain" / "model.pt",
-                               TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+        ckpt = save_checkpoint(
+            out / "pretrain" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain"
+        )
     status, logs, cli = head.submit(
         "htcl_embed_" + secrets.token_hex(4),
         ["python", "-m", "ray_jobs.embed", "--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt)],

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-
 from conftest import TINY_MODEL, write_tiny_bert
+
 from htcl import schema as S
 from htcl.config import config_from_dict
 from htcl.mels import MelExtractor, read_mels
@@ -205,10 +205,22 @@ def test_jobs_take_the_cli_arguments_and_reject_bad_config(capsys):
     from ray_jobs import embed, preprocess
     from ray_jobs.common import parse_args
 
-    args, cfg = parse_args(preprocess.build_parser(), ["--config", "configs/demo.yaml", "model.n_layers=2",
-                                                       "--catalog", "c.parquet", "audio.max_seconds=3", "--force"])
+    args, cfg = parse_args(
+        preprocess.build_parser(),
+        [
+            "--config",
+            "configs/demo.yaml",
+            "model.n_layers=2",
+            "--catalog",
+            "c.parquet",
+            "audio.max_seconds=3",
+            "--force",
+        ],
+    )
     assert (args.catalog, args.force, cfg.model.n_layers, cfg.audio.max_seconds) == ("c.parquet", True, 2, 3.0)
-    args, cfg = parse_args(embed.build_parser(), ["--config", "configs/demo.yaml", "--checkpoint", "m.pt", "model.embed_dim=16"])
+    args, cfg = parse_args(
+        embed.build_parser(), ["--config", "configs/demo.yaml", "--checkpoint", "m.pt", "model.embed_dim=16"]
+    )
     assert (args.checkpoint, cfg.model.embed_dim) == ("m.pt", 16)
     for mod in (preprocess, embed):
         with pytest.raises(SystemExit) as info:
@@ -266,7 +278,9 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
 
     torch.manual_seed(0)
     model = HTCLModel(cfg.model, cfg.audio)
-    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    ckpt = save_checkpoint(
+        out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain"
+    )
     local = pd.read_parquet(run_embed(cfg, ckpt)).sort_values("song_id")
     (local_file,) = (out / "embeddings" / model_version(ckpt)).glob("part-*.parquet")
     local_file.rename(tmp_path / "local.parquet")
@@ -277,7 +291,9 @@ def test_embed_job_equals_local_run_embed(ray_local, corpus, tmp_path, capsys):
     assert files and all(f.name.startswith("part-") for f in files)
     assert (files[0].parent / "_config.yaml").is_file()
     ours = pq.read_table(files).to_pandas().sort_values("song_id")
-    assert pq.read_schema(files[0]).remove_metadata().equals(pq.read_schema(tmp_path / "local.parquet").remove_metadata())
+    assert (
+        pq.read_schema(files[0]).remove_metadata().equals(pq.read_schema(tmp_path / "local.parquet").remove_metadata())
+    )
     assert ours.song_id.tolist() == sorted(keep) == local.song_id.tolist()
     np.testing.assert_allclose(np.stack(ours.embedding), np.stack(local.embedding), rtol=0, atol=1e-5)
     assert set(ours.model_version) == {model_version(ckpt)}
@@ -297,8 +313,8 @@ def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_loca
     quarantined, the rest kept); a rerun computes nothing; the embed job reads that cache for a
     backbone checkpoint and equals the local run_embed."""
     import torch
-
     from conftest import write_tiny_world
+
     from htcl.model import HTCLModel
     from htcl.pipeline import run_embed, run_features
     from htcl.towers import audio_tower_spec, read_features, text_tower_spec, tower_dir
@@ -308,15 +324,21 @@ def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_loca
 
     world = write_tiny_world(tmp_path / "world", bad_file=True)
     bert = write_tiny_bert(tmp_path / "bert")
-    ov = [*TINY_MODEL, f"data.root={world}", f"model.text_model={bert}", "model.audio_backbone=musicnn_msd",
-          "model.text_trainable=false", "audio.max_seconds=4"]
+    ov = [
+        *TINY_MODEL,
+        f"data.root={world}",
+        f"model.text_model={bert}",
+        "model.audio_backbone=musicnn_msd",
+        "model.text_trainable=false",
+        "audio.max_seconds=4",
+    ]
     local_cfg = config_from_dict({}, [*ov, f"output_dir={tmp_path / 'local'}"])
     run_features(local_cfg)
     out = tmp_path / "ray"
     cfg = config_from_dict({}, [*ov, f"output_dir={out}"])
     capsys.readouterr()
     assert features_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}"]) == 0
-    summary = json.loads((lambda s: s[s.index("{"): s.rindex("}") + 1])(capsys.readouterr().out))
+    summary = json.loads((lambda s: s[s.index("{") : s.rindex("}") + 1])(capsys.readouterr().out))
     assert summary["audio"]["computed"] == 12 and summary["audio"]["quarantined"] == 1
     assert summary["text"]["computed"] == 13
     q = pq.read_table(out / "quarantine").to_pandas()
@@ -327,13 +349,15 @@ def test_features_job_equals_local_features_and_embeds_a_backbone_model(ray_loca
         for k in ours:
             np.testing.assert_allclose(ours[k], local[k], rtol=0, atol=1e-5)
     assert features_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}"]) == 0
-    again = json.loads((lambda s: s[s.index("{"): s.rindex("}") + 1])(capsys.readouterr().out))
+    again = json.loads((lambda s: s[s.index("{") : s.rindex("}") + 1])(capsys.readouterr().out))
     assert again["audio"]["computed"] == 0 and again["text"]["computed"] == 0 and again["audio"]["kept"] == 12
     assert again["audio"]["skipped_quarantined"] == 1 and len(list((out / "quarantine").glob("*.parquet"))) == 1
 
     torch.manual_seed(0)
     model = HTCLModel(cfg.model, cfg.audio)
-    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    ckpt = save_checkpoint(
+        out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain"
+    )
     local = pd.read_parquet(run_embed(cfg, ckpt)).sort_values("song_id")
     assert embed_main(["--config", "configs/demo.yaml", *ov, f"output_dir={out}", "--checkpoint", str(ckpt)]) == 0
     files = sorted(p for p in (out / "embeddings").glob("*/*.parquet") if p.name != "part-0.parquet")
@@ -351,8 +375,16 @@ def tone_catalog(folder, n: int = 3, audio_dir: str = "audio") -> list[dict]:
     rows = []
     for i in range(1, n + 1):
         sf.write(folder / audio_dir / f"{i}.flac", tone(3.0, freq=220.0 * i), SR)
-        rows.append({"song_id": i, "audio_path": f"{audio_dir}/{i}.flac", "title": f"t{i}", "artist": "a",
-                     "lyrics": "", "tags": ""})
+        rows.append(
+            {
+                "song_id": i,
+                "audio_path": f"{audio_dir}/{i}.flac",
+                "title": f"t{i}",
+                "artist": "a",
+                "lyrics": "",
+                "tags": "",
+            }
+        )
     return rows
 
 
@@ -418,9 +450,11 @@ def test_local_commands_and_the_features_job_refuse_a_bad_catalog_with_exit_1(tm
         raise AssertionError("Ray was started for a catalog that is refused")
 
     monkeypatch.setattr(features, "init_ray", no_ray)
-    runs = {"htcl preprocess --local": lambda argv: htcl(["preprocess", "--local", *argv]),
-            "htcl features --local": lambda argv: htcl(["features", "--local", *argv]),
-            "features job": features.main}
+    runs = {
+        "htcl preprocess --local": lambda argv: htcl(["preprocess", "--local", *argv]),
+        "htcl features --local": lambda argv: htcl(["features", "--local", *argv]),
+        "features job": features.main,
+    }
     for name, named in bad_catalogs(tmp_path).items():
         for what, run in runs.items():
             capsys.readouterr()
@@ -443,8 +477,14 @@ def test_a_refused_catalog_exits_1_in_a_real_process(tmp_path):
 
     bad_catalogs(tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-m", "ray_jobs.preprocess", *job_args(tmp_path / "out", tmp_path / "duplicate.csv")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.preprocess", *job_args(tmp_path / "out", tmp_path / "duplicate.csv")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr and "duplicate.csv" in done.stderr and "song_id 1" in done.stderr
     assert "Started a local Ray instance" not in done.stderr
@@ -490,8 +530,11 @@ def test_relative_audio_paths_resolve_against_the_catalog_folder(tmp_path, monke
     team = tmp_path / "team"
     rows = tone_catalog(team)
     uri, absolute = "s3://bucket/song.flac", str(team / "audio" / "1.flac")
-    extra = [{**rows[0], "song_id": 10, "audio_path": uri}, {**rows[0], "song_id": 11, "audio_path": absolute},
-             {**rows[0], "song_id": 12, "audio_path": None}]
+    extra = [
+        {**rows[0], "song_id": 10, "audio_path": uri},
+        {**rows[0], "song_id": 11, "audio_path": absolute},
+        {**rows[0], "song_id": 12, "audio_path": None},
+    ]
     pd.DataFrame(rows + extra).to_parquet(team / "mixed.parquet")
     pd.DataFrame(rows + extra[1:]).to_parquet(team / "catalog.parquet")  # no URI: nothing reaches for a network
     elsewhere = tmp_path / "elsewhere"
@@ -521,24 +564,33 @@ def test_jobs_on_a_grown_catalog_compute_only_what_is_new(ray_local, tmp_path, c
     computed (each counted on the node that did it), a changed song's old rows gone, the index
     holding the new songs; a rerun with nothing new computes and writes nothing."""
     import torch
-
     from conftest import write_tiny_world
+    from test_incremental import grow, mtimes
+
     from htcl.model import HTCLModel
     from htcl.pipeline import model_version
     from htcl.retrieval import AnnIndex
     from htcl.training import TrainState, build_optimizer, save_checkpoint
     from ray_jobs.embed import main as embed_main
     from ray_jobs.preprocess import main as preprocess_main
-    from test_incremental import grow, mtimes
 
     world = write_tiny_world(tmp_path / "world")
     out = tmp_path / "out"
-    ov = ["--config", "configs/demo.yaml", *TINY_MODEL, f"output_dir={out}", f"data.root={world}",
-          "audio.max_seconds=3", f"model.text_model={write_tiny_bert(tmp_path / 'bert')}"]
+    ov = [
+        "--config",
+        "configs/demo.yaml",
+        *TINY_MODEL,
+        f"output_dir={out}",
+        f"data.root={world}",
+        "audio.max_seconds=3",
+        f"model.text_model={write_tiny_bert(tmp_path / 'bert')}",
+    ]
     cfg = config_from_dict({}, ov[2:])
     torch.manual_seed(0)
     model = HTCLModel(cfg.model, cfg.audio)
-    ckpt = save_checkpoint(out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain")
+    ckpt = save_checkpoint(
+        out / "s1" / "model.pt", TrainState(model, build_optimizer(model, cfg.pretrain)), cfg, "pretrain"
+    )
     embed = [*ov, "--checkpoint", str(ckpt)]
     node = ray.get_runtime_context().get_node_id()
 
@@ -557,8 +609,9 @@ def test_jobs_on_a_grown_catalog_compute_only_what_is_new(ray_local, tmp_path, c
     assert second["nodes"] == {node: 3}
     grown = summary(embed_main, embed)
     assert (grown["new"], grown["changed"], grown["embedded"], grown["index_rebuilt"]) == (2, 1, 3, True)
-    assert sorted(pq.read_table(out / "embeddings" / model_version(ckpt)).column(S.SONG_ID).to_pylist()) == \
-        list(range(1, 15))
+    assert sorted(pq.read_table(out / "embeddings" / model_version(ckpt)).column(S.SONG_ID).to_pylist()) == list(
+        range(1, 15)
+    )
     assert sorted(AnnIndex.load(out / "index" / model_version(ckpt)).song_ids.tolist()) == list(range(1, 15))
 
     files = (mtimes(out / "mels"), mtimes(out / "embeddings" / model_version(ckpt)))

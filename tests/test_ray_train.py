@@ -18,9 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
-
 
 
 def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
@@ -31,11 +29,13 @@ def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
     class Ids:  # a tokenizer stand-in that returns the row's song id
         def __call__(self, texts):
             import torch
+
             return {"input_ids": torch.tensor([[int(t)] for t in texts]), "attention_mask": torch.ones(len(texts), 1)}
 
     n = 10
-    rows = TrainingRows("pretrain", {i: np.full((2, 3), i, np.float32) for i in range(n)}, {i: str(i) for i in range(n)},
-                        np.arange(n))
+    rows = TrainingRows(
+        "pretrain", {i: np.full((2, 3), i, np.float32) for i in range(n)}, {i: str(i) for i in range(n)}, np.arange(n)
+    )
     ids = lambda b: b["input_ids"][:, 0].tolist()  # noqa: E731
     one = batch_stream(rows, Ids(), 4, seed=3)
     ranks = [batch_stream(rows, Ids(), 4, seed=3, rank=r, world=2) for r in (0, 1)]
@@ -68,8 +68,9 @@ def base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ray_train")
     write_tiny_world(root / "world")
-    cfg = config_from_dict({}, TINY_MODEL + [f"output_dir={root / 'pre'}", f"data.root={root / 'world'}",
-                                             "audio.max_seconds=3"])
+    cfg = config_from_dict(
+        {}, TINY_MODEL + [f"output_dir={root / 'pre'}", f"data.root={root / 'world'}", "audio.max_seconds=3"]
+    )
     summary = run_preprocess(cfg)
     assert summary["processed"] == 12
     write_tiny_bert(root / "bert_nodrop", 0.0)
@@ -84,11 +85,19 @@ def make_cfg(base, out: str, *extra):
     if not (base / out / "mels").exists():
         shutil.copytree(base / "pre" / "mels", base / out / "mels")
     overrides = TINY_MODEL + [
-        f"output_dir={base / out}", f"data.root={base / 'world'}", "audio.max_seconds=3",
+        f"output_dir={base / out}",
+        f"data.root={base / 'world'}",
+        "audio.max_seconds=3",
         f"model.text_model={base / 'bert_nodrop'}",
-        "pretrain.batch_size=4", "pretrain.max_steps=2", "pretrain.log_every=1", "pretrain.checkpoint_every=2",
+        "pretrain.batch_size=4",
+        "pretrain.max_steps=2",
+        "pretrain.log_every=1",
+        "pretrain.checkpoint_every=2",
         "pretrain.num_workers=2",
-        "finetune.batch_size=4", "finetune.max_steps=2", "finetune.log_every=1", "finetune.checkpoint_every=2",
+        "finetune.batch_size=4",
+        "finetune.max_steps=2",
+        "finetune.log_every=1",
+        "finetune.checkpoint_every=2",
         "finetune.num_workers=2",
     ]
     return config_from_dict({}, overrides + list(extra))
@@ -153,8 +162,15 @@ def test_stage2_from_the_stage1_checkpoint(pretrained, base, variant):
     from htcl.config import save_config
 
     config_file = save_config(make_cfg(base, "ray", f"finetune.variant={variant}"), base / f"ray_{variant}.yaml")
-    argv = ["--config", str(config_file), "--init-from", str(result.checkpoint), "--variant", variant,
-            "finetune.max_steps=2"]
+    argv = [
+        "--config",
+        str(config_file),
+        "--init-from",
+        str(result.checkpoint),
+        "--variant",
+        variant,
+        "finetune.max_steps=2",
+    ]
     ckpt_path = finetune.main(argv)
     run = "finetune" if variant == "favor" else "finetune_cf"
     assert ckpt_path == base / "ray" / run / "model.pt"
@@ -189,8 +205,15 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, base):
     from htcl.training import load_checkpoint
     from ray_jobs.train_loop import fit
 
-    cfg = make_cfg(base, "fault", f"model.text_model={base / 'bert_drop'}", "model.dropout=0.1",
-                   "pretrain.max_steps=4", "pretrain.checkpoint_every=2", "pretrain.max_failures=1")
+    cfg = make_cfg(
+        base,
+        "fault",
+        f"model.text_model={base / 'bert_drop'}",
+        "model.dropout=0.1",
+        "pretrain.max_steps=4",
+        "pretrain.checkpoint_every=2",
+        "pretrain.max_failures=1",
+    )
     marker = base / "fault" / "killed.txt"
     result = fit(cfg, "pretrain", _fault={"rank": 1, "step": 3, "marker": str(marker)})
 

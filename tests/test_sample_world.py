@@ -33,7 +33,9 @@ SONGS = 40
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sample_world") / "w40"
     paths = generate_world(root, songs=SONGS, seed=0, seconds=30.0, workers=2, progress=False)
-    tables = {name: pd.read_parquet(paths[name]) for name in ("catalog", "interactions", "sessions", "listeners", "truth")}
+    tables = {
+        name: pd.read_parquet(paths[name]) for name in ("catalog", "interactions", "sessions", "listeners", "truth")
+    }
     return {"paths": paths, "root": root, **tables, "meta": json.loads(paths["world_json"].read_text())}
 
 
@@ -226,7 +228,9 @@ def test_restyle_closes_notes_at_the_cut():
     events = styled.tracks[0]
     for channel, pitch in ((0, 60), (1, 64)):
         ons = [t for t, s, d in events if s == 0x90 | channel and d[0] == pitch and d[1] > 0]
-        offs = [t for t, s, d in events if (s == 0x80 | channel or (s == 0x90 | channel and d[1] == 0)) and d[0] == pitch]
+        offs = [
+            t for t, s, d in events if (s == 0x80 | channel or (s == 0x90 | channel and d[1] == 0)) and d[0] == pitch
+        ]
         assert len(ons) == len(offs) == 1 and offs[0] == 960
     assert midi.midi_seconds(midi.write_midi(styled)) == pytest.approx(1.0)
 
@@ -256,8 +260,15 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
 def test_midi_source_with_lastfm_listeners(shared_data, tmp_path):
     midi_dir, lastfm_dir = shared_data / "midi_genres", shared_data / "lastfm_hetrec2011"
     paths = generate_world(
-        tmp_path / "m", songs=8, seed=1, seconds=5.0, workers=2, progress=False, validate=False,
-        source=f"midi:{midi_dir}", listeners=f"lastfm:{lastfm_dir}",
+        tmp_path / "m",
+        songs=8,
+        seed=1,
+        seconds=5.0,
+        workers=2,
+        progress=False,
+        validate=False,
+        source=f"midi:{midi_dir}",
+        listeners=f"lastfm:{lastfm_dir}",
     )
     catalog = pd.read_parquet(paths["catalog"])
     manifest = pd.read_csv(midi_dir / "manifest.tsv", sep="\t")

@@ -76,14 +76,22 @@ def test_validation_names_the_field(client):
         (c.get("/v1/songs/7/embedding"), 404, "song_id"),
         (c.post("/v1/rank", content=b"{not json", headers={"content-type": "application/json"}), 400, "body"),
         (c.post("/v1/rank", json={"user_id": 1, "trigger_song_id": 2, "candidates": []}), 422, "candidates"),
-        (c.post("/v1/rank", json={"user_id": 1, "trigger_song_id": 2, "candidates": list(range(301))}), 422, "candidates"),
+        (
+            c.post("/v1/rank", json={"user_id": 1, "trigger_song_id": 2, "candidates": list(range(301))}),
+            422,
+            "candidates",
+        ),
         (c.post("/v1/rank", json={"user_id": 1, "trigger_song_id": 2, "candidates": [1, "x"]}), 422, "candidates[1]"),
         (c.post("/v1/rank", json={"user_id": 1, "candidates": [1]}), 422, "trigger_song_id"),
         (c.post("/v1/rank", json={"user_id": "1", "trigger_song_id": 2, "candidates": [1]}), 422, "user_id"),
         (c.post("/v1/rank", json={"user_id": 1, "trigger_song_id": 2, "candidates": [1], "extra": 1}), 422, "extra"),
         (c.post("/v1/rank"), 422, "body"),
         (c.post("/v1/recommend", json={"user_id": 1, "trigger_song_id": 2, "k": 0}), 422, "k"),
-        (c.post("/v1/recommend", json={"user_id": 1, "trigger_song_id": 2, "k": 50, "candidates": 20}), 422, "candidates"),
+        (
+            c.post("/v1/recommend", json={"user_id": 1, "trigger_song_id": 2, "k": 50, "candidates": 20}),
+            422,
+            "candidates",
+        ),
         (c.post("/v1/recommend", json=[1, 2]), 422, "body"),
         (c.get("/v1/nothing/here"), 404, "path"),
     ]
@@ -115,7 +123,12 @@ def test_upload_limits_and_types(client):
 def test_bearer_key():
     app = create_api(FakeBackend(), ApiSettings(api_key_sha256=key_digest("s3cret")))
     c = TestClient(app, raise_server_exceptions=False)
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer "}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic s3cret"},
+        {"Authorization": "Bearer "},
+    ):
         r = c.get("/v1/songs/1/embedding", headers=headers)
         assert (r.status_code, field_of(r)) == (401, "authorization") and r.headers["www-authenticate"] == "Bearer"
     assert c.get("/v1/songs/1/embedding", headers={"Authorization": "Bearer s3cret"}).status_code == 200
@@ -153,8 +166,8 @@ def served(tmp_path_factory, tiny_config):
     import os
 
     import torch
-
     from conftest import TINY_MODEL
+
     from htcl.model import HTCLModel
     from htcl.pipeline import embed_mels, model_version
     from htcl.training import TrainState, save_checkpoint
@@ -165,17 +178,29 @@ def served(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("serving") / "out"
     torch.manual_seed(0)
     model = HTCLModel(tiny_config.model, tiny_config.audio)
-    ckpt = save_checkpoint(out / "finetune" / "model.pt", TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), 1),
-                           tiny_config, "finetune")
+    ckpt = save_checkpoint(
+        out / "finetune" / "model.pt",
+        TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), 1),
+        tiny_config,
+        "finetune",
+    )
     v1 = model_version(ckpt)
     rng = np.random.default_rng(0)
     mels = [rng.normal(-6, 3, (128, 40)).astype(np.float32) for _ in range(SONGS)]
-    world = write_world(out, {v1: embed_mels(model, mels), "v2": unit_vectors(SONGS, tiny_config.model.embed_dim, 2)},
-                        current=v1, users=8, n_estimators=10)
+    world = write_world(
+        out,
+        {v1: embed_mels(model, mels), "v2": unit_vectors(SONGS, tiny_config.model.embed_dim, 2)},
+        current=v1,
+        users=8,
+        n_estimators=10,
+    )
     built = time.perf_counter() - t0
     os.environ["HTCL_API_KEY"] = KEY
-    args = {"config": "configs/demo.yaml", "overrides": [*TINY_MODEL, f"output_dir={out}", f"data.root={world['world']}"],
-            "max_upload_mb": 0.25}
+    args = {
+        "config": "configs/demo.yaml",
+        "overrides": [*TINY_MODEL, f"output_dir={out}", f"data.root={world['world']}"],
+        "max_upload_mb": 0.25,
+    }
     info = run.start(args, port=run.free_port(), num_cpus=2)
     print(f"\nserving test: world {built:.1f} s, Serve up {time.perf_counter() - t0 - built:.1f} s")
     yield {**world, **info, "v1": v1, "args": args, "ckpt": ckpt}
@@ -259,11 +284,20 @@ def test_bad_input_is_4xx_naming_the_field(served):
     assert err(get(served, "/v1/songs/1/similar?k=0")) == (422, "k")
     assert err(post(served, "/v1/rank", b"{oops", headers={"Content-Type": "application/json"})) == (400, "body")
     assert err(post(served, "/v1/rank", {"user_id": 1, "trigger_song_id": 5, "candidates": []})) == (422, "candidates")
-    assert err(post(served, "/v1/rank", {"user_id": 1, "trigger_song_id": 5, "candidates": [1, 4242]})) == (404, "candidates")
-    assert err(post(served, "/v1/rank", {"user_id": 1, "trigger_song_id": 4242, "candidates": [1]})) == (404, "trigger_song_id")
+    assert err(post(served, "/v1/rank", {"user_id": 1, "trigger_song_id": 5, "candidates": [1, 4242]})) == (
+        404,
+        "candidates",
+    )
+    assert err(post(served, "/v1/rank", {"user_id": 1, "trigger_song_id": 4242, "candidates": [1]})) == (
+        404,
+        "trigger_song_id",
+    )
     assert err(post(served, "/v1/recommend", {"user_id": 1, "trigger_song_id": 4242})) == (404, "trigger_song_id")
     assert err(post(served, "/v1/recommend", {"user_id": 1, "trigger_song_id": 5, "k": 10**6})) == (422, "k")
-    assert err(post(served, "/v1/embed", b"this is not audio" * 100, headers={"Content-Type": "audio/wav"})) == (415, "body")
+    assert err(post(served, "/v1/embed", b"this is not audio" * 100, headers={"Content-Type": "audio/wav"})) == (
+        415,
+        "body",
+    )
     assert err(post(served, "/v1/embed", b"\0" * 300_000, headers={"Content-Type": "audio/wav"})) == (413, "body")
     # auth: no key, a wrong key -> 401 with the JSON body; /healthz stays open
     assert err(get(served, "/v1/songs/1/embedding", headers={"Authorization": ""})) == (401, "authorization")
@@ -294,10 +328,16 @@ def test_the_api_key_is_in_no_ray_process(served):
         pytest.skip("Ray was already running in this process: not the instance serving starts")
     processes = _ray_processes_of_this_instance()
     assert len(processes) > 5, processes  # gcs, raylet, ..., and the replicas
-    holding = [name for pid, name in processes.items()
-               if f"HTCL_API_KEY={KEY}".encode() in Path(f"/proc/{pid}/environ").read_bytes()]
+    holding = [
+        name
+        for pid, name in processes.items()
+        if f"HTCL_API_KEY={KEY}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    ]
     assert not holding, f"the API key is in the environment of {holding}"
-    assert post(served, "/v1/recommend", {"user_id": 1, "trigger_song_id": 5}, headers={"Authorization": "Bearer nope"})[0] == 401
+    assert (
+        post(served, "/v1/recommend", {"user_id": 1, "trigger_song_id": 5}, headers={"Authorization": "Bearer nope"})[0]
+        == 401
+    )
 
 
 @pytest.mark.slow
@@ -309,8 +349,10 @@ def test_slow_bodies_hold_no_slot_and_healthz_answers(served):
 
     host, port = served["url"].removeprefix("http://").split(":")
     body = json.dumps({"user_id": 1, "trigger_song_id": 5, "k": 5, "candidates": 20}).encode()
-    head = (f"POST /v1/recommend HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/recommend HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     slow = []
     try:
         for _ in range(80):
@@ -322,7 +364,9 @@ def test_slow_bodies_hold_no_slot_and_healthz_answers(served):
         assert get(served, "/healthz", timeout=10)[0] == 200
         assert get(served, "/v1/songs/5/similar?k=3", timeout=10)[0] == 200
         assert post(served, "/v1/recommend", json.loads(body), timeout=10)[0] == 200
-        print(f"\n80 slow bodies open: /healthz, /similar and /recommend answered 200 in {time.perf_counter() - t0:.2f} s")
+        print(
+            f"\n80 slow bodies open: /healthz, /similar and /recommend answered 200 in {time.perf_counter() - t0:.2f} s"
+        )
         answer = b""
         while chunk := slow[0].recv(4096):  # the body deadline (5 s) passes; the answer closes the connection
             answer += chunk
@@ -375,8 +419,12 @@ def test_rollout_to_a_new_model_version_fails_no_request(served):
             if i % 2:
                 status, body = get(served, f"/v1/songs/{1 + i % SONGS}/similar?k=10", timeout=30)
             else:
-                status, body = post(served, "/v1/recommend", {"user_id": 2, "trigger_song_id": 1 + i % SONGS, "k": 5,
-                                                               "candidates": 20}, timeout=30)
+                status, body = post(
+                    served,
+                    "/v1/recommend",
+                    {"user_id": 2, "trigger_song_id": 1 + i % SONGS, "k": 5, "candidates": 20},
+                    timeout=30,
+                )
             (seen if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
 
     thread = threading.Thread(target=client, daemon=True)
@@ -391,7 +439,10 @@ def test_rollout_to_a_new_model_version_fails_no_request(served):
     time.sleep(1.0)
     stop.set()
     thread.join(timeout=35)
-    print(f"\nrollout v1 -> v2: {len(seen)} requests answered, {len(failures)} failed, {rollout_s:.1f} s until v2 answered")
+    print(
+        f"\nrollout v1 -> v2: {len(seen)} requests answered, {len(failures)} failed, "
+        f"{rollout_s:.1f} s until v2 answered"
+    )
     assert not failures, failures[:3]
     assert seen[0] == served["v1"] and seen[-1] == "v2"
     # v2 has no checkpoint of its own: the cold-start encoder is off (501), the rest serves v2
@@ -403,12 +454,15 @@ def test_rollout_to_a_new_model_version_fails_no_request(served):
 def test_serve_config_yaml_names_the_builder():
     """serving/config.yaml is a valid Serve config whose import path is build_app."""
     import yaml
+    from conftest import REPO
     from ray.serve.schema import ServeDeploySchema
 
-    from conftest import REPO
-
     raw = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    schema = (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(raw)
+    )
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app" and schema.http_options.host == "127.0.0.1"
     assert json.dumps(app.args)  # plain data

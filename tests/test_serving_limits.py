@@ -54,13 +54,33 @@ def error_of(r) -> tuple[int, str | None]:
 
 
 def scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {}}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
 
 
-async def drive(app, method: str, path: str, chunks: list[bytes], every_s: float, content_length: int | None = None,
-                content_type: bytes = b"application/json", limit_s: float = 10.0) -> dict:
+async def drive(
+    app,
+    method: str,
+    path: str,
+    chunks: list[bytes],
+    every_s: float,
+    content_length: int | None = None,
+    content_type: bytes = b"application/json",
+    limit_s: float = 10.0,
+) -> dict:
     """Call an ASGI app as a slow client would: one body chunk every `every_s` seconds, then silence
     until the answer. Returns the status, headers, body and when the answer started."""
     headers = [(b"content-type", content_type)]
@@ -100,7 +120,7 @@ def test_a_slow_body_gets_408_at_its_deadline_and_never_reaches_the_backend():
     deadline with a JSON 408; the route never runs."""
     backend = FakeBackend()
     app = create_api(backend, ApiSettings(body_timeout_s=0.3))
-    one_byte_chunks = [RECOMMEND[i:i + 1] for i in range(len(RECOMMEND))]
+    one_byte_chunks = [RECOMMEND[i : i + 1] for i in range(len(RECOMMEND))]
     got = asyncio.run(drive(app, "POST", "/v1/recommend", one_byte_chunks, every_s=0.05, content_length=len(RECOMMEND)))
     assert got["status"] == 408 and got["at_s"] < 1.5, got
     assert json.loads(got["body"])["error"]["field"] == "body"
@@ -160,9 +180,15 @@ def test_json_bodies_are_capped_before_parsing():
     c = TestClient(create_api(backend, ApiSettings()), raise_server_exceptions=False)
     padded = RECOMMEND[:-1] + b" " * (50 * 1024 * 1024) + b"}"
     t0 = time.perf_counter()
-    assert error_of(c.post("/v1/recommend", content=padded, headers={"content-type": "application/json"})) == (413, "body")
+    assert error_of(c.post("/v1/recommend", content=padded, headers={"content-type": "application/json"})) == (
+        413,
+        "body",
+    )
     huge_list = b'{"user_id": 1, "trigger_song_id": 2, "candidates": [' + b"1, " * 700_000 + b"1]}"
-    assert error_of(c.post("/v1/rank", content=huge_list, headers={"content-type": "application/json"})) == (413, "body")
+    assert error_of(c.post("/v1/rank", content=huge_list, headers={"content-type": "application/json"})) == (
+        413,
+        "body",
+    )
 
     def chunked():  # no Content-Length: counted as it arrives
         yield RECOMMEND[:-1]
@@ -170,7 +196,10 @@ def test_json_bodies_are_capped_before_parsing():
             yield b" " * 1024
         yield b"}"
 
-    assert error_of(c.post("/v1/recommend", content=chunked(), headers={"content-type": "application/json"})) == (413, "body")
+    assert error_of(c.post("/v1/recommend", content=chunked(), headers={"content-type": "application/json"})) == (
+        413,
+        "body",
+    )
     assert time.perf_counter() - t0 < 5 and backend.calls == []
     # the largest legitimate body fits: max_candidates ids of 19 digits, loosely spaced
     biggest = {"user_id": 2**63 - 1, "trigger_song_id": 2**63 - 1, "candidates": [2**63 - 1] * 1000}
@@ -211,8 +240,14 @@ def test_serve_own_errors_become_the_json_error_body():
     def through_gate(app):
         return TestClient(BodyGate(app, BodyLimits(), serve_errors_as_json=True), raise_server_exceptions=False)
 
-    r = through_gate(serve_answers(503, "Request dropped due to backpressure (num_queued_requests=32, max_queued_requests=32).")).get("/v1/songs/1/similar")
-    assert error_of(r) == (503, None) and r.headers["retry-after"] == "1" and "backpressure" in r.json()["error"]["message"]
+    r = through_gate(
+        serve_answers(503, "Request dropped due to backpressure (num_queued_requests=32, max_queued_requests=32).")
+    ).get("/v1/songs/1/similar")
+    assert (
+        error_of(r) == (503, None)
+        and r.headers["retry-after"] == "1"
+        and "backpressure" in r.json()["error"]["message"]
+    )
     r = through_gate(serve_answers(503, "dropped", [(b"retry-after", b"7")])).get("/healthz")
     assert error_of(r) == (503, None) and r.headers["retry-after"] == "7"
     r = through_gate(serve_answers(408, "Request abc timed out after 10.0s.")).get("/v1/songs/1/similar")

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import T0, TINY_MODEL
+
 from htcl import pipeline
 from htcl import schema as S
 from htcl.audio import mel_to_bytes
@@ -38,17 +38,30 @@ KINDS = {"mels": "model.audio_backbone=none", "features": "model.audio_backbone=
 def write_world(root, n_songs=N_SONGS):
     """catalog (no audio: training reads mels/features only), 400 impressions over 40 days."""
     root.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({
-        S.SONG_ID: np.arange(n_songs), S.AUDIO_PATH: "", S.TITLE: [f"song {i}" for i in range(n_songs)],
-        S.ARTIST: [f"artist {i % N_ARTISTS}" for i in range(n_songs)], S.LYRICS: "", S.TAGS: "",
-        S.GENRE: "", S.LANGUAGE: "", S.UPDATED_AT: T0,
-    }).to_parquet(root / "catalog.parquet")
+    pd.DataFrame(
+        {
+            S.SONG_ID: np.arange(n_songs),
+            S.AUDIO_PATH: "",
+            S.TITLE: [f"song {i}" for i in range(n_songs)],
+            S.ARTIST: [f"artist {i % N_ARTISTS}" for i in range(n_songs)],
+            S.LYRICS: "",
+            S.TAGS: "",
+            S.GENRE: "",
+            S.LANGUAGE: "",
+            S.UPDATED_AT: T0,
+        }
+    ).to_parquet(root / "catalog.parquet")
     rng = np.random.default_rng(1)
-    pd.DataFrame({
-        S.USER_ID: rng.integers(1, 9, 400), S.TRIGGER_SONG_ID: rng.integers(0, n_songs, 400),
-        S.REC_SONG_ID: rng.integers(0, n_songs, 400), S.CLICKED: True, S.FAVORED: rng.random(400) < 0.6,
-        S.EVENT_TIMESTAMP: [T0 + pd.Timedelta(hours=2.4 * m) for m in range(400)],
-    }).to_parquet(root / "interactions.parquet")
+    pd.DataFrame(
+        {
+            S.USER_ID: rng.integers(1, 9, 400),
+            S.TRIGGER_SONG_ID: rng.integers(0, n_songs, 400),
+            S.REC_SONG_ID: rng.integers(0, n_songs, 400),
+            S.CLICKED: True,
+            S.FAVORED: rng.random(400) < 0.6,
+            S.EVENT_TIMESTAMP: [T0 + pd.Timedelta(hours=2.4 * m) for m in range(400)],
+        }
+    ).to_parquet(root / "interactions.parquet")
     return root
 
 
@@ -62,8 +75,11 @@ def write_inputs(cfg, inputs: dict[int, np.ndarray]):
     if cfg.model.audio_backbone == "none":
         mel_row = lambda i, x: {S.SONG_ID: i, S.N_FRAMES: x.shape[1], S.MEL: mel_to_bytes(x)}  # noqa: E731
         for k, chunk in enumerate(chunks[:-1]):
-            write_table([mel_row(i, inputs[i]) for i in chunk], S.MELS_SCHEMA,
-                        pipeline.out_path(cfg, "mels", f"part-{k:05d}.parquet"))
+            write_table(
+                [mel_row(i, inputs[i]) for i in chunk],
+                S.MELS_SCHEMA,
+                pipeline.out_path(cfg, "mels", f"part-{k:05d}.parquet"),
+            )
         last = pa.Table.from_pylist([mel_row(i, later[i]) for i in chunks[-1]], schema=S.MELS_SCHEMA)
         pq.write_table(last, pipeline.out_path(cfg, "mels", "part-00009.parquet"), row_group_size=4)
     else:
@@ -78,15 +94,28 @@ def random_inputs(kind: str, seed: int = 0) -> dict[int, np.ndarray]:
     batches pad and their masks matter."""
     rng = np.random.default_rng(seed)
     if kind == "mels":
-        return {i: rng.normal(-6, 2, (128, int(rng.integers(20, 40)))).astype(np.float16).astype(np.float32)
-                for i in range(N_SONGS)}
+        return {
+            i: rng.normal(-6, 2, (128, int(rng.integers(20, 40)))).astype(np.float16).astype(np.float32)
+            for i in range(N_SONGS)
+        }
     return {i: rng.normal(0, 1, (6, int(rng.integers(1, 5)))).astype(np.float32) for i in range(N_SONGS)}
 
 
 def make_cfg(tmp, kind, *extra):
-    return config_from_dict({}, [*TINY_MODEL, KINDS[kind], f"data.root={tmp / 'world'}", f"output_dir={tmp / 'out'}",
-                                 f"pretrain.batch_size={BATCH}", f"finetune.batch_size={BATCH}",
-                                 "pretrain.reader_cache_rows=12", "finetune.reader_cache_rows=12", *extra])
+    return config_from_dict(
+        {},
+        [
+            *TINY_MODEL,
+            KINDS[kind],
+            f"data.root={tmp / 'world'}",
+            f"output_dir={tmp / 'out'}",
+            f"pretrain.batch_size={BATCH}",
+            f"finetune.batch_size={BATCH}",
+            "pretrain.reader_cache_rows=12",
+            "finetune.reader_cache_rows=12",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +159,12 @@ def test_streamed_batches_equal_the_in_memory_ones_for_any_world_and_resume(worl
     for world_size in (1, 2, 4):
         for start in (0, steps_per_epoch + 2):  # a resume past an epoch boundary
             for rank in range(world_size):
-                streamed = pipeline.batch_stream(rows, tokenizer, BATCH, seed=3, start_step=start, rank=rank,
-                                                 world=world_size)
-                loaded = pipeline.batch_stream(reference, tokenizer, BATCH, seed=3, start_step=start, rank=rank,
-                                               world=world_size)
+                streamed = pipeline.batch_stream(
+                    rows, tokenizer, BATCH, seed=3, start_step=start, rank=rank, world=world_size
+                )
+                loaded = pipeline.batch_stream(
+                    reference, tokenizer, BATCH, seed=3, start_step=start, rank=rank, world=world_size
+                )
                 for step in range(start, start + steps_per_epoch + 1):  # across the next epoch boundary
                     assert_same_batch(next(streamed), next(loaded), f"world {world_size} rank {rank} step {step}")
                 streamed.close()
@@ -252,8 +283,11 @@ def test_shards_are_written_in_small_row_groups(tmp_path):
 
     inputs = random_inputs("mels")
     ids = sorted(inputs)[:40]
-    mels = write_table([{S.SONG_ID: i, S.N_FRAMES: inputs[i].shape[1], S.MEL: mel_to_bytes(inputs[i])} for i in ids],
-                       S.MELS_SCHEMA, tmp_path / "mels" / "part-0.parquet")
+    mels = write_table(
+        [{S.SONG_ID: i, S.N_FRAMES: inputs[i].shape[1], S.MEL: mel_to_bytes(inputs[i])} for i in ids],
+        S.MELS_SCHEMA,
+        tmp_path / "mels" / "part-0.parquet",
+    )
     features = write_features([feature_row(i, "h", np.ones((6, 3), np.float32)) for i in ids], tmp_path / "features")
     for path in (mels, features):
         meta = pq.ParquetFile(path).metadata

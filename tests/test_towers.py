@@ -13,13 +13,29 @@ import torch
 
 from htcl import pipeline
 from htcl.config import config_from_dict
-from htcl.towers import (StaleFeaturesError, audio_input, audio_tower_spec, read_features, text_hash, text_tower_spec,
-                         tower_dir, tower_hash)
+from htcl.towers import (
+    StaleFeaturesError,
+    audio_input,
+    audio_tower_spec,
+    read_features,
+    text_hash,
+    text_tower_spec,
+    tower_dir,
+    tower_hash,
+)
 from tests.conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
 
-TRAIN = ["pretrain.batch_size=4", "pretrain.max_steps=2", "pretrain.warmup_steps=1", "pretrain.log_every=1",
-         "finetune.batch_size=4", "finetune.max_steps=2", "finetune.warmup_steps=1", "finetune.log_every=1",
-         "eval.holdout_fraction=0.25"]
+TRAIN = [
+    "pretrain.batch_size=4",
+    "pretrain.max_steps=2",
+    "pretrain.warmup_steps=1",
+    "pretrain.log_every=1",
+    "finetune.batch_size=4",
+    "finetune.max_steps=2",
+    "finetune.warmup_steps=1",
+    "finetune.log_every=1",
+    "eval.holdout_fraction=0.25",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +44,18 @@ def tiny_bert(tmp_path_factory):
 
 
 def make_cfg(tmp_path, tiny_bert, *extra):
-    return config_from_dict({}, [*TINY_MODEL, *TRAIN, f"output_dir={tmp_path / 'out'}", f"data.root={tmp_path / 'world'}",
-                                 f"model.text_model={tiny_bert}", "audio.max_seconds=4", *extra])
+    return config_from_dict(
+        {},
+        [
+            *TINY_MODEL,
+            *TRAIN,
+            f"output_dir={tmp_path / 'out'}",
+            f"data.root={tmp_path / 'world'}",
+            f"model.text_model={tiny_bert}",
+            "audio.max_seconds=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +92,9 @@ def test_changed_inputs_are_redone_and_the_rest_kept(tmp_path, tiny_bert):
     # song 3's audio and song 5's title change
     sr = 16000
     t = np.arange(3 * sr) / sr
-    sf.write(tmp_path / "world" / "audio" / "3.flac", (0.3 * np.sign(np.sin(2 * np.pi * 220 * t))).astype(np.float32), sr)
+    sf.write(
+        tmp_path / "world" / "audio" / "3.flac", (0.3 * np.sign(np.sin(2 * np.pi * 220 * t))).astype(np.float32), sr
+    )
     cat = pd.read_parquet(tmp_path / "world" / "catalog.parquet")
     cat.loc[cat.song_id == 5, "title"] = "a new title"
     cat.to_parquet(tmp_path / "world" / "catalog.parquet")
@@ -93,10 +121,12 @@ def test_stale_text_features_are_refused_not_reused(tmp_path, tiny_bert):
 
 def test_another_tower_gets_another_cache(tmp_path, tiny_bert):
     cfg = make_cfg(tmp_path, tiny_bert, "model.audio_backbone=musicnn_msd")
-    other_len = config_from_dict({}, [f"output_dir={cfg.output_dir}", "model.audio_backbone=musicnn_msd",
-                                      "audio.max_seconds=30"])
-    other_net = config_from_dict({}, [f"output_dir={cfg.output_dir}", "model.audio_backbone=musicnn_mtt",
-                                      "audio.max_seconds=4"])
+    other_len = config_from_dict(
+        {}, [f"output_dir={cfg.output_dir}", "model.audio_backbone=musicnn_msd", "audio.max_seconds=30"]
+    )
+    other_net = config_from_dict(
+        {}, [f"output_dir={cfg.output_dir}", "model.audio_backbone=musicnn_mtt", "audio.max_seconds=4"]
+    )
     dirs = {tower_dir(c.output_dir, audio_tower_spec(c.model, c.audio)) for c in (cfg, other_len, other_net)}
     assert len(dirs) == 3
     longer_text = config_from_dict({}, [f"model.text_model={tiny_bert}", "model.text_max_length=64"])
@@ -128,13 +158,19 @@ def test_locked_parameters_do_not_train(backbone_run, tiny_bert, tmp_path):
     assert not any(id(p) in trained for p in model.text.bert.parameters())
     assert not any(id(p) in trained for p in model.audio.backbone.parameters())
     assert all(id(p) in trained for p in model.text.proj.parameters())
-    top = make_cfg(tmp_path, tiny_bert, "model.audio_backbone=musicnn_msd", "model.backbone_train_top=true",
-                   "pretrain.backbone_lr=2e-5")
+    top = make_cfg(
+        tmp_path,
+        tiny_bert,
+        "model.audio_backbone=musicnn_msd",
+        "model.backbone_train_top=true",
+        "pretrain.backbone_lr=2e-5",
+    )
     model = HTCLModel(top.model, top.audio)
     groups = {g["name"]: g for g in build_optimizer(model, top.pretrain).param_groups}
     assert groups["backbone"]["lr"] == 2e-5
-    assert {id(p) for p in groups["backbone"]["params"]} | {id(p) for p in groups["backbone_no_decay"]["params"]} == \
-        {id(p) for p in model.audio.backbone.backend.parameters()}
+    assert {id(p) for p in groups["backbone"]["params"]} | {id(p) for p in groups["backbone_no_decay"]["params"]} == {
+        id(p) for p in model.audio.backbone.backend.parameters()
+    }
     model.train()
     assert not model.audio.backbone.training and model.text.bert.training  # the tagger stays locked
     locked = HTCLModel(cfg.model, cfg.audio).train()
@@ -156,8 +192,14 @@ def test_embedding_later_runs_the_same_towers(backbone_run):
         np.testing.assert_allclose(live, cached[sid], atol=1e-5)
     path = pipeline.run_embed(cfg, ckpt)
     emb = pd.read_parquet(path).set_index("song_id")["embedding"]
-    live = pipeline.embed_mels(model, [audio_input(model, ckpt_cfg.audio, load_audio(tmp / "world" / "audio" / "7.flac", 16000,
-                                                                                     cfg.audio.max_seconds))])[0]
+    live = pipeline.embed_mels(
+        model,
+        [
+            audio_input(
+                model, ckpt_cfg.audio, load_audio(tmp / "world" / "audio" / "7.flac", 16000, cfg.audio.max_seconds)
+            )
+        ],
+    )[0]
     np.testing.assert_allclose(np.asarray(emb.loc[7]), live, atol=1e-5)
 
 
@@ -168,7 +210,9 @@ def test_text_features_equal_the_towers_output(backbone_run):
     _, cfg, _, _ = backbone_run
     catalog = pd.read_parquet(cfg.data.root + "/catalog.parquet")
     texts = pipeline.song_texts(catalog)
-    cached = read_features(tower_dir(cfg.output_dir, text_tower_spec(cfg.model)), {i: text_hash(t) for i, t in texts.items()})
+    cached = read_features(
+        tower_dir(cfg.output_dir, text_tower_spec(cfg.model)), {i: text_hash(t) for i, t in texts.items()}
+    )
     model = HTCLModel(cfg.model, cfg.audio).train()  # a locked BERT stays in eval mode in training
     tok = SongTokenizer(cfg.model)([texts[4]])
     with torch.no_grad():

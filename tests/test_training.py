@@ -2,8 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
-from htcl.config import config_from_dict, replace
+from htcl.config import config_from_dict
 from htcl.model import HTCLModel
 from htcl.text import SongTokenizer
 from htcl.training import (
@@ -19,7 +20,6 @@ from htcl.training import (
     train,
     validate,
 )
-from conftest import TINY_MODEL
 
 FRAMES = 64
 WORDS = "red blue green amber violet silver golden crimson ivory jade coral olive azure teal onyx ruby".split()
@@ -87,15 +87,22 @@ def test_stage2_trains_the_fusion_layer():
     cfg = tiny_cfg("finetune.max_steps=3", "finetune.log_every=1")
     state = make_state(cfg)
     b = pairs_batch(cfg, n=8)
-    batch = {"trigger_mel": b["mel"], "trigger_mask": b["mel_mask"], "rec_mel": b["mel"].flip(0),
-             "rec_mask": b["mel_mask"], "rec_input_ids": b["input_ids"], "rec_attention_mask": b["attention_mask"]}
+    batch = {
+        "trigger_mel": b["mel"],
+        "trigger_mask": b["mel_mask"],
+        "rec_mel": b["mel"].flip(0),
+        "rec_mask": b["mel_mask"],
+        "rec_input_ids": b["input_ids"],
+        "rec_attention_mask": b["attention_mask"],
+    }
     before = state.model.fusion.mlp[0].weight.detach().clone()
     log = []
     train(state, [batch] * 3, cfg.finetune, "finetune", on_log=log.append)
     assert {"loss_aa", "loss_af", "loss_at", "top1_aa"} <= set(log[-1])
     w = cfg.finetune
     assert log[-1]["loss"] == pytest.approx(
-        w.w_aa * log[-1]["loss_aa"] + w.w_af * log[-1]["loss_af"] + w.w_at * log[-1]["loss_at"], rel=1e-5)
+        w.w_aa * log[-1]["loss_aa"] + w.w_af * log[-1]["loss_af"] + w.w_at * log[-1]["loss_at"], rel=1e-5
+    )
     assert not torch.equal(before, state.model.fusion.mlp[0].weight)
 
 
@@ -163,10 +170,17 @@ def test_validation_in_eval_mode_draws_no_rng_and_keeps_the_best():
     assert validate(state.model, val, cfg.pretrain, "pretrain") == first  # eval mode: deterministic
     assert set(first) == {"val_loss", "val_loss_at", "val_top1_at"}
     log, best = [], []
-    train(state, [pairs_batch(cfg, n=8)] * 3, cfg.pretrain, "pretrain", on_log=log.append, val_batches=val,
-          on_best=lambda s: best.append((s.step, log[-1]["val_loss"])))
+    train(
+        state,
+        [pairs_batch(cfg, n=8)] * 3,
+        cfg.pretrain,
+        "pretrain",
+        on_log=log.append,
+        val_batches=val,
+        on_best=lambda s: best.append((s.step, log[-1]["val_loss"])),
+    )
     assert all("val_loss" in r for r in log) and best[0][0] == 1
-    assert [b[1] for b in best] == sorted(b[1] for b in best) [::-1] or len(best) == 1
+    assert [b[1] for b in best] == sorted(b[1] for b in best)[::-1] or len(best) == 1
     assert best[-1][1] == min(r["val_loss"] for r in log)
 
 
@@ -175,8 +189,8 @@ def test_training_refuses_a_non_finite_input_row_naming_the_song(tmp_path, poiso
     """A mel row of inf/NaN (what decoding let through before issue 13) would train on garbage or
     stop at 'non-finite loss' with no hint of why: training refuses it up front, naming the song."""
     import numpy as np
-
     from conftest import write_tiny_world
+
     from htcl import schema as S
     from htcl.audio import mel_to_bytes
     from htcl.mels import write_table
@@ -187,14 +201,20 @@ def test_training_refuses_a_non_finite_input_row_naming_the_song(tmp_path, poiso
     rng = np.random.default_rng(0)
     mels = {i: rng.normal(-6, 2, (128, 32)).astype(np.float32) for i in range(1, 13)}
     mels[7][5, 3] = poison
-    write_table([{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
-                S.MELS_SCHEMA, tmp_path / "out" / "mels" / "part-00000.parquet")
+    write_table(
+        [{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
+        S.MELS_SCHEMA,
+        tmp_path / "out" / "mels" / "part-00000.parquet",
+    )
     for stage in ("pretrain", "finetune"):
         with pytest.raises(ValueError, match=r"song_id 7\b.*(NaN|inf)"):
             training_rows(cfg, stage, verbose=False)
     mels[7][5, 3] = 0.0  # and the same world with the row repaired trains
-    write_table([{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
-                S.MELS_SCHEMA, tmp_path / "out" / "mels" / "part-00000.parquet")
+    write_table(
+        [{S.SONG_ID: i, S.N_FRAMES: 32, S.MEL: mel_to_bytes(m)} for i, m in mels.items()],
+        S.MELS_SCHEMA,
+        tmp_path / "out" / "mels" / "part-00000.parquet",
+    )
     assert len(training_rows(cfg, "pretrain", verbose=False).mels) == 12
 
 
@@ -215,8 +235,17 @@ def test_one_process_trains_the_bare_stage_module():
     assert set(z) == {"audio", "text", "scale"} and z["audio"].shape == (4, cfg.model.embed_dim)
     loss, _ = GLOBAL_LOSSES["pretrain"](z, batch, cfg.pretrain)
     assert torch.equal(loss, stage1_forward(state.model, batch, cfg.pretrain)[0])
-    assert set(data_parallel(state.model, "finetune")({"trigger_mel": batch["mel"], "trigger_mask": batch["mel_mask"],
-        "rec_mel": batch["mel"], "rec_mask": batch["mel_mask"], "rec_input_ids": batch["input_ids"],
-        "rec_attention_mask": batch["attention_mask"]})) == {"trigger_audio", "rec_audio", "rec_text", "rec_fused", "scale"}
+    assert set(
+        data_parallel(state.model, "finetune")(
+            {
+                "trigger_mel": batch["mel"],
+                "trigger_mask": batch["mel_mask"],
+                "rec_mel": batch["mel"],
+                "rec_mask": batch["mel_mask"],
+                "rec_input_ids": batch["input_ids"],
+                "rec_attention_mask": batch["attention_mask"],
+            }
+        )
+    ) == {"trigger_audio", "rec_audio", "rec_text", "rec_fused", "scale"}
     with pytest.raises(ValueError, match="stage="):
         data_parallel(state.model, "nope")

@@ -67,7 +67,9 @@ class TasteModel:
         a, b = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
         self._sim_norm = _standardizer(self._raw_similarity(a, b))
         u = rng.integers(0, len(listeners), 4000)
-        self._match_norm = _standardizer(np.array([self._raw_match(int(i), np.array([int(s)]))[0] for i, s in zip(u, a)]))
+        self._match_norm = _standardizer(
+            np.array([self._raw_match(int(i), np.array([int(s)]))[0] for i, s in zip(u, a)])
+        )
 
     def _raw_similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return -((self.vectors[a] - self.vectors[b]) ** 2).sum(axis=1)
@@ -96,13 +98,17 @@ class TasteModel:
         return np.log(np.clip(aff, 0.05, None))
 
 
-def _sample(rng: np.random.Generator, items: np.ndarray, weights: np.ndarray, k: int, distinct: bool = False) -> np.ndarray:
+def _sample(
+    rng: np.random.Generator, items: np.ndarray, weights: np.ndarray, k: int, distinct: bool = False
+) -> np.ndarray:
     """k items drawn by weight; `distinct` avoids repeats while there are enough items."""
     p = weights / weights.sum()
     return rng.choice(items, size=k, p=p, replace=not distinct or k > np.count_nonzero(p))
 
 
-def simulate_sessions(rng: np.random.Generator, songs: SongFactors, listeners: Listeners, taste: TasteModel) -> pd.DataFrame:
+def simulate_sessions(
+    rng: np.random.Generator, songs: SongFactors, listeners: Listeners, taste: TasteModel
+) -> pd.DataFrame:
     n_genres = listeners.affinity.shape[1]
     all_songs = np.arange(len(songs.genre))
     by_genre = [np.flatnonzero(songs.genre == g) for g in range(n_genres)]
@@ -136,8 +142,12 @@ def simulate_sessions(rng: np.random.Generator, songs: SongFactors, listeners: L
             for pos in range(length):
                 rows.append((u + 1, session_id, pos, int(picks[pos]) + 1, start + offsets[pos]))
     frame = pd.DataFrame(rows, columns=[schema.USER_ID, schema.SESSION_ID, schema.POSITION, schema.SONG_ID, "t"])
-    frame[schema.EVENT_TIMESTAMP] = BASE_TIME + pd.to_timedelta(np.round(frame.pop("t") * 1e6).astype(np.int64), unit="us")
-    return frame.astype({schema.USER_ID: "int64", schema.SESSION_ID: "int64", schema.POSITION: "int32", schema.SONG_ID: "int64"})
+    frame[schema.EVENT_TIMESTAMP] = BASE_TIME + pd.to_timedelta(
+        np.round(frame.pop("t") * 1e6).astype(np.int64), unit="us"
+    )
+    return frame.astype(
+        {schema.USER_ID: "int64", schema.SESSION_ID: "int64", schema.POSITION: "int32", schema.SONG_ID: "int64"}
+    )
 
 
 def _logit(weights: dict, parts: dict[str, np.ndarray], noise: np.ndarray) -> np.ndarray:
@@ -184,14 +194,25 @@ def simulate_impressions(
                 popularity=songs.popularity[cands],
             )
             clicked = rng.random(len(cands)) < 1 / (1 + np.exp(-_logit(CLICK, parts, rng.normal(size=len(cands)))))
-            favored = clicked & (rng.random(len(cands)) < 1 / (1 + np.exp(-_logit(FAVOR, parts, rng.normal(size=len(cands))))))
+            favored = clicked & (
+                rng.random(len(cands)) < 1 / (1 + np.exp(-_logit(FAVOR, parts, rng.normal(size=len(cands)))))
+            )
             t0 = play_times[u + 1][i] + float(rng.integers(5, 120))
             for k, c in enumerate(cands):
                 out.append((u + 1, trigger + 1, int(c) + 1, bool(clicked[k]), bool(favored[k]), t0 + k))
     frame = pd.DataFrame(
         out,
-        columns=[schema.USER_ID, schema.TRIGGER_SONG_ID, schema.REC_SONG_ID, schema.CLICKED, schema.FAVORED, schema.EVENT_TIMESTAMP],
+        columns=[
+            schema.USER_ID,
+            schema.TRIGGER_SONG_ID,
+            schema.REC_SONG_ID,
+            schema.CLICKED,
+            schema.FAVORED,
+            schema.EVENT_TIMESTAMP,
+        ],
     )
     seconds = frame.pop(schema.EVENT_TIMESTAMP).to_numpy()
     frame[schema.EVENT_TIMESTAMP] = BASE_TIME + pd.to_timedelta(np.round(seconds * 1e6).astype(np.int64), unit="us")
-    return frame.sort_values([schema.EVENT_TIMESTAMP, schema.USER_ID, schema.REC_SONG_ID], kind="stable").reset_index(drop=True)
+    return frame.sort_values([schema.EVENT_TIMESTAMP, schema.USER_ID, schema.REC_SONG_ID], kind="stable").reset_index(
+        drop=True
+    )

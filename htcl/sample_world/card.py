@@ -132,4 +132,3 @@ def render_card(params: dict, stats: dict, figures: dict | None) -> str:
         "",
     ]
     return "\n".join(lines)
-

@@ -102,7 +102,9 @@ def key_profile_features(chroma: np.ndarray) -> np.ndarray:
 
     if not np.any(chroma > 0):
         return np.zeros(3)
-    best = [max(np.corrcoef(chroma, np.roll(p, k))[0, 1] for k in range(12)) for p in (KEY_PROFILE_MAJOR, KEY_PROFILE_MINOR)]
+    best = [
+        max(np.corrcoef(chroma, np.roll(p, k))[0, 1] for k in range(12)) for p in (KEY_PROFILE_MAJOR, KEY_PROFILE_MINOR)
+    ]
     return np.array([best[0], best[1], best[0] - best[1]])
 
 

@@ -103,7 +103,19 @@ def synthesize(midi_bytes: bytes, soundfont: str, sample_rate: int, timeout: flo
     with tempfile.TemporaryDirectory(prefix="htcl_render_") as tmp:
         mid, wav = Path(tmp, "in.mid"), Path(tmp, "out.wav")
         mid.write_bytes(midi_bytes)
-        cmd = [FLUIDSYNTH, "-ni", "-q", "-g", str(SYNTH_GAIN), "-r", str(sample_rate), "-F", str(wav), soundfont, str(mid)]
+        cmd = [
+            FLUIDSYNTH,
+            "-ni",
+            "-q",
+            "-g",
+            str(SYNTH_GAIN),
+            "-r",
+            str(sample_rate),
+            "-F",
+            str(wav),
+            soundfont,
+            str(mid),
+        ]
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
         if proc.returncode != 0 or not wav.is_file():
             raise RenderError(f"fluidsynth failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[:300]}")
@@ -194,7 +206,9 @@ def render_song(plan: SongPlan) -> RenderResult:
     music = music * np.float32(10 ** (plan.gain_db / 20))
     if plan.lyrics:
         try:
-            voice = vocals.synthesize(list(plan.lyrics), plan.voice, plan.voice_pitch, plan.voice_speed, plan.sample_rate)
+            voice = vocals.synthesize(
+                list(plan.lyrics), plan.voice, plan.voice_pitch, plan.voice_speed, plan.sample_rate
+            )
             music = vocals.mix_vocals(music, voice, plan.sample_rate, plan.vocal_start, plan.vocal_db)
         except Exception as e:
             result.failures.append(f"vocals: {type(e).__name__}: {str(e)[:200]}")

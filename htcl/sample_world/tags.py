@@ -24,7 +24,18 @@ FAMILY_TAGS = {
     "plucked": "plucked",
     "synth": "synth",
 }
-NOISE_TAGS = ("favorites", "chill", "seen live", "party", "road trip", "love it", "workout", "study", "beautiful", "sad")
+NOISE_TAGS = (
+    "favorites",
+    "chill",
+    "seen live",
+    "party",
+    "road trip",
+    "love it",
+    "workout",
+    "study",
+    "beautiful",
+    "sad",
+)
 
 
 def make_tags(

@@ -65,7 +65,9 @@ def songs_from_truth(truth: pd.DataFrame, genres: tuple[str, ...]) -> SongFactor
     )
 
 
-def favor_figures(interactions: pd.DataFrame, truth: pd.DataFrame, listeners_frame: pd.DataFrame, seed: int = SEED) -> dict:
+def favor_figures(
+    interactions: pd.DataFrame, truth: pd.DataFrame, listeners_frame: pd.DataFrame, seed: int = SEED
+) -> dict:
     """Favor AUC (cross-validated logistic regression) from taste factors vs from genre alone.
 
     taste: trigger-candidate similarity in the hidden taste space, and the listener's taste match.
@@ -117,7 +119,11 @@ AUDIO_TARGETS = (
 
 
 def structure_figures(
-    features: np.ndarray, truth: pd.DataFrame, interactions: pd.DataFrame, listeners_frame: pd.DataFrame, seed: int = SEED
+    features: np.ndarray,
+    truth: pd.DataFrame,
+    interactions: pd.DataFrame,
+    listeners_frame: pd.DataFrame,
+    seed: int = SEED,
 ) -> dict:
     """All structure figures; `features` rows align with `truth` sorted by song_id.
 
@@ -182,9 +188,17 @@ def figures_table(figures: dict) -> list[tuple[str, ...]]:
         rows.append((label, cls(f["songs_split"]), cls(f["artists_held_out"]), "majority-class share"))
     for key, label in (("tempo_from_audio", "tempo (log bpm) R²"), ("energy_from_audio", "energy R²")):
         f = figures[key]
-        rows.append((label, f"{f['songs_split']['r2']:.3f}", f"{f['artists_held_out']['r2']:.3f}", "0 (predicting the mean)"))
+        rows.append(
+            (label, f"{f['songs_split']['r2']:.3f}", f"{f['artists_held_out']['r2']:.3f}", "0 (predicting the mean)")
+        )
     fav = figures["favor"]
     for key, label in (("auc_taste", "true taste factors"), ("auc_genre", "genre alone")):
-        rows.append((f"favor AUC from {label} (all impressions / clicked only)",
-                     f"{fav[key]:.3f} / {fav.get(key + '_given_click', float('nan')):.3f}", "", "0.5"))
+        rows.append(
+            (
+                f"favor AUC from {label} (all impressions / clicked only)",
+                f"{fav[key]:.3f} / {fav.get(key + '_given_click', float('nan')):.3f}",
+                "",
+                "0.5",
+            )
+        )
     return rows

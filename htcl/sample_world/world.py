@@ -308,14 +308,24 @@ def generate_world(
         features = np.stack([r.features for r in results])
         figures = structure_figures(features, truth, interactions, listeners_frame)
     params = dict(
-        songs=songs, seed=seed, seconds=seconds, source=source, listeners=listeners, users=n_users,
-        vocal_share=vocal_share, workers=workers, sample_rate=SAMPLE_RATE, soundfont=soundfont,
+        songs=songs,
+        seed=seed,
+        seconds=seconds,
+        source=source,
+        listeners=listeners,
+        users=n_users,
+        vocal_share=vocal_share,
+        workers=workers,
+        sample_rate=SAMPLE_RATE,
+        soundfont=soundfont,
     )
     stats = card.world_stats(catalog, truth, interactions, sessions, listeners_frame, artists)
     timing = {"render_seconds": round(render_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2)}
     paths["world_json"] = out_dir / "world.json"
     # timings vary run to run: world.json keeps them, the card (part of the deterministic output) does not
-    paths["world_json"].write_text(json.dumps({"params": params, "stats": stats, "figures": figures, "timing": timing}, indent=2, default=str))
+    paths["world_json"].write_text(
+        json.dumps({"params": params, "stats": stats, "figures": figures, "timing": timing}, indent=2, default=str)
+    )
     paths["card"] = out_dir / "README.md"
     paths["card"].write_text(card.render_card(params, stats, figures))
     return paths
