@@ -57,8 +57,15 @@ class EmbedUDF:
     """Ray Data class UDF: loads the model once per actor; input rows -> embedding rows (with the
     node that computed them, for the summary; the sink drops that column)."""
 
-    def __init__(self, checkpoint: str, version: str, event_timestamp: datetime, n_mels: int,
-                 use_gpu: bool = False, torch_threads: int = 1):
+    def __init__(
+        self,
+        checkpoint: str,
+        version: str,
+        event_timestamp: datetime,
+        n_mels: int,
+        use_gpu: bool = False,
+        torch_threads: int = 1,
+    ):
         import torch
 
         from htcl.training import model_from_checkpoint
@@ -84,8 +91,9 @@ class EmbedUDF:
             mels = [mel_from_bytes(b, self.n_mels, int(n)) for b, n in zip(batch[S.MEL], batch[S.N_FRAMES])]
         mel, mask = mel_batch(mels)  # (B, M, F), (B, F)
         with torch.no_grad():
-            emb = self.model.encode_audio(torch.as_tensor(mel, device=self.device),
-                                          torch.as_tensor(mask, device=self.device))
+            emb = self.model.encode_audio(
+                torch.as_tensor(mel, device=self.device), torch.as_tensor(mask, device=self.device)
+            )
         emb = emb.float().cpu().numpy().astype(np.float32)  # (B, D)
         return pa.table(
             {
@@ -161,13 +169,32 @@ def up_to_date(cfg: Config, plan) -> bool:
 
 def summary_without_work(cfg: Config, plan) -> dict:
     rows = sum(pq.read_metadata(f).num_rows for f in plan.out_dir.glob("*.parquet"))
-    return {"checkpoint": str(plan.checkpoint), "model_version": plan.version, **plan.summary(), "embedded": 0,
-            "nodes": {}, "songs": rows, "workers": 0, "gpu": None, "seconds": 0.0, "songs_per_s": None,
-            "embeddings": str(plan.out_dir), "index": str(out_path(cfg, "index", plan.version)), "index_rebuilt": False}
+    return {
+        "checkpoint": str(plan.checkpoint),
+        "model_version": plan.version,
+        **plan.summary(),
+        "embedded": 0,
+        "nodes": {},
+        "songs": rows,
+        "workers": 0,
+        "gpu": None,
+        "seconds": 0.0,
+        "songs_per_s": None,
+        "embeddings": str(plan.out_dir),
+        "index": str(out_path(cfg, "index", plan.version)),
+        "index_rebuilt": False,
+    }
 
 
-def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None = None,
-        batch_size: int = 64, use_gpu: bool | None = None, force: bool = False, plan=None) -> dict:
+def run(
+    cfg: Config,
+    checkpoint: str | Path | None = None,
+    workers: int | None = None,
+    batch_size: int = 64,
+    use_gpu: bool | None = None,
+    force: bool = False,
+    plan=None,
+) -> dict:
     """Embed what plan_embed finds new or changed on the connected Ray cluster (plan: one already
     made for this checkpoint); returns the summary."""
     import ray
@@ -185,21 +212,25 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
 
         dim = int(torch.load(plan.checkpoint, map_location="cpu", weights_only=False)["config"]["model"]["embed_dim"])
         sink = EmbeddingsDatasink(plan.out_dir, dim)
-        # Batches go to the least busy actor on any node, not to one on the node that read the
-        # block: an input row is small beside its forward pass, and locality would keep a small
-        # catalog on the node its read tasks ran on.
-        ray.data.DataContext.get_current().execution_options.actor_locality_enabled = False
         # Reading is light: it must not wait for a CPU the actors hold.
-        ds = ray.data.read_parquet([str(f) for f in plan.shards], columns=plan.columns,
-                                   ray_remote_args={"num_cpus": 0})
+        ds = ray.data.read_parquet([str(f) for f in plan.shards], num_cpus=0).select_columns(plan.columns)
         if sum(pq.read_metadata(f).num_rows for f in plan.shards) > len(plan.todo):  # some rows there are done
             todo_ids = pa.array(list(plan.todo), pa.int64())
-            ds = ds.map_batches(lambda t: t.filter(pc.is_in(t[S.SONG_ID], value_set=todo_ids)),
-                                batch_format="pyarrow", num_cpus=0)
+            ds = ds.map_batches(
+                lambda t: t.filter(pc.is_in(t[S.SONG_ID], value_set=todo_ids)), batch_format="pyarrow", num_cpus=0
+            )
+        # One batch per block: a block is one actor task, and Ray Data reads a small catalog as one
+        # block, which would leave every actor but one idle (and the cluster's other nodes unused).
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
         ds = ds.map_batches(
             EmbedUDF,
-            fn_constructor_kwargs={"checkpoint": str(plan.checkpoint), "version": plan.version, "event_timestamp": now,
-                                   "n_mels": cfg.audio.n_mels, "use_gpu": use_gpu},
+            fn_constructor_kwargs={
+                "checkpoint": str(plan.checkpoint),
+                "version": plan.version,
+                "event_timestamp": now,
+                "n_mels": cfg.audio.n_mels,
+                "use_gpu": use_gpu,
+            },
             batch_size=batch_size,
             # All but one actor from the start (so a cluster's nodes all take part), up to `workers`:
             # the file listing before the read takes a CPU, and a pool that holds every CPU of a
@@ -236,15 +267,22 @@ def run(cfg: Config, checkpoint: str | Path | None = None, workers: int | None =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ray_jobs.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p)
-    p.add_argument("--checkpoint", help="default: the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)")
+    p.add_argument(
+        "--checkpoint", help="default: the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)"
+    )
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="songs per forward pass (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
-    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU per actor (default: when the cluster has GPUs)")
+    p.add_argument(
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one GPU per actor (default: when the cluster has GPUs)",
+    )
     return p
 
 

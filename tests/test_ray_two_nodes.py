@@ -32,11 +32,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, TINY_MODEL
 from test_ray_binding import exposed, fmt, listeners
-from test_ray_cluster import VENV_BIN, Head, free_ports
-from test_ray_cluster import tiny_catalog  # noqa: F401  (a fixture: 12 tones and one broken file)
+from test_ray_cluster import (
+    VENV_BIN,
+    Head,
+    free_ports,
+    tiny_catalog,  # noqa: F401  (a fixture: 12 tones and one broken file)
+)
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
@@ -50,8 +53,9 @@ class SecondNode(Head):
     """`ray start --address=<head> --block` of one more node, in its own session; Head's stop()."""
 
     def __init__(self, head: Head, log_dir: Path, name: str = "node2"):
-        (self.node_manager, self.object_manager, self.agent_http, self.agent_grpc, self.runtime_env,
-         self.metrics) = free_ports(6)
+        (self.node_manager, self.object_manager, self.agent_http, self.agent_grpc, self.runtime_env, self.metrics) = (
+            free_ports(6)
+        )
         self.head = head
         self.gcs, self.url, self.token = head.gcs, head.url, head.token
         self.temp_dir = tempfile.mkdtemp(prefix=f"htcl{name}", dir="/tmp")  # short: unix socket paths
@@ -63,19 +67,31 @@ class SecondNode(Head):
     def start(self, timeout: float = 180.0) -> None:
         before = {n["node_id"] for n in alive_nodes(self.head)}
         cmd = [
-            str(VENV_BIN / "python"), "-m", "ray_jobs.common", "ray-start",
-            f"--address=127.0.0.1:{self.gcs}", "--block", "--disable-usage-stats",
+            str(VENV_BIN / "python"),
+            "-m",
+            "ray_jobs.common",
+            "ray-start",
+            f"--address=127.0.0.1:{self.gcs}",
+            "--block",
+            "--disable-usage-stats",
             "--node-ip-address=127.0.0.1",
-            f"--node-manager-port={self.node_manager}", f"--object-manager-port={self.object_manager}",
-            f"--dashboard-agent-listen-port={self.agent_http}", f"--dashboard-agent-grpc-port={self.agent_grpc}",
-            f"--runtime-env-agent-port={self.runtime_env}", f"--metrics-export-port={self.metrics}",
+            f"--node-manager-port={self.node_manager}",
+            f"--object-manager-port={self.object_manager}",
+            f"--dashboard-agent-listen-port={self.agent_http}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc}",
+            f"--runtime-env-agent-port={self.runtime_env}",
+            f"--metrics-export-port={self.metrics}",
             # Workers on ports the OS picks: the head's workers take from 10002-19999.
-            "--min-worker-port=0", "--max-worker-port=0",
-            f"--num-cpus={CPUS_PER_NODE}", "--num-gpus=0", f"--object-store-memory={400 * 1024**2}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            f"--num-cpus={CPUS_PER_NODE}",
+            "--num-gpus=0",
+            f"--object-store-memory={400 * 1024**2}",
             f"--temp-dir={self.temp_dir}",
         ]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -196,9 +212,24 @@ def test_jobs_run_on_both_nodes_and_training_survives_losing_one(cluster, tiny_c
     # (RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S). One mel per shard: embed reads 12 blocks, below.
     status, logs, _ = head.submit(
         "htcl_preprocess_" + secrets.token_hex(4),
-        ["env", "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=300",
-         "python", "-m", "ray_jobs.preprocess", "--config", "configs/demo.yaml", *ov, "--catalog", str(tiny_catalog),
-         "--workers", "4", "--batch-size", "1", "--rows-per-file", "1"],
+        [
+            "env",
+            "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=300",
+            "python",
+            "-m",
+            "ray_jobs.preprocess",
+            "--config",
+            "configs/demo.yaml",
+            *ov,
+            "--catalog",
+            str(tiny_catalog),
+            "--workers",
+            "4",
+            "--batch-size",
+            "1",
+            "--rows-per-file",
+            "1",
+        ],
     )
     assert status == "SUCCEEDED", logs[-4000:]
     summary = summary_of(logs)
@@ -212,13 +243,36 @@ def test_jobs_run_on_both_nodes_and_training_survives_losing_one(cluster, tiny_c
     run_name = "two_nodes_" + secrets.token_hex(3)
     every, max_steps = 4, 40
     run_dir, run_storage = out / "pretrain", out / "ray_train" / run_name
-    train_args = [*ov, f"data.root={tiny_catalog.parent}", "pretrain.batch_size=4", f"pretrain.max_steps={max_steps}",
-                  "pretrain.num_workers=2", "pretrain.log_every=1", f"pretrain.checkpoint_every={every}",
-                  "pretrain.warmup_steps=1", "pretrain.max_failures=2", "pretrain.val_max_rows=0"]
+    train_args = [
+        *ov,
+        f"data.root={tiny_catalog.parent}",
+        "pretrain.batch_size=4",
+        f"pretrain.max_steps={max_steps}",
+        "pretrain.num_workers=2",
+        "pretrain.log_every=1",
+        f"pretrain.checkpoint_every={every}",
+        "pretrain.warmup_steps=1",
+        "pretrain.max_failures=2",
+        "pretrain.val_max_rows=0",
+    ]
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(head.submit, "htcl_pretrain_" + secrets.token_hex(4),
-                          ["python", "-m", "ray_jobs.pretrain", "--config", "configs/demo.yaml", *train_args,
-                           "--run-name", run_name, "--placement-strategy", "SPREAD"], 900.0)
+        job = pool.submit(
+            head.submit,
+            "htcl_pretrain_" + secrets.token_hex(4),
+            [
+                "python",
+                "-m",
+                "ray_jobs.pretrain",
+                "--config",
+                "configs/demo.yaml",
+                *train_args,
+                "--run-name",
+                run_name,
+                "--placement-strategy",
+                "SPREAD",
+            ],
+            900.0,
+        )
         killed_at = None
         deadline = time.time() + 600
         while time.time() < deadline and not job.done():
@@ -241,9 +295,10 @@ def test_jobs_run_on_both_nodes_and_training_survives_losing_one(cluster, tiny_c
     resumes = read_jsonl(run_dir / "resumes.jsonl")
     assert len(resumes) == 1, resumes
     resumed_from = resumes[0]["step"]
-    # From the last committed checkpoint (or one the controller committed after we looked, before
-    # the failure reached it), never beyond what was logged.
-    assert killed_at["committed"] <= resumed_from <= killed_at["logged"] and resumed_from % every == 0, resumes
+    # From the last committed checkpoint, or a later one: the killed node's worker processes can
+    # outlive its raylet by a few steps (seen: logged 6 at the kill, resumed from 8), and the
+    # controller commits what both ranks reported before the failure reaches it.
+    assert killed_at["committed"] <= resumed_from < max_steps and resumed_from % every == 0, resumes
     after = [w for w in workers if w["start_step"] == resumed_from]
     assert sorted(w["rank"] for w in after) == [0, 1] and {w["node_id"] for w in after} == {head_id}, after
     assert len(workers) == 4, workers
@@ -264,8 +319,22 @@ def test_jobs_run_on_both_nodes_and_training_survives_losing_one(cluster, tiny_c
     ckpt_path = run_dir / "model.pt"
     status, logs, _ = head.submit(
         "htcl_embed_" + secrets.token_hex(4),
-        ["python", "-m", "ray_jobs.embed", "--config", "configs/demo.yaml", *ov, "--checkpoint", str(ckpt_path),
-         "--workers", "4", "--batch-size", "1"],
+        [
+            "env",
+            "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=300",
+            "python",
+            "-m",
+            "ray_jobs.embed",
+            "--config",
+            "configs/demo.yaml",
+            *ov,
+            "--checkpoint",
+            str(ckpt_path),
+            "--workers",
+            "4",
+            "--batch-size",
+            "1",
+        ],
     )
     assert status == "SUCCEEDED", logs[-4000:]
     summary = summary_of(logs)
@@ -274,10 +343,4 @@ def test_jobs_run_on_both_nodes_and_training_survives_losing_one(cluster, tiny_c
     assert sorted(emb.song_id) == list(range(1, 13))
     assert np.allclose(np.linalg.norm(np.stack(emb.embedding.to_numpy()), axis=1), 1, atol=1e-5)
     assert sum(summary["nodes"].values()) == 12 and set(summary["nodes"]) <= {head_id, node.node_id}
-    if len(summary["nodes"]) == 1:
-        # ray_jobs/embed.py's pool is ActorPoolStrategy(min_size=1, max_size=workers): it starts
-        # with one actor (on either node) and grows on a backlog, and one actor embeds 12 tiny songs
-        # before a second one is up. To go once the pool can start with actors on both nodes.
-        pytest.xfail(f"embed ran on one node only ({'head' if head_id in summary['nodes'] else 'second'}): "
-                     "its actor pool starts with one actor (min_size=1)")
-    assert set(summary["nodes"]) == {head_id, node.node_id}, (summary["nodes"], head_id, node.node_id)
+    assert set(summary["nodes"]) == {head_id, node.node_id}, (summary["nodes"], head_id, node.node_id, logs[-6000:])
