@@ -71,11 +71,18 @@ def drop_stale_rows(directory: Path, current: Mapping[int, str], row_group_size:
         if not any(keep):
             f.unlink()
             continue
-        table = pq.read_table(f).filter(pa.array(keep))
-        tmp = f.with_name(f".{f.name}.{uuid.uuid4().hex[:8]}.tmp")
-        pq.write_table(table, tmp, row_group_size=row_group_size)
-        os.replace(tmp, f)
+        write_shard_atomic(pq.read_table(f).filter(pa.array(keep)), f, row_group_size)
     return dropped
+
+
+def write_shard_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
+    """Write a Parquet shard under a hidden temp name, then rename it: a reader (and a dataset
+    listing, which skips "."-names) never sees half a shard."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
 
 
 def hash_files(paths: Iterable[str], hash_file, threads: int = 8) -> list[str]:

@@ -204,11 +204,10 @@ def check_tower(directory: Path, spec: Mapping[str, Any]) -> None:
 def write_features(rows: list[dict], directory: Path) -> Path | None:
     if not rows:
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"part-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
-    os.replace(tmp, path)
+    from htcl.delta import new_shard_name, write_shard_atomic
+
+    path = Path(directory) / new_shard_name()
+    write_shard_atomic(pa.Table.from_pylist(rows, schema=FEATURES_SCHEMA), path, SHARD_ROW_GROUP_ROWS)
     return path
 
 

@@ -20,7 +20,6 @@ first); the index is rebuilt only when rows changed, so a rerun with nothing new
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ from ray.data.datasource import Datasink
 
 from htcl import schema as S
 from htcl.config import Config
-from htcl.delta import new_shard_name
+from htcl.delta import new_shard_name, write_shard_atomic
 from htcl.pipeline import out_path
 from ray_jobs.common import (
     NODE_ID,
@@ -127,7 +126,7 @@ class EmbeddingsDatasink(Datasink):
         table = pa.concat_tables(tables)
         nodes = count_by_node(table.column(NODE_ID).to_pylist())
         path = self.out_dir / new_shard_name()
-        write_table_atomic(table.select(self.schema.names).cast(self.schema), path)
+        write_shard_atomic(table.select(self.schema.names).cast(self.schema), path)
         return {"rows": table.num_rows, "nodes": nodes, "files": [str(path)]}
 
     def on_write_complete(self, write_result) -> None:
@@ -136,13 +135,6 @@ class EmbeddingsDatasink(Datasink):
             self.result["files"] += r["files"]
             for k, v in r["nodes"].items():
                 self.result["nodes"][k] = self.result["nodes"].get(k, 0) + v
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def detect_gpu(flag: bool | None) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import traceback
 import uuid
@@ -41,12 +40,12 @@ from typing import Sequence
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config
+from htcl.delta import write_shard_atomic
 from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
 from htcl.pipeline import catalog_path, out_path, plan_preprocess
 from ray_jobs.common import (
@@ -115,14 +114,6 @@ def quarantine_rows(table: pa.Table) -> pa.Table:
     return table.filter(pc.is_null(table[S.MEL])).select(QUARANTINE_COLUMNS).cast(S.QUARANTINE_SCHEMA)
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a hidden temp name, then rename: a reader never sees half a shard."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=SHARD_ROW_GROUP_ROWS)
-    os.replace(tmp, path)
-
-
 class MelsDatasink(Datasink):
     """Splits each write task's result rows into a mels/ shard and a quarantine/ shard.
 
@@ -157,10 +148,10 @@ class MelsDatasink(Datasink):
         # Quarantine first: if the task dies between the two writes, its good songs are redone
         # on the next run rather than silently missing.
         if bad.num_rows:
-            write_atomic(bad, self.quarantine_dir / name)
+            write_shard_atomic(bad, self.quarantine_dir / name, SHARD_ROW_GROUP_ROWS)
             files.append(str(self.quarantine_dir / name))
         if good.num_rows:
-            write_atomic(good, self.mels_dir / name)
+            write_shard_atomic(good, self.mels_dir / name, SHARD_ROW_GROUP_ROWS)
             files.append(str(self.mels_dir / name))
         reasons: dict[str, int] = {}
         for r in bad.column(S.ERROR_TYPE).to_pylist():
