@@ -140,11 +140,13 @@ def stage1_global_loss(
 
 def stage2_embeddings(model: HTCLModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's ⟨trigger audio, rec audio, rec text, rec fused⟩ embeddings and the logit
-    scale. The audio encoder runs twice (trigger and rec): one forward, one backward per step."""
+    scale. The audio encoder runs twice (trigger and rec): one forward, one backward per step.
+    Trigger first, then rec, then text: the order dropout draws its masks in (a fixed seed's run)."""
+    z_ta = model.encode_audio(batch["trigger_mel"], batch["trigger_mask"])  # (B, D)
     z_ra = model.encode_audio(batch["rec_mel"], batch["rec_mask"])  # (B, D)
     z_rt = encode_text(model, batch, "rec_")  # (B, D)
     return {
-        "trigger_audio": model.encode_audio(batch["trigger_mel"], batch["trigger_mask"]),  # (B, D)
+        "trigger_audio": z_ta,
         "rec_audio": z_ra,
         "rec_text": z_rt,
         "rec_fused": model.fuse(z_ra, z_rt),  # (B, D)

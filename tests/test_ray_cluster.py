@@ -231,7 +231,14 @@ class Head:
             *entrypoint,
         ]
         t_submit = time.time()
-        cli = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+        agent_deadline = time.time() + 120
+        while True:
+            cli = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
+            # A head that has just started may not have its job agent yet: Ray answers 500 "No
+            # available agent to submit job, please try again" (seen on a loaded machine).
+            if cli.returncode == 0 or "No available agent" not in cli.stderr or time.time() > agent_deadline:
+                break
+            time.sleep(2)
         assert cli.returncode == 0, cli.stdout + cli.stderr
         deadline = time.time() + timeout
         status = None
