@@ -85,6 +85,13 @@ def write_shard_atomic(table: pa.Table, path: Path, row_group_size: int | None =
     os.replace(tmp, path)
 
 
+def file_fingerprint(path: Path) -> list[int]:
+    """[bytes, mtime_ns]: changes whenever a file is rewritten (the writers here rename a new file
+    over the old), without reading it."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def hash_files(paths: Iterable[str], hash_file, threads: int = 8) -> list[str]:
     """hash_file(path) for every path, on a few threads (hashlib releases the GIL on large reads);
     UNREADABLE for a path that cannot be read (missing, no permission): decoding quarantines it."""

@@ -736,9 +736,9 @@ INDEX_SOURCE = "source.json"  # beside an index: the embeddings parts it was bui
 
 def embeddings_fingerprint(embeddings_dir: Path) -> list[list]:
     """[name, bytes, mtime_ns] of each part of embeddings/<version>/: changes with any rewrite."""
-    return [
-        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(Path(embeddings_dir).glob("part-*.parquet"))
-    ]
+    from htcl.delta import file_fingerprint
+
+    return [[f.name, *file_fingerprint(f)] for f in sorted(Path(embeddings_dir).glob("part-*.parquet"))]
 
 
 def index_is_current(cfg: Config, embeddings_dir: Path) -> bool:

@@ -200,10 +200,7 @@ def run(
     t0 = time.perf_counter()
     sink = None
     if plan.todo:
-        import torch
-
-        dim = int(torch.load(plan.checkpoint, map_location="cpu", weights_only=False)["config"]["model"]["embed_dim"])
-        sink = EmbeddingsDatasink(plan.out_dir, dim)
+        sink = EmbeddingsDatasink(plan.out_dir, plan.model_cfg.embed_dim)
         # Reading is light: it must not wait for a CPU the actors hold.
         ds = ray.data.read_parquet([str(f) for f in plan.shards], num_cpus=0).select_columns(plan.columns)
         if sum(pq.read_metadata(f).num_rows for f in plan.shards) > len(plan.todo):  # some rows there are done

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from feature_repo.definitions import EPOCH, embedding_source_file
 from feature_repo.store import feast_dir, read_current_version, write_current_version
 from htcl import schema as S
+from htcl.delta import file_fingerprint
 from htcl.features import listener_stats, song_stats
 from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
@@ -177,12 +178,6 @@ def embedding_rows(part: Path, model_version: str) -> pd.DataFrame:
     )
 
 
-def _fingerprint(path: Path) -> list[int]:
-    """[bytes, mtime_ns]: changes whenever the file is rewritten (atomic writers rename a new inode)."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _vector_size(path: Path) -> int | None:
     t = pq.read_table(path, columns=[S.EMBEDDING])
     return len(t.column(0)[0].as_py()) if t.num_rows else None
@@ -215,13 +210,13 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
         entry, target = manifest.get(name), folder / name
         if (
             isinstance(entry, dict)
-            and entry.get("source") == _fingerprint(part)
+            and entry.get("source") == file_fingerprint(part)
             and target.is_file()
-            and entry.get("file") == _fingerprint(target)
+            and entry.get("file") == file_fingerprint(target)
         ):
             continue
         _write_atomic(embedding_rows(part, v), target)
-        manifest[name] = {"version": v, "source": _fingerprint(part), "file": _fingerprint(target)}
+        manifest[name] = {"version": v, "source": file_fingerprint(part), "file": file_fingerprint(target)}
         written.append(name)
     for name in sorted(set(manifest) - set(wanted)):
         entry = manifest[name]
@@ -265,7 +260,7 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
     t0 = time.perf_counter()
     done_path = state / MATERIALIZED
     done = _read_json(done_path)
-    current = {f.name: _fingerprint(f) for f in sorted(source_folder.glob("*.parquet"))}
+    current = {f.name: file_fingerprint(f) for f in sorted(source_folder.glob("*.parquet"))}
     wrote: dict[str, str] = {}
     embedding_view = store.get_feature_view("song_embedding")
     if not isinstance(done, dict) or embedding_view.state != FeatureViewState.AVAILABLE_ONLINE:

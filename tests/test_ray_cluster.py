@@ -32,7 +32,7 @@ import soundfile as sf
 from conftest import REPO, TINY_MODEL
 from test_ray_binding import exposed, fmt, grpc_refuses_without_token, is_loopback, listeners, metrics_ports
 
-from ray_jobs.common import LOOPBACK_RAY_ENV
+from ray_jobs.common import LOOPBACK_RAY_ENV, WORKING_DIR_EXCLUDES
 
 psutil = pytest.importorskip("psutil")
 requests = pytest.importorskip("requests")
@@ -201,21 +201,7 @@ class Head:
 
     def submit(self, submission_id: str, entrypoint: list[str], timeout: float = 300.0) -> tuple[str, str, str]:
         """`ray job submit --working-dir .` from the repo root; returns (status, job logs, CLI output)."""
-        runtime_env = {
-            "excludes": [
-                ".venv",
-                ".git",
-                "outputs",
-                "runs",
-                "data",
-                "**/__pycache__",
-                "*.egg-info",
-                ".pytest_cache",
-                "benchmarks/results",
-                ".whl",
-                ".gl",
-            ]
-        }
+        runtime_env = {"excludes": WORKING_DIR_EXCLUDES}  # what a user's `ray job submit` leaves out
         cmd = [
             str(RAY),
             "job",
