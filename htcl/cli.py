@@ -8,61 +8,34 @@ process without Ray. materialize and backfill publish to and read from the Feast
 step prints where its outputs went. On a Ray cluster, submit the same steps as
 `ray job submit --working-dir . -- python -m ray_jobs.<step> --config ...`.
 
-The library never imports Ray or Feast: the job modules are loaded by name, when called.
+This module is the composition root: the one module of htcl that imports ray_jobs and serving
+(tests/test_boundary.py), inside the functions that run them, so that `htcl --help` and the
+`--local` paths load neither Ray nor Feast. Each step's options come from htcl.arguments, as the
+job's own parser takes them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+from htcl.arguments import (
+    add_config_args,
+    add_embed_args,
+    add_embeddings_arg,
+    add_evaluate_args,
+    add_features_args,
+    add_preprocess_args,
+    add_train_args,
+    config_overrides,
+    external_embeddings,
+)
 from htcl.config import ConfigError, load_config, replace, save_config
 from htcl.mels import read_catalog_or_refuse
-
-
-def embeddings_arg(text: str) -> tuple[str, str]:
-    """argparse type of `--embeddings NAME=PATH`: (NAME, PATH), both non-empty."""
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. item2vec=vectors.parquet), got {text!r}")
-    return name.strip(), path.strip()
-
-
-EMBEDDINGS_HELP = (
-    "score an external embedding table as a row of its own, with the same probes, hit-rates, "
-    "rankers and plots (repeatable): Parquet or CSV with song_id and a fixed-length embedding "
-    '(a list of floats; in CSV "[0.1, 0.2]" or "0.1 0.2")'
-)
-
-
-def add_embeddings_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--embeddings", action="append", type=embeddings_arg, default=[], metavar="NAME=PATH", help=EMBEDDINGS_HELP
-    )
-
-
-def external_embeddings(parser: argparse.ArgumentParser, pairs: list[tuple[str, str]]) -> dict[str, str]:
-    """--embeddings' (NAME, PATH) pairs as a dict; a repeated name or a built-in variant's name is
-    a usage error (exit status 2)."""
-    from htcl.evaluation import BUILTIN_VARIANTS
-
-    out: dict[str, str] = {}
-    for name, path in pairs:
-        if name in out:
-            parser.error(f"argument --embeddings: name {name!r} given twice")
-        if name in BUILTIN_VARIANTS:
-            parser.error(f"argument --embeddings: {name!r} is the name of one of htcl's own variants")
-        out[name] = path
-    return out
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = "run in this process, without Ray"
     p = sub.add_parser("preprocess", help="decode audio and compute log-Mel spectrograms (Ray Data)")
-    _add_config_args(p)
-    p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
-    p.add_argument("--force", action="store_true", help="recompute songs already done")
+    add_preprocess_args(p)
     p.add_argument("--local", action="store_true", help=local)
 
     p = sub.add_parser(
@@ -85,25 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache the locked towers' features: the audio backbone's per-patch "
         "features, the locked BERT's pooled text (Ray Data)",
     )
-    _add_config_args(p)
-    p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
-    p.add_argument("--force", action="store_true", help="recompute every song's features")
+    add_features_args(p)
     p.add_argument("--local", action="store_true", help=local)
 
     p = sub.add_parser("pretrain", help="stage 1: audio-text contrastive pre-training (Ray Train)")
-    _add_config_args(p)
+    add_train_args(p, "pretrain")
     p.add_argument("--local", action="store_true", help=local)
 
     p = sub.add_parser("finetune", help="stage 2: preference fine-tuning from the stage-1 checkpoint (Ray Train)")
-    _add_config_args(p)
-    p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
-    p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
+    add_train_args(p, "finetune")
     p.add_argument("--local", action="store_true", help=local)
 
     p = sub.add_parser("embed", help="embed the new or changed preprocessed songs with a checkpoint (Ray Data)")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", help="default: <output_dir>/finetune/model.pt")
-    p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
+    add_embed_args(p)
     p.add_argument("--local", action="store_true", help=local)
 
     sub.add_parser(
@@ -121,16 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="the Ray Serve app on 127.0.0.1 (see `htcl serve --help`)", add_help=False)
 
     p = sub.add_parser("evaluate", help="the comparison table of every embedding variant on held-out data")
-    _add_config_args(p)
+    add_evaluate_args(p)
     p.add_argument("--local", action="store_true", help="point-in-time stats computed in this process, without Feast")
-    add_embeddings_arg(p)
 
     p = sub.add_parser(
         "demo",
         help="sample-data -> preprocess -> pretrain -> finetune (+ w_CF) -> embed -> "
         "materialize -> train-rankers -> evaluate",
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--local", action="store_true", help="run every step in this process, without Ray or Feast")
     add_embeddings_arg(p)
     return parser
@@ -149,17 +113,46 @@ JOBS = (
 )
 
 
+def job_main(step: str) -> Callable:
+    """ray_jobs.<step>.main: the entry point `ray job submit` runs (only that job's module is loaded)."""
+    if step == "preprocess":
+        from ray_jobs.preprocess import main
+    elif step == "features":
+        from ray_jobs.features import main
+    elif step == "pretrain":
+        from ray_jobs.pretrain import main
+    elif step == "finetune":
+        from ray_jobs.finetune import main
+    elif step == "embed":
+        from ray_jobs.embed import main
+    elif step == "materialize":
+        from ray_jobs.materialize import main
+    elif step == "backfill":
+        from ray_jobs.backfill import main
+    elif step == "train-rankers":
+        from ray_jobs.train_rankers import main
+    elif step == "evaluate":
+        from ray_jobs.evaluate import main
+    else:
+        raise ValueError(f"no Ray job named {step!r} (one of {', '.join(JOBS)})")
+    return main
+
+
 def run_job(step: str, argv: list[str]) -> int:
-    """ray_jobs.<step>.main(argv): the same entry point `ray job submit` runs."""
-    result = importlib.import_module(f"ray_jobs.{step.replace('-', '_')}").main(argv)
+    """ray_jobs.<step>.main(argv), as an exit status."""
+    result = job_main(step)(argv)
     return result if isinstance(result, int) else 0
 
 
+def serve(argv: list[str]) -> int:
+    """`htcl serve`: serving.run's own command line."""
+    from serving.run import main
+
+    return main(argv)
+
+
 def _config(args):
-    overrides = list(args.overrides)
-    if getattr(args, "variant", None):
-        overrides.append(f"finetune.variant={args.variant}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, config_overrides(args))
 
 
 def _sample_data(cfg) -> Path:
@@ -181,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return sample_main(argv[1:])
     if argv and argv[0] in JOBS and "--local" not in argv:
         return run_job(argv[0], argv[1:])
-    if argv and argv[0] == "serve":  # Ray Serve, loaded by name like the jobs (no ray import in htcl)
-        return importlib.import_module("serving.run").main(argv[1:])
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from htcl import pipeline
@@ -271,9 +264,9 @@ def demo(cfg, args) -> int:
         emb = step("embed", lambda: pipeline.run_embed(cfg, s2))
         step("evaluate", lambda: pipeline.run_evaluate(cfg, external=dict(args.embeddings)))
     else:
-        common = importlib.import_module("ray_jobs.common")
-        started = common.init_ray()  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
-        try:
+        from ray_jobs.common import ray_connection
+
+        with ray_connection():  # one local Ray instance (or RAY_ADDRESS's cluster) for every step
             step("preprocess", lambda: job("preprocess"))
             for fcfg, extra in families:
                 name = label(fcfg)
@@ -289,13 +282,11 @@ def demo(cfg, args) -> int:
             step("materialize", lambda: job("materialize"))
             step("train-rankers", lambda: job("train-rankers"))
             step("evaluate", lambda: job("evaluate", *(f"--embeddings={n}={p}" for n, p in args.embeddings)))
-        finally:
-            if started:
-                importlib.import_module("ray").shutdown()
         emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime).parent
         # Ray Serve on the current model version: one /v1/recommend over HTTP, printed, then down.
-        serving = importlib.import_module("serving.run")
-        step("serve", lambda: serving.demo_recommend(args.config, list(args.overrides)))
+        from serving.run import demo_recommend
+
+        step("serve", lambda: demo_recommend(args.config, list(args.overrides)))
     print("\n=== done ===")
     print(f"sample world       {world}")
     print(f"mels               {pipeline.out_path(cfg, 'mels')}")

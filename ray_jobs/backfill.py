@@ -22,7 +22,8 @@ import pandas as pd
 
 from feature_repo.history import entity_frame, historical_frame
 from feature_repo.store import feast_dir, read_current_version
-from ray_jobs.common import add_config_args, parse_args, print_summary, save_resolved_config
+from htcl.arguments import add_config_args
+from ray_jobs.common import parse_args, print_summary, save_resolved_config
 
 
 def _timestamp(value: str, name: str) -> pd.Timestamp:
@@ -35,22 +36,25 @@ def _timestamp(value: str, name: str) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m ray_jobs.backfill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(parser)
-    parser.add_argument("--start", required=True, help="first impression time included (UTC unless given)")
-    parser.add_argument("--end", required=True, help="first impression time excluded")
-    parser.add_argument("--model-version", help="embedding version (default: the current one)")
-    parser.add_argument(
+    add_config_args(p)
+    p.add_argument("--start", required=True, help="first impression time included (UTC unless given)")
+    p.add_argument("--end", required=True, help="first impression time excluded")
+    p.add_argument("--model-version", help="embedding version (default: the current one)")
+    p.add_argument(
         "--online-store",
         default=None,
         help="whose registry and current model version to use (default: $HTCL_ONLINE_STORE, else SQLite)",
     )
-    parser.add_argument(
-        "--out", help="output Parquet (default: <output_dir>/backfill/ranker_frame_<start>_<end>.parquet)"
-    )
+    p.add_argument("--out", help="output Parquet (default: <output_dir>/backfill/ranker_frame_<start>_<end>.parquet)")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args, cfg = parse_args(parser, argv)
     from feature_repo.store import open_store
 

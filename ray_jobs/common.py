@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from htcl.arguments import config_overrides
 from htcl.config import Config, ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,12 +65,6 @@ LOOPBACK_RAY_ENV = {
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """`--config C` plus dotted `key.path=value` overrides, as `htcl <step>` takes them."""
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
-
-
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
@@ -90,7 +85,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> t
     # Intermixed: overrides may come before or after the options (`k=v --catalog P k2=v2`).
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_config(args.config, config_overrides(args))
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: {e}\n")
     return args, cfg
@@ -121,6 +116,19 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> bool:
             runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
         )
     return True
+
+
+@contextlib.contextmanager
+def ray_connection(num_cpus: int | None = None, quiet: bool = False):
+    """init_ray for the length of a with block; a local instance it started is shut down after."""
+    started = init_ray(num_cpus, quiet)
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -33,12 +33,12 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from htcl import schema as S
+from htcl.arguments import add_embed_args
 from htcl.config import Config
 from htcl.delta import new_shard_name, write_shard_atomic
 from htcl.pipeline import out_path
 from ray_jobs.common import (
     NODE_ID,
-    add_config_args,
     add_ray_args,
     count_by_node,
     current_node_id,
@@ -259,13 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ray_jobs.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(p)
-    p.add_argument(
-        "--checkpoint", help="default: the config's stage-2 checkpoint (<output_dir>/finetune[_<backbone>]/model.pt)"
-    )
+    add_embed_args(p)
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="songs per forward pass (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="re-embed every song, not only new or changed ones")
     p.add_argument(
         "--gpu",
         action=argparse.BooleanOptionalAction,

@@ -18,23 +18,27 @@ import time
 from pathlib import Path
 
 from feature_repo.history import whole_log_frame
-from htcl.cli import add_embeddings_arg, external_embeddings
+from htcl.arguments import add_evaluate_args, external_embeddings
 from htcl.pipeline import run_evaluate
-from ray_jobs.common import add_config_args, parse_args
+from ray_jobs.common import parse_args
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m ray_jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(parser)
-    parser.add_argument(
+    add_evaluate_args(p)
+    p.add_argument(
         "--online-store",
         default=None,
         help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)",
     )
-    parser.add_argument("--out", help="report folder (default: <output_dir>/evaluation)")
-    add_embeddings_arg(parser)
+    p.add_argument("--out", help="report folder (default: <output_dir>/evaluation)")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args, cfg = parse_args(parser, argv)
     external = external_embeddings(parser, args.embeddings)
     t0 = time.perf_counter()

@@ -23,11 +23,11 @@ from typing import Sequence
 import pyarrow as pa
 
 from htcl import schema as S
+from htcl.arguments import add_features_args
 from htcl.config import Config
 from htcl.mels import read_catalog_or_refuse
 from htcl.pipeline import catalog_path, finish_features, plan_features, tower_udf
 from ray_jobs.common import (
-    add_config_args,
     add_ray_args,
     default_workers,
     init_ray,
@@ -101,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ray_jobs.features", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(p)
-    p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
-    p.add_argument("--force", action="store_true", help="recompute every song's features")
+    add_features_args(p)
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="songs per UDF call (default: %(default)s)")
     return p

@@ -41,9 +41,10 @@ import pyarrow.parquet as pq
 from feature_repo.definitions import EPOCH, embedding_source_file
 from feature_repo.store import feast_dir, read_current_version, write_current_version
 from htcl import schema as S
+from htcl.arguments import add_config_args
 from htcl.delta import file_fingerprint
 from htcl.features import listener_stats, song_stats
-from ray_jobs.common import add_config_args, add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
+from ray_jobs.common import add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
 MATERIALIZED = "materialized_sources.json"  # per online store: the source files it holds, by fingerprint
 OFFLINE_PARTS = "song_embeddings_parts.json"  # which embeddings part each source file was made from
@@ -290,18 +291,22 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
     return {"views": wrote, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m ray_jobs.materialize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(parser)
-    add_ray_args(parser)
-    parser.add_argument("--model-version", help="embeddings/<V> to publish (default: the newest)")
-    parser.add_argument("--no-switch", action="store_true", help="backfill the version without making it current")
-    parser.add_argument(
+    add_config_args(p)
+    add_ray_args(p)
+    p.add_argument("--model-version", help="embeddings/<V> to publish (default: the newest)")
+    p.add_argument("--no-switch", action="store_true", help="backfill the version without making it current")
+    p.add_argument(
         "--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)"
     )
-    args, cfg = parse_args(parser, argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args, cfg = parse_args(build_parser(), argv)
     from feature_repo.store import publish_lock
 
     data_dir = feast_dir(cfg)

@@ -44,13 +44,13 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from htcl import schema as S
+from htcl.arguments import add_preprocess_args
 from htcl.config import AudioConfig, Config
 from htcl.delta import write_shard_atomic
 from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
 from htcl.pipeline import catalog_path, out_path, plan_preprocess
 from ray_jobs.common import (
     NODE_ID,
-    add_config_args,
     add_ray_args,
     count_by_node,
     current_node_id,
@@ -234,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ray_jobs.preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_config_args(p)
-    p.add_argument("--catalog", help="catalog Parquet/CSV (default: <data.root>/catalog.parquet)")
-    p.add_argument("--force", action="store_true", help="recompute songs already done")
+    add_preprocess_args(p)
     add_ray_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="songs per UDF call (default: %(default)s)")
     p.add_argument(

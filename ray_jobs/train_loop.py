@@ -68,6 +68,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from htcl.arguments import add_train_args, config_overrides
 from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
 from htcl.pipeline import (
     audio_reader,
@@ -401,8 +402,7 @@ def build_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m ray_jobs.{stage}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+    add_train_args(p, stage)
     p.add_argument(
         "--run-name",
         help="Ray Train run name (default: <stage dir>-<time>); "
@@ -414,9 +414,6 @@ def build_parser(stage: str, doc: str | None = None) -> argparse.ArgumentParser:
         default="PACK",
         help="Ray placement of the workers (default: %(default)s); SPREAD: one per node where it can",
     )
-    if stage == "finetune":
-        p.add_argument("--init-from", help="stage-1 checkpoint (default: <output_dir>/pretrain/model.pt)")
-        p.add_argument("--variant", choices=["favor", "cf"], help="favor triplets (HTCL) or co-occurrence (HTCL_w_CF)")
     return p
 
 
@@ -426,11 +423,8 @@ def main(stage: str, argv: Sequence[str] | None = None, doc: str | None = None) 
     A bad config or override exits with status 2 and the reason on stderr (as argparse does).
     """
     args = build_parser(stage, doc).parse_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = list(args.overrides)
-    if getattr(args, "variant", None):
-        overrides.append(f"finetune.variant={args.variant}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, config_overrides(args))
     except ConfigError as e:
         print(f"{stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -20,26 +20,31 @@ import pandas as pd
 
 from feature_repo.history import whole_log_frame
 from htcl import schema as S
+from htcl.arguments import add_config_args
 from htcl.pairs import split_time
 from htcl.ranking import RankerParams, ranker_auc, train_rankers
 from htcl.retrieval import read_embeddings
-from ray_jobs.common import add_config_args, parse_args, print_summary, save_resolved_config
+from ray_jobs.common import parse_args, print_summary, save_resolved_config
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="python -m ray_jobs.train_rankers",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser)
-    parser.add_argument("--model-version", help="embedding version (default: the current one)")
-    parser.add_argument(
+    add_config_args(p)
+    p.add_argument("--model-version", help="embedding version (default: the current one)")
+    p.add_argument(
         "--online-store",
         default=None,
         help="whose registry and current version (default: $HTCL_ONLINE_STORE, else SQLite)",
     )
-    args, cfg = parse_args(parser, argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args, cfg = parse_args(build_parser(), argv)
     t0 = time.perf_counter()
     frame, version = whole_log_frame(cfg, args.online_store, args.model_version)
     cut = split_time(frame[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)

@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 
+from htcl.arguments import add_config_args
 from serving.app import API_KEY_ENV, APP_NAME, api_key_sha256, body_limits
 from serving.gate import LIMITS_ENV, PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
@@ -156,26 +157,29 @@ def app_args(
     return args
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="htcl serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
-    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-version", help="default: the store's current_model_version")
-    parser.add_argument(
+    add_config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-version", help="default: the store's current_model_version")
+    p.add_argument(
         "--online-store", default=None, help="redis://HOST:PORT[/DB] (default: $HTCL_ONLINE_STORE, else SQLite)"
     )
-    parser.add_argument(
+    p.add_argument(
         "--encoder",
         choices=["auto", "true", "false"],
         default="auto",
         help="cold-start encoder (auto: when the checkpoint is the served version)",
     )
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
-    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     stopping = []
     # Both set explicitly (a shell's background job starts Python with SIGINT ignored), before the
     # start, so a stop asked for while the app deploys is honoured once it is up.

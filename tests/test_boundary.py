@@ -1,4 +1,6 @@
-"""htcl/ is the library: it never imports Ray, Feast or Ray Serve (README, Layout)."""
+"""htcl/ is the library: it never imports Ray, Feast or Ray Serve (README, Layout). Its one exception
+is the composition root, htcl/cli.py: the `htcl` command runs the Ray jobs and the Serve app, and no
+other module imports it."""
 
 import ast
 import subprocess
@@ -53,12 +55,127 @@ def test_no_htcl_source_file_mentions_ray_or_feast_imports():
 
 
 def imported_modules(path):
+    """Every module path imports, also by name: `importlib.import_module("x")`, `__import__("x")`."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
+        elif isinstance(node, ast.Call) and _call_name(node.func) in ("import_module", "__import__") and node.args:
+            first = node.args[0]
+            yield first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else "<computed>"
+
+
+def _call_name(func) -> str | None:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+
+
+def imported_names(path):
+    """imported_modules, plus each `from M import N` as M.N (a submodule or a name of M)."""
+    yield from imported_modules(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+
+
+COMPOSITION_ROOT = "htcl/cli.py"
+EDGES = ("ray_jobs", "serving")  # what only the composition root of htcl may import
+
+
+def test_only_the_composition_root_imports_the_ray_jobs_and_serving():
+    imports = {
+        str(p.relative_to(REPO)): {m for m in imported_modules(p) if m.split(".")[0] in EDGES or m == "<computed>"}
+        for p in sorted((REPO / "htcl").rglob("*.py"))
+    }
+    offenders = {path: sorted(mods) for path, mods in imports.items() if mods and path != COMPOSITION_ROOT}
+    assert offenders == {}
+    # the exception is real: the root names the jobs and the Serve app it runs, none by a computed name
+    assert "<computed>" not in imports[COMPOSITION_ROOT]
+    assert {m.split(".")[0] for m in imports[COMPOSITION_ROOT]} == set(EDGES)
+
+
+def test_nothing_imports_the_composition_root():
+    """htcl.cli is where the program is put together: the library, the jobs, the Serve app and the
+    feature repo import what they need from htcl's other modules, never from it."""
+    offenders = [
+        f"{p.relative_to(REPO)} imports {name}"
+        for package in ("htcl", "ray_jobs", "serving", "feature_repo")
+        for p in sorted((REPO / package).rglob("*.py"))
+        if str(p.relative_to(REPO)) != COMPOSITION_ROOT
+        for name in imported_names(p)
+        if name == "htcl.cli" or name.startswith("htcl.cli.")
+    ]
+    assert offenders == []
+
+
+PARSERS_WITHOUT_RAY = f"""
+import sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {(*BLOCKED, *EDGES)!r}:
+            raise ImportError(f"the htcl parser and --local paths must not import {{name}}")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+from htcl.cli import build_parser, main
+
+parser = build_parser()
+parser.format_help()
+for step in ("preprocess", "features", "pretrain", "finetune", "embed", "evaluate", "demo"):
+    parser.parse_args([step, "--local"])
+    try:
+        parser.parse_args([step, "--help"])
+    except SystemExit as e:
+        assert e.code == 0, step
+assert main(["pretrain", "--local", "--config", "configs/demo.yaml", "pretrain.batchsize=3"]) == 2
+print("ok")
+"""
+
+
+def test_htcl_help_and_local_parsing_load_no_ray_feast_jobs_or_serving():
+    res = subprocess.run([sys.executable, "-c", PARSERS_WITHOUT_RAY], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+ONE_PARSER_PER_STEP = """
+import argparse, json
+from htcl.cli import JOBS, build_parser, job_main
+import ray_jobs.train_loop as train_loop
+
+def options(parser):
+    return {a.option_strings[0] if a.option_strings else a.dest for a in parser._actions}
+
+subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+modules, mismatched = {}, {}
+for step in JOBS:
+    main = job_main(step)
+    modules[step] = main.__module__
+    module = __import__(main.__module__, fromlist=["build_parser"])
+    job = train_loop.build_parser(step) if step in ("pretrain", "finetune") else module.build_parser()
+    cli = subparsers[step]
+    if cli.add_help:  # a step `htcl` parses itself (--local): the job's options plus --local
+        extra = options(cli) - options(job) - {"--local"}
+        if extra:
+            mismatched[step] = sorted(extra)
+print(json.dumps({"modules": modules, "mismatched": mismatched}))
+"""
+
+
+def test_each_step_of_htcl_runs_its_job_and_parses_a_subset_of_its_options():
+    """`htcl <step>` runs ray_jobs.<step>.main; where `htcl <step> --local` parses the step itself,
+    its parser takes the job's options (the same definitions) plus --local and nothing else."""
+    import json
+
+    res = subprocess.run([sys.executable, "-c", ONE_PARSER_PER_STEP], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = json.loads(res.stdout.strip().splitlines()[-1])
+    assert found["modules"] == {step: f"ray_jobs.{step.replace('-', '_')}" for step in found["modules"]}
+    assert len(found["modules"]) == 9
+    assert found["mismatched"] == {}
 
 
 def test_feature_repo_imports_of_htcl_only_the_data_contract():
