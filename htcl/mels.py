@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,38 @@ def read_catalog(path: str | Path) -> pd.DataFrame:
 # cache miss costs (32 paper-size mels: ~10 MB). pyarrow's default (1Mi rows) made a locally
 # preprocessed catalog one group, held whole by every worker.
 SHARD_ROW_GROUP_ROWS = 32
+
+
+CATALOG_CHUNK_ROWS = 65_536  # rows per chunk of catalog_chunks: a few MB of text columns
+
+
+def catalog_chunks(path: str | Path, columns: list[str]) -> Iterator[pd.DataFrame]:
+    """The catalog's `columns` (song_id among them), a chunk of rows at a time, as read_catalog
+    returns them (song_id int64, text columns str, "" when missing): what a reader that needs a
+    few columns of every song reads instead of the whole table. A catalog read_catalog refuses
+    is refused with read_catalog's own error (its data-row numbers count over the whole file),
+    repeated song ids included."""
+    path = Path(path).absolute()
+    seen: list[np.ndarray] = []
+    try:
+        if path.suffix == ".csv":
+            chunks = pd.read_csv(path, usecols=columns, chunksize=CATALOG_CHUNK_ROWS)
+        else:
+            batches = pq.ParquetFile(path).iter_batches(CATALOG_CHUNK_ROWS, columns=columns)
+            chunks = (b.to_pandas() for b in batches)
+        for chunk in chunks:
+            chunk = chunk[columns].reset_index(drop=True)  # in the order asked (CSV reads file order)
+            chunk[S.SONG_ID] = _song_ids(chunk[S.SONG_ID], path)
+            for col in set(S.CATALOG_TEXT) & set(columns):
+                chunk[col] = chunk[col].fillna("").astype(str)
+            seen.append(chunk[S.SONG_ID].to_numpy())
+            yield chunk
+        ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise CatalogError(f"{path}: repeated song_id")
+    except (ValueError, KeyError, OSError):  # CatalogError, a missing column, an unreadable file
+        read_catalog(path)  # raises the error that names the rows at fault
+        raise
 
 
 def read_catalog_or_refuse(path: str | Path, command: str) -> pd.DataFrame | None:

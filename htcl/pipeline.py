@@ -34,6 +34,7 @@ from htcl.mels import (
     MEL_COLUMNS,
     SHARD_ROW_GROUP_ROWS,
     MelExtractor,
+    catalog_chunks,
     mel_shards,
     mels_from_table,
     read_catalog,
@@ -188,18 +189,19 @@ class TrainingRows:
     `mels` maps each song to its audio encoder input: its log-Mel (M, F) for the paper's family,
     or the locked backbone's cached patch features (C, P); training_rows gives a ShardReader
     (htcl.streaming: read from the shards as batches need them), a dict works the same.
-    `texts` holds song texts, or with a locked text tower `text_features` holds each song's
-    cached pooled BERT output (H,).
+    With a trainable text tower `texts` holds song texts; with a locked one `text_features` maps
+    each song to its cached pooled BERT output (H,) (training_rows: a ShardReader too) and
+    `texts` is None.
     Stage 1: `trigger` holds song ids (audio and text of the same song), `rec` is None.
     Stage 2: `trigger` and `rec` hold the song ids of each ⟨trigger, recommended⟩ pair.
     """
 
     stage: str
     mels: Mapping[int, np.ndarray]
-    texts: dict[int, str]
+    texts: Mapping[int, str] | None
     trigger: np.ndarray
     rec: np.ndarray | None = None
-    text_features: dict[int, np.ndarray] | None = None
+    text_features: Mapping[int, np.ndarray] | None = None
     # the held-out rows (same mels and texts; never in `trigger`/`rec`): see training_rows
     validation: "TrainingRows | None" = None
 
@@ -209,6 +211,10 @@ class TrainingRows:
     def song_ids(self, idx: np.ndarray) -> np.ndarray:
         """The songs whose audio the rows at positions idx need (stage 2: triggers and recs)."""
         return self.trigger[idx] if self.rec is None else np.concatenate([self.trigger[idx], self.rec[idx]])
+
+    def text_song_ids(self, idx: np.ndarray) -> np.ndarray:
+        """The songs whose text the rows at positions idx need (stage 1: the songs; stage 2: recs)."""
+        return self.trigger[idx] if self.rec is None else self.rec[idx]
 
 
 # --- the held-out artists ------------------------------------------------------------------
@@ -245,9 +251,78 @@ def stage_config(cfg: Config, stage: str):
     return cfg.pretrain if stage == "pretrain" else cfg.finetune
 
 
+@dataclass
+class CatalogKeys:
+    """What training needs of every catalog song, in song_id order: (n,) arrays, not the table."""
+
+    ids: np.ndarray  # (n,) int64, ascending
+    held: np.ndarray  # (n,) bool: the song's artist is held out (heldout_song_ids)
+    text_hash: np.ndarray | None = None  # (n,) uint64: towers.hash_prefix of its text's hash
+    texts: dict[int, str] | None = None  # every song's text, when asked for
+
+
+def catalog_keys(cfg: Config, *, text_hashes: bool = False, texts: bool = False) -> CatalogKeys:
+    """The catalog's song ids and held-out mask (and with text_hashes its texts' hash prefixes,
+    with texts the texts themselves), read a chunk of rows at a time (mels.catalog_chunks): a
+    training worker holds 9 bytes a song (17 with the hashes) rather than the catalog's columns."""
+    from htcl.towers import hash_prefix, text_hash
+
+    columns = [S.SONG_ID, S.ARTIST] + ([S.TITLE, S.TAGS, S.LYRICS] if text_hashes or texts else [])
+    ids, artist_codes, hashes = [], [], []
+    artist_code: dict[str, int] = {}
+    all_texts: dict[int, str] | None = {} if texts else None
+    for chunk in catalog_chunks(catalog_path(cfg), columns):
+        ids.append(chunk[S.SONG_ID].to_numpy())
+        artists = chunk[S.ARTIST].tolist()  # read_catalog's strings: "" for a missing artist
+        artist_codes.append(np.array([artist_code.setdefault(a, len(artist_code)) for a in artists], np.int32))
+        if text_hashes or texts:
+            chunk_texts = [song_text(*r) for r in zip(chunk[S.TITLE], chunk[S.ARTIST], chunk[S.TAGS], chunk[S.LYRICS])]
+            if text_hashes:
+                hashes.append(np.array([hash_prefix(text_hash(t)) for t in chunk_texts], np.uint64))
+            if texts:
+                all_texts.update(zip(chunk[S.SONG_ID].tolist(), chunk_texts))
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    codes = np.concatenate(artist_codes) if artist_codes else np.zeros(0, np.int32)
+    held_names = heldout_artists(artist_code, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
+    held_codes = [artist_code[a] for a in held_names]
+    order = np.argsort(ids, kind="stable")
+    return CatalogKeys(
+        ids[order],
+        np.isin(codes, held_codes)[order],
+        np.concatenate(hashes)[order] if hashes else None,
+        all_texts,
+    )
+
+
+def text_feature_reader(cfg: Config, keys: CatalogKeys, cache_rows: int) -> ShardReader:
+    """The locked text tower's cached features (towers layout), read from their shards on demand,
+    after refusing any cached row whose text has changed since (towers.require_current_features)."""
+    from htcl.towers import (
+        FEATURES_SCHEMA,
+        feature_shards,
+        features_from_table,
+        require_current_features,
+        text_tower_spec,
+        tower_dir,
+    )
+
+    directory = tower_dir(cfg.output_dir, text_tower_spec(cfg.model))
+    require_current_features(directory, keys.ids, keys.text_hash)
+    return ShardReader(
+        feature_shards(directory),
+        FEATURES_SCHEMA.names,
+        lambda t: features_from_table(t, where=directory),
+        "text features",
+        cache_rows,
+    )
+
+
 def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: bool = True) -> TrainingRows:
-    """Song texts, the stage's rows (songs, favor triplets or co-occurrence pairs), and a reader
-    of the audio inputs (audio_reader: the shards' index only; batches read their rows).
+    """The stage's rows (songs, favor triplets or co-occurrence pairs) and readers of their inputs:
+    the audio inputs (audio_reader) and, with a locked text tower, the cached text features
+    (text_feature_reader), each holding the shards' index only (batches read their rows); with a
+    trainable text tower, every song's text. Of the catalog only its song ids and held-out mask
+    are kept (catalog_keys), so memory grows by tens of bytes a song, not by the catalog's size.
 
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
@@ -256,30 +331,27 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
     over the shards, a row group at a time; ShardReader.require_finite). Off, a bad row is still
     refused, when a batch first reads it."""
     tcfg = stage_config(cfg, stage)
-    catalog = read_catalog(catalog_path(cfg))
-    held = heldout_song_ids(cfg, catalog)
+    locked_text = not cfg.model.text_trainable
+    keys = catalog_keys(cfg, text_hashes=locked_text, texts=not locked_text)
     mels = audio_reader(cfg, tcfg.reader_cache_rows)
     if check_finite:
         mels.require_finite()
-    texts = song_texts(catalog)
-    text_features = None
-    if not cfg.model.text_trainable:
-        from htcl.towers import read_features, text_hash, text_tower_spec, tower_dir
-
-        expected = {i: text_hash(t) for i, t in texts.items()}
-        text_features = read_features(tower_dir(cfg.output_dir, text_tower_spec(cfg.model)), expected)
-        texts = {i: t for i, t in texts.items() if i in text_features}
+    texts, text_features = keys.texts, None
+    usable = np.intersect1d(keys.ids, mels.ids)  # songs with both an audio input and a text
+    if locked_text:
+        text_features = text_feature_reader(cfg, keys, tcfg.reader_cache_rows)
+        usable = np.intersect1d(usable, text_features.ids)  # a song not yet in the cache is left out
+    held = keys.ids[keys.held]
     if stage == "pretrain":
-        ids = np.array(sorted(set(mels) & set(texts)))
-        is_val = np.isin(ids, sorted(held))
-        val = ids[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]
+        is_val = np.isin(usable, held)
+        val = usable[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]
         if verbose and len(val):
-            print(f"pretrain: {len(ids) - len(val)} training songs, {len(val)} held out (validation)")
+            print(f"pretrain: {len(usable) - len(val)} training songs, {len(val)} held out (validation)")
         return TrainingRows(
             stage,
             mels,
             texts,
-            ids[~is_val],
+            usable[~is_val],
             text_features=text_features,
             validation=TrainingRows(stage, mels, texts, val, text_features=text_features),
         )
@@ -289,9 +361,9 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
     # Stage 2 sees only the training period: the held-out later days are what evaluation scores.
     cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
     pairs = before(stage2_pairs(tcfg.variant, interactions, sessions), cut)
-    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.ids) & pairs[S.REC_SONG_ID].isin(mels.ids)
+    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.ids) & pairs[S.REC_SONG_ID].isin(usable)
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
-    is_val = np.isin(trig, sorted(held)) | np.isin(rec, sorted(held))
+    is_val = np.isin(trig, held) | np.isin(rec, held)
     order = _seeded_order(int(is_val.sum()), cfg.eval.seed)
     validation = TrainingRows(stage, mels, texts, trig[is_val][order], rec[is_val][order], text_features=text_features)
     if verbose:
@@ -437,20 +509,34 @@ def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = F
     return summary
 
 
-def read_audio(rows: TrainingRows, idx: np.ndarray) -> Mapping[int, np.ndarray]:
-    """The audio inputs of the songs the rows at positions idx need: one read per row group
-    from a ShardReader (only these songs decoded), the dict itself otherwise."""
-    return rows.mels.read(rows.song_ids(idx)) if isinstance(rows.mels, ShardReader) else rows.mels
-
-
-def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer, audio: Mapping[int, np.ndarray] | None = None) -> dict:
-    """The training batch (training.py's dict layout) of the rows at positions idx; audio: their
-    songs' inputs already read (read_audio; batch_stream reads them ahead), else read here."""
-    audio = read_audio(rows, idx) if audio is None else audio
+def read_inputs(rows: TrainingRows, idx: np.ndarray) -> tuple[Mapping[int, np.ndarray], Mapping | None]:
+    """The audio inputs and (locked text tower) text features of the songs the rows at positions
+    idx need: one read per row group from a ShardReader (only these songs decoded), the mapping
+    itself otherwise."""
+    audio = rows.mels.read(rows.song_ids(idx)) if isinstance(rows.mels, ShardReader) else rows.mels
     feats = rows.text_features
+    if isinstance(feats, ShardReader):
+        feats = feats.read(rows.text_song_ids(idx))
+    return audio, feats
+
+
+def make_batch(
+    rows: TrainingRows,
+    idx: np.ndarray,
+    tokenizer,
+    inputs: tuple[Mapping[int, np.ndarray], Mapping | None] | None = None,
+) -> dict:
+    """The training batch (training.py's dict layout) of the rows at positions idx; inputs: their
+    songs' audio inputs and text features already read (read_inputs; batch_stream reads them
+    ahead), else read here."""
+    audio, feats = read_inputs(rows, idx) if inputs is None else inputs
+
+    def texts(ids: np.ndarray) -> list[str]:  # a locked tower's batches carry features, not texts
+        return [rows.texts[i] for i in ids] if feats is None else [""] * len(ids)
+
     if rows.rec is None:
         ids = rows.trigger[idx]
-        batch = stage1_batch([audio[i] for i in ids], [rows.texts[i] for i in ids], None if feats else tokenizer)
+        batch = stage1_batch([audio[i] for i in ids], texts(ids), None if feats is not None else tokenizer)
         if feats is not None:
             batch["text_features"] = torch.as_tensor(np.stack([feats[i] for i in ids]))
         return batch
@@ -458,8 +544,8 @@ def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer, audio: Mapping[in
     batch = stage2_batch(
         [audio[i] for i in trig],
         [audio[i] for i in rec],
-        [rows.texts[i] for i in rec],
-        None if feats else tokenizer,
+        texts(rec),
+        None if feats is not None else tokenizer,
         trig,
         rec,
     )
@@ -491,9 +577,9 @@ def batch_stream(
     and padding stay on this thread (one tokenizer, one thread).
     """
     slices = rank_slices(len(rows), batch_size, seed, start_step=start_step, rank=rank, world=world)
-    if isinstance(rows.mels, ShardReader):
-        for idx, audio in read_ahead(lambda idx: read_audio(rows, idx), slices):
-            yield make_batch(rows, idx, tokenizer, audio)
+    if isinstance(rows.mels, ShardReader) or isinstance(rows.text_features, ShardReader):
+        for idx, inputs in read_ahead(lambda idx: read_inputs(rows, idx), slices):
+            yield make_batch(rows, idx, tokenizer, inputs)
     else:  # a dict in memory: nothing to read
         for idx in slices:
             yield make_batch(rows, idx, tokenizer)

@@ -237,6 +237,35 @@ def features_from_table(
     return out
 
 
+def hash_prefix(hex_digest: str) -> int:
+    """A sha256 hex digest's first 8 bytes as an int (a uint64): what a catalog-wide stale check
+    holds per song (8 bytes, not a 64-character string; a stale row slips by with odds 2^-64)."""
+    return int(hex_digest[:16], 16)
+
+
+def require_current_features(directory: str | Path, ids: np.ndarray, expected: np.ndarray) -> None:
+    """Refuse a tower cache row whose input hash is not the song's current one, as read_features
+    does with `expected`, reading only the song_id and input_hash columns a row group at a time.
+
+    ids: (n,) int64 ascending; expected: (n,) uint64, hash_prefix of each song's current input
+    hash. Cached songs not in ids are not checked (they are not read)."""
+    for f in feature_shards(directory):
+        shard = pq.ParquetFile(f)
+        for g in range(shard.metadata.num_row_groups):
+            t = shard.read_row_group(g, columns=[S.SONG_ID, INPUT_HASH])
+            sid = t.column(0).to_numpy().astype(np.int64)
+            pos = np.minimum(np.searchsorted(ids, sid), max(len(ids) - 1, 0))
+            known = (ids[pos] == sid) if len(ids) else np.zeros(len(sid), bool)
+            hashes = t.column(1).to_pylist()
+            for i in np.flatnonzero(known):
+                if hash_prefix(hashes[i]) != expected[pos[i]]:
+                    now = f"{int(expected[pos[i]]):016x}"
+                    raise StaleFeaturesError(
+                        f"{f}: song {sid[i]}'s cached features are of another input (hash {hashes[i][:12]}, "
+                        f"now {now[:12]}); run `htcl features` to recompute them"
+                    )
+
+
 def read_features(directory: str | Path, expected: Mapping[int, str] | None = None) -> dict[int, np.ndarray]:
     """{song_id: feature} from a tower's cache folder.
 

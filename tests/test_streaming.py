@@ -25,14 +25,28 @@ from htcl import pipeline
 from htcl import schema as S
 from htcl.audio import mel_to_bytes
 from htcl.config import config_from_dict
-from htcl.mels import read_mels, write_table
+from htcl.mels import read_catalog, read_mels, write_table
 from htcl.streaming import ShardReader, read_ahead
 from htcl.text import SongTokenizer
-from htcl.towers import audio_tower_spec, feature_row, tower_dir, write_features
+from htcl.towers import (
+    audio_tower_spec,
+    feature_row,
+    read_features,
+    text_hash,
+    text_tower_spec,
+    tower_dir,
+    write_features,
+)
 
 N_SONGS, N_ARTISTS, BATCH = 48, 6, 8
 REPEATED = 5  # written twice; the later shard's row is the one read
-KINDS = {"mels": "model.audio_backbone=none", "features": "model.audio_backbone=musicnn_msd"}
+KINDS = {
+    "mels": ("model.audio_backbone=none",),
+    "features": ("model.audio_backbone=musicnn_msd",),
+    # the demo's family: the text tower locked too, its cached features streamed like the audio's
+    "locked_text": ("model.audio_backbone=musicnn_msd", "model.text_trainable=false"),
+}
+TEXT_WIDTH = 16
 
 
 def write_world(root, n_songs=N_SONGS):
@@ -87,6 +101,14 @@ def write_inputs(cfg, inputs: dict[int, np.ndarray]):
         for k, chunk in enumerate(chunks):
             src = later if k == len(chunks) - 1 else inputs
             write_features([feature_row(i, "input-hash", src[i]) for i in chunk], directory)
+    if not cfg.model.text_trainable:  # each song's text feature, under its text's hash, in 2 shards
+        catalog = read_catalog(pipeline.catalog_path(cfg))
+        texts = pipeline.song_texts(catalog)
+        rng = np.random.default_rng(7)
+        rows = [feature_row(i, text_hash(texts[i]), rng.normal(0, 1, TEXT_WIDTH).astype(np.float32)) for i in ids]
+        directory = tower_dir(cfg.output_dir, text_tower_spec(cfg.model))
+        write_features(rows[:20], directory)
+        write_features(rows[20:], directory)
 
 
 def random_inputs(kind: str, seed: int = 0) -> dict[int, np.ndarray]:
@@ -106,7 +128,7 @@ def make_cfg(tmp, kind, *extra):
         {},
         [
             *TINY_MODEL,
-            KINDS[kind],
+            *KINDS[kind],
             f"data.root={tmp / 'world'}",
             f"output_dir={tmp / 'out'}",
             f"pretrain.batch_size={BATCH}",
@@ -134,9 +156,11 @@ def tokenizer(world):
 
 
 def in_memory(rows: pipeline.TrainingRows, cfg) -> pipeline.TrainingRows:
-    """The same rows with every audio input loaded into a dict up front (as training_rows did)."""
-    inputs = pipeline.audio_inputs(cfg)
-    return dataclasses.replace(rows, mels=inputs, validation=dataclasses.replace(rows.validation, mels=inputs))
+    """The same rows with every audio input (and text feature) loaded into a dict up front."""
+    inputs = {"mels": pipeline.audio_inputs(cfg)}
+    if rows.text_features is not None:
+        inputs["text_features"] = read_features(tower_dir(cfg.output_dir, text_tower_spec(cfg.model)))
+    return dataclasses.replace(rows, **inputs, validation=dataclasses.replace(rows.validation, **inputs))
 
 
 def assert_same_batch(got: dict, want: dict, where: str):
@@ -153,6 +177,9 @@ def test_streamed_batches_equal_the_in_memory_ones_for_any_world_and_resume(worl
     assert isinstance(rows.mels, ShardReader) and len(rows.mels) == N_SONGS
     reference = in_memory(rows, cfg)
     assert isinstance(reference.mels, dict)
+    if kind == "locked_text":
+        assert isinstance(rows.text_features, ShardReader) and rows.texts is None
+        assert isinstance(reference.text_features, dict) and len(reference.text_features) == N_SONGS
     np.testing.assert_array_equal(rows.mels[REPEATED], reference.mels[REPEATED])  # the later shard's row
     steps_per_epoch = len(rows) // BATCH
     assert steps_per_epoch >= 3, "the world must give several batches an epoch"
@@ -293,3 +320,49 @@ def test_shards_are_written_in_small_row_groups(tmp_path):
         meta = pq.ParquetFile(path).metadata
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         assert sizes == [SHARD_ROW_GROUP_ROWS, len(ids) - SHARD_ROW_GROUP_ROWS], (path, sizes)
+
+
+def test_catalog_chunks_read_as_read_catalog_and_refuse_what_it_refuses(tmp_path, monkeypatch):
+    """Training reads the catalog a chunk at a time (mels.catalog_chunks): the same song ids and
+    texts as read_catalog, from Parquet and CSV, and a repeated song_id refused with
+    read_catalog's own error, whichever chunks the two rows fall in."""
+    from htcl import mels as mels_module
+
+    monkeypatch.setattr(mels_module, "CATALOG_CHUNK_ROWS", 7)
+    root = write_world(tmp_path / "world")
+    catalog = pd.read_parquet(root / "catalog.parquet")
+    catalog.loc[3, S.TITLE] = None  # a missing text field reads as ""
+    catalog.to_parquet(root / "catalog.parquet")
+    catalog.to_csv(root / "catalog.csv", index=False)
+    columns = [S.SONG_ID, S.ARTIST, S.TITLE, S.TAGS, S.LYRICS]
+    for path in (root / "catalog.parquet", root / "catalog.csv"):
+        chunks = list(mels_module.catalog_chunks(path, columns))
+        assert len(chunks) == 7  # 48 rows in chunks of 7
+        got = pd.concat(chunks, ignore_index=True)
+        want = read_catalog(path)[columns]
+        pd.testing.assert_frame_equal(got, want, check_dtype=False)
+        assert got[S.SONG_ID].dtype == np.int64 and got.loc[3, S.TITLE] == ""
+    catalog.loc[40, S.SONG_ID] = 2  # a repeat in another chunk than its first
+    catalog.to_parquet(root / "catalog.parquet")
+    with pytest.raises(mels_module.CatalogError) as refused:
+        list(mels_module.catalog_chunks(root / "catalog.parquet", columns))
+    with pytest.raises(mels_module.CatalogError) as by_read_catalog:
+        read_catalog(root / "catalog.parquet")
+    assert str(refused.value) == str(by_read_catalog.value) and "data rows 3, 41" in str(refused.value)
+
+
+@pytest.mark.parametrize("kind", ["mels", "locked_text"])
+def test_training_rows_do_not_depend_on_how_the_catalog_is_chunked(world, kind, monkeypatch):
+    from htcl import mels as mels_module
+
+    cfg = world[kind]
+    whole = {stage: pipeline.training_rows(cfg, stage, verbose=False) for stage in ("pretrain", "finetune")}
+    monkeypatch.setattr(mels_module, "CATALOG_CHUNK_ROWS", 5)
+    for stage, want in whole.items():
+        got = pipeline.training_rows(cfg, stage, verbose=False)
+        for rows, ref in ((got, want), (got.validation, want.validation)):
+            np.testing.assert_array_equal(rows.trigger, ref.trigger)
+            if ref.rec is not None:
+                np.testing.assert_array_equal(rows.rec, ref.rec)
+            assert (rows.texts is None) == (kind == "locked_text") and rows.texts == ref.texts
+    assert len(whole["pretrain"].validation) > 0  # the held-out artists' songs
