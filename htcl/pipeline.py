@@ -1,14 +1,8 @@
 """The pipeline's steps in one process: preprocess -> pretrain -> finetune -> embed.
 
 These are what `htcl <step>` runs on a laptop with no cluster; the Ray jobs (ray_jobs/) run the
-same library pieces (MelExtractor, batching, training.train) spread over workers. Output layout
-under cfg.output_dir:
-
-    mels/part-*.parquet        song_id, n_frames, mel (float16 bytes)
-    quarantine/part-*.parquet  song_id, audio_path, stage, error_type, message
-    pretrain/                  model.pt, config.yaml, metrics.jsonl, training_curves.png
-    finetune/ (finetune_cf/)   the same for stage 2 (the HTCL_w_CF control)
-    embeddings/<model_version>/part-0.parquet
+same library pieces (MelExtractor, batching, training.train) spread over workers. Where the
+outputs go under cfg.output_dir: htcl.layout.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ from tqdm.auto import tqdm
 from htcl import schema as S
 from htcl.batching import epoch_order, stage1_batch, stage2_batch
 from htcl.config import Config, ModelConfig, save_config
+from htcl.layout import CHECKPOINT, Layout, run_name
 from htcl.mels import (
     MEL_COLUMNS,
     SHARD_ROW_GROUP_ROWS,
@@ -103,7 +98,7 @@ def plan_preprocess(cfg: Config, catalog: pd.DataFrame, force: bool = False) -> 
     from htcl.delta import drop_stale_rows, new_or_changed, recorded_hashes
     from htcl.towers import audio_hashes
 
-    mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
+    mels_dir, q_dir = Layout.of(cfg).mels, Layout.of(cfg).quarantine
     if force:
         for d in (mels_dir, q_dir):
             for f in d.glob("*.parquet"):
@@ -131,7 +126,7 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
     catalog = Path(catalog or catalog_path(cfg))
     plan = plan_preprocess(cfg, read_catalog(catalog), force)
     todo = plan.todo
-    mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
+    mels_dir, q_dir = Layout.of(cfg).mels, Layout.of(cfg).quarantine
     extractor = MelExtractor(cfg.audio)
     mels, quarantine = [], []
     t0 = time.perf_counter()
@@ -147,7 +142,7 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
     if quarantine:
         write_table(quarantine, S.QUARANTINE_SCHEMA, q_dir / part)
     # '_'-prefixed: Parquet dataset readers (pyarrow, Ray Data) skip it when reading mels/
-    save_config(cfg, out_path(cfg, "mels", "_config.yaml"))
+    save_config(cfg, Layout.of(cfg).mels / "_config.yaml")
     return {
         "catalog": str(catalog),
         **plan.summary(),
@@ -171,15 +166,9 @@ def song_texts(catalog: pd.DataFrame) -> dict[int, str]:
     }
 
 
-def stage_dir_name(stage: str, variant: str, audio_backbone: str = "none") -> str:
-    """pretrain, finetune, finetune_cf for the paper's family; the same + _<backbone> for a
-    backbone family (pretrain_musicnn_msd, ...), so both families train side by side."""
-    name = "pretrain" if stage == "pretrain" else ("finetune" if variant == "favor" else f"finetune_{variant}")
-    return name if audio_backbone == "none" else f"{name}_{audio_backbone}"
-
-
 def run_dir_name(cfg: Config, stage: str) -> str:
-    return stage_dir_name(stage, stage_config(cfg, stage).variant, cfg.model.audio_backbone)
+    """The config's run folder of a stage (htcl.layout.run_name)."""
+    return run_name(stage, stage_config(cfg, stage).variant, cfg.model.audio_backbone)
 
 
 @dataclass
@@ -382,7 +371,7 @@ def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.nd
     model_cfg / audio_cfg: a checkpoint's own (default: cfg's)."""
     model_cfg, audio_cfg = model_cfg or cfg.model, audio_cfg or cfg.audio
     if model_cfg.audio_backbone == "none":
-        return read_mels(out_path(cfg, "mels"), audio_cfg.n_mels)
+        return read_mels(Layout.of(cfg).mels, audio_cfg.n_mels)
     from htcl.towers import audio_tower_spec, read_features, tower_dir
 
     return read_features(tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg)))
@@ -400,7 +389,7 @@ def audio_reader(
     model_cfg, audio_cfg = model_cfg or cfg.model, audio_cfg or cfg.audio
     if model_cfg.audio_backbone == "none":
         return ShardReader(
-            files or mel_shards(out_path(cfg, "mels")),
+            files or mel_shards(Layout.of(cfg).mels),
             MEL_COLUMNS,
             lambda t: mels_from_table(t, audio_cfg.n_mels),
             AUDIO_INPUT,
@@ -452,7 +441,7 @@ def plan_features(cfg: Config, catalog: str | Path | None = None, force: bool = 
         todo = new_or_changed(inputs, recorded_hashes(directory))
         skipped = 0
         if tower == "audio":  # as preprocess: a quarantined file is not retried (--force retries it)
-            q_dir = out_path(cfg, "quarantine")
+            q_dir = Layout.of(cfg).quarantine
             quarantined = done_song_ids(q_dir) if not force else set()
             skipped = int(todo[S.SONG_ID].isin(quarantined).sum())
             todo = todo[~todo[S.SONG_ID].isin(quarantined)].reset_index(drop=True)
@@ -476,7 +465,7 @@ def finish_features(cfg: Config, plan: TowerPlan, rows: list[dict], quarantine: 
     write_tower_spec(plan.directory, plan.spec)
     if quarantine:
         name = f"features-{plan.spec['tower']}-{time.strftime('%Y%m%d%H%M%S')}.parquet"
-        write_table(quarantine, S.QUARANTINE_SCHEMA, out_path(cfg, "quarantine", name))
+        write_table(quarantine, S.QUARANTINE_SCHEMA, Layout.of(cfg).quarantine / name)
     return {
         "tower": plan.spec["tower"],
         "dir": str(plan.directory),
@@ -618,7 +607,7 @@ def init_model(cfg: Config, stage: str, init_from: str | Path | None = None) -> 
     """A fresh model (stage 1) or one initialised from the stage-1 checkpoint (stage 2)."""
     model = HTCLModel(cfg.model, cfg.audio)
     if stage == "finetune":
-        init_from = Path(init_from or out_path(cfg, run_dir_name(cfg, "pretrain"), "model.pt"))
+        init_from = Path(init_from or Layout.of(cfg).checkpoint(run_dir_name(cfg, "pretrain")))
         stage1, _, _ = model_from_checkpoint(init_from)
         model.load_state_dict(stage1.state_dict())
         print(f"finetune: initialised from {init_from}")
@@ -631,13 +620,13 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
     seed_everything(tcfg.seed)
     rows = training_rows(cfg, stage)
     tokenizer = SongTokenizer(cfg.model)
-    run_dir = out_path(cfg, run_dir_name(cfg, stage))
+    run_dir = Layout.of(cfg).run(run_dir_name(cfg, stage))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     model = init_model(cfg, stage, init_from)
     state = TrainState(model, build_optimizer(model, tcfg))
-    ckpt_path = run_dir / "model.pt"
+    ckpt_path = run_dir / CHECKPOINT
     (run_dir / "best.pt").unlink(missing_ok=True)
     logger = JsonlLogger(run_dir / "metrics.jsonl")
     train(
@@ -716,7 +705,7 @@ def embed_inputs(cfg: Config, model_cfg, audio_cfg) -> tuple[Path, list[str]]:
     """(folder, columns) of what a model of model_cfg embeds from: mels/ for the paper family, the
     backbone's cached patch features for a backbone family."""
     if model_cfg.audio_backbone == "none":
-        return out_path(cfg, "mels"), [*MEL_COLUMNS, S.INPUT_HASH]
+        return Layout.of(cfg).mels, [*MEL_COLUMNS, S.INPUT_HASH]
     from htcl.towers import FEATURE, SHAPE, audio_tower_spec, tower_dir
 
     return tower_dir(cfg.output_dir, audio_tower_spec(model_cfg, audio_cfg)), [S.SONG_ID, SHAPE, FEATURE, S.INPUT_HASH]
@@ -738,7 +727,7 @@ def plan_embed(cfg: Config, checkpoint: str | Path, force: bool = False) -> Embe
     if not shards:
         raise FileNotFoundError(f"no input shards (*.parquet) in {inputs_dir}; run preprocess (and features) first")
     version = model_version(checkpoint)
-    out_dir = out_path(cfg, "embeddings", version)
+    out_dir = Layout.of(cfg).embeddings(version)
     if force:
         for f in out_dir.glob("*.parquet"):
             f.unlink()
@@ -829,7 +818,7 @@ def embeddings_fingerprint(embeddings_dir: Path) -> list[list]:
 
 def index_is_current(cfg: Config, embeddings_dir: Path) -> bool:
     """Whether index/<version>/ was built from exactly the parts embeddings/<version>/ holds now."""
-    source = out_path(cfg, "index", Path(embeddings_dir).name, INDEX_SOURCE)
+    source = Layout.of(cfg).index(Path(embeddings_dir).name) / INDEX_SOURCE
     try:
         return json.loads(source.read_text()) == embeddings_fingerprint(embeddings_dir)
     except (OSError, ValueError):
@@ -842,7 +831,7 @@ def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
     from htcl.retrieval import build_index_from_embeddings
 
     fingerprint = embeddings_fingerprint(Path(embeddings_dir))
-    index_dir = build_index_from_embeddings(embeddings_dir, out_path(cfg, "index"))
+    index_dir = build_index_from_embeddings(embeddings_dir, Layout.of(cfg).index_root)
     (index_dir / INDEX_SOURCE).write_text(json.dumps(fingerprint))
     return index_dir
 
@@ -855,9 +844,7 @@ def family_runs(cfg: Config) -> dict[str, tuple[str, str, str]]:
     the config's backbone (musicnn_msd when the config is the paper's)."""
     backbone = cfg.model.audio_backbone if cfg.model.audio_backbone != "none" else "musicnn_msd"
     return {
-        fam: tuple(
-            stage_dir_name(st, v, bb) for st, v in (("pretrain", "favor"), ("finetune", "favor"), ("finetune", "cf"))
-        )
+        fam: tuple(run_name(st, v, bb) for st, v in (("pretrain", "favor"), ("finetune", "favor"), ("finetune", "cf")))
         for fam, bb in (("scratch", "none"), ("backbone", backbone))
     }
 
@@ -888,7 +875,7 @@ def variant_models(cfg: Config, verbose: bool = True) -> list[Variant]:
     runs = family_runs(cfg)
     for family in ("scratch", "backbone"):
         for name, run in zip(FAMILY_VARIANTS[family], runs[family]):
-            ckpt = out_path(cfg, run, "model.pt")
+            ckpt = Layout.of(cfg).checkpoint(run)
             if not ckpt.is_file():
                 if verbose:
                     print(f"evaluate: no {ckpt}; {name} left out")
@@ -937,7 +924,7 @@ def variant_embeddings(cfg: Config, verbose: bool = True, models: list[Variant] 
 
 def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarray], model_cfg) -> list[np.ndarray]:
     """The audio encoder inputs of real recordings: log-Mel for the paper family; for a backbone,
-    its patch features, cached under features/real_audio/ (keyed by the files' hashes)."""
+    its patch features, cached in the layout's real_audio_features (keyed by the files' hashes)."""
     from htcl.delta import new_or_changed, recorded_hashes
     from htcl.towers import (
         INPUT_HASH,
@@ -957,7 +944,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
         with torch.no_grad():
             return [logmel(torch.as_tensor(w))[0].numpy() for w in waves]
     spec = audio_tower_spec(model_cfg, cfg.audio)
-    directory = out_path(cfg, "features", "real_audio", tower_dir("", spec).name)
+    directory = Layout.of(cfg).real_audio_features(tower_dir("", spec).name)
     hashes = [audio_file_hash(p) for p in manifest["path"]]
     inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
     todo = new_or_changed(inputs, recorded_hashes(directory))
@@ -1125,8 +1112,8 @@ def run_evaluate(
         real_audio=real_audio_results(cfg, models=models),
         coverage=coverage,
     )
-    out_dir = Path(out_dir or out_path(cfg, "evaluation"))
-    metric_files = [out_path(cfg, d, "metrics.jsonl") for runs in family_runs(cfg).values() for d in runs]
+    out_dir = Path(out_dir or Layout.of(cfg).evaluation)
+    metric_files = [Layout.of(cfg).run(d) / "metrics.jsonl" for runs in family_runs(cfg).values() for d in runs]
     retrieval, held = retrieval_results(cfg, models=models) or ({}, None)
     for name, r in retrieval.items():
         if name in results["variants"]:
