@@ -932,7 +932,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
         audio_file_hash,
         audio_tower_spec,
         read_features,
-        tower_dir,
+        tower_name,
         write_features,
         write_tower_spec,
     )
@@ -944,7 +944,7 @@ def real_audio_inputs(cfg: Config, manifest: pd.DataFrame, waves: list[np.ndarra
         with torch.no_grad():
             return [logmel(torch.as_tensor(w))[0].numpy() for w in waves]
     spec = audio_tower_spec(model_cfg, cfg.audio)
-    directory = Layout.of(cfg).real_audio_features(tower_dir("", spec).name)
+    directory = Layout.of(cfg).real_audio_features(tower_name(spec))
     hashes = [audio_file_hash(p) for p in manifest["path"]]
     inputs = pd.DataFrame({S.SONG_ID: np.arange(len(waves)), INPUT_HASH: hashes})
     todo = new_or_changed(inputs, recorded_hashes(directory))

@@ -39,9 +39,9 @@ import torch
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config, ModelConfig
+from htcl.layout import Layout
 from htcl.mels import SHARD_ROW_GROUP_ROWS
 
-FEATURES_DIR = "features"
 TEXT_TOWER = "text"
 FEATURE_FORMAT = 1  # bump when what a tower's feature means changes
 TOWER_FILE = "_tower.json"  # "_": Parquet dataset readers skip it
@@ -157,8 +157,13 @@ def tower_hash(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(spec), sort_keys=True).encode()).hexdigest()
 
 
+def tower_name(spec: Mapping[str, Any]) -> str:
+    """A tower's cache folder name: <tower>-<tower hash, 16 hex>."""
+    return f"{spec['tower']}-{tower_hash(spec)[:16]}"
+
+
 def tower_dir(output_dir: str | Path, spec: Mapping[str, Any]) -> Path:
-    return Path(output_dir, FEATURES_DIR, f"{spec['tower']}-{tower_hash(spec)[:16]}")
+    return Layout(output_dir).features(tower_name(spec))
 
 
 def locked_tower_specs(cfg: Config) -> dict[str, dict]:
