@@ -44,14 +44,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from htcl.layout import Layout  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 REAL_AUDIO = SHARED / "emotify_real" / "manifest.tsv"
 RESULTS = REPO / "benchmarks" / "results"
 CACHE = REPO / "benchmarks" / "cache"
 BENCH_FILE = "bench_world.json"  # in a world this script rendered: the command and its seconds
 SEED_FILE = "bench_seed.json"  # in a seed's output dir: what it was run with (reuse check)
-# caches a later seed starts from (keyed by inputs and tower hashes: identical across training seeds)
-SHARED_CACHES = ("mels", "quarantine", "features")
 # external embedding tables (htcl demo --embeddings), written once per out-dir: they depend on the
 # world and the locked backbone only, not on the training seed
 EXTERNAL_DIR = "external"
@@ -134,14 +134,20 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
+def shared_caches(out: Path) -> tuple[Path, ...]:
+    """The caches a later seed starts from (keyed by inputs and tower hashes: identical across
+    training seeds): mels/, quarantine/ and features/."""
+    layout = Layout(out)
+    return layout.mels, layout.quarantine, layout.features_root
+
+
 def seed_caches(first: Path, seed_dir: Path) -> list[str]:
-    """Start seed_dir from the first seed's mels/, quarantine/ and features/ (not already there)."""
+    """Start seed_dir from the first seed's shared caches (those not already there)."""
     done = []
-    for name in SHARED_CACHES:
-        src, dst = first / name, seed_dir / name
+    for src, dst in zip(shared_caches(first), shared_caches(seed_dir)):
         if src.is_dir() and not dst.exists():
             shutil.copytree(src, dst, copy_function=_link_or_copy)
-            done.append(name)
+            done.append(src.name)
     return done
 
 
@@ -166,7 +172,7 @@ def finished_seed(
     seed: int, seed_dir: Path, world: Path, args, overrides: list[str], tables: dict[str, Path]
 ) -> dict | None:
     """The seed's record when it finished with these settings, else None."""
-    marker, results_path = seed_dir / SEED_FILE, seed_dir / "evaluation" / "results.json"
+    marker, results_path = seed_dir / SEED_FILE, Layout(seed_dir).evaluation / "results.json"
     if marker.is_file() and results_path.is_file():
         record = json.loads(marker.read_text())
         if record.get("settings") == seed_settings(seed, seed_dir, world, args, overrides, tables):
@@ -184,7 +190,7 @@ def run_seed(
     seed_overrides = settings["overrides"]
     marker = seed_dir / SEED_FILE
     if not args.rerun and (record := finished_seed(seed, seed_dir, world, args, overrides, tables)) is not None:
-        print(f"bench_evaluation: seed {seed}: reusing {seed_dir / 'evaluation' / 'results.json'}")
+        print(f"bench_evaluation: seed {seed}: reusing {Layout(seed_dir).evaluation / 'results.json'}")
         return record
     seed_dir.mkdir(parents=True, exist_ok=True)
     if marker.is_file():
@@ -491,7 +497,7 @@ def main(argv=None) -> int:
             records[s] = record
         else:
             records[s] = run_seed(s, seed_dir, first, world, args, overrides, tables)
-        per_seed[s] = json.loads((seed_dir / "evaluation" / "results.json").read_text())
+        per_seed[s] = json.loads((Layout(seed_dir).evaluation / "results.json").read_text())
         first = first or seed_dir
     if not per_seed:
         raise SystemExit("bench_evaluation: no seed has finished")
@@ -524,7 +530,7 @@ def main(argv=None) -> int:
     (RESULTS / f"evaluation_{name}.json").write_text(json.dumps(result, indent=2))
     md = markdown(agg, per_seed[min(per_seed)], bench)
     (RESULTS / f"evaluation_{name}.md").write_text(md)
-    png = out / f"seed{min(per_seed)}" / "evaluation" / "cosine_histograms.png"
+    png = Layout(out / f"seed{min(per_seed)}").evaluation / "cosine_histograms.png"
     if png.is_file():
         shutil.copy(png, RESULTS / f"evaluation_{name}_cosines.png")
     print(md)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from htcl import schema as S  # noqa: E402
 from htcl.config import load_config  # noqa: E402
+from htcl.layout import Layout  # noqa: E402
 from htcl.mels import MelExtractor, write_table  # noqa: E402
 
 
@@ -69,9 +70,9 @@ def write_results(rows, out: Path) -> None:
     mels = [r for r, _ in rows if r is not None]
     bad = [b for _, b in rows if b is not None]
     if mels:
-        write_table(mels, S.MELS_SCHEMA, out / "mels" / "part-00000.parquet")
+        write_table(mels, S.MELS_SCHEMA, Layout(out).mels / "part-00000.parquet")
     if bad:
-        write_table(bad, S.QUARANTINE_SCHEMA, out / "quarantine" / "part-00000.parquet")
+        write_table(bad, S.QUARANTINE_SCHEMA, Layout(out).quarantine / "part-00000.parquet")
 
 
 def run_single(cfg, items, out: Path) -> tuple[float, float]:

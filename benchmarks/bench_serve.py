@@ -92,9 +92,10 @@ def start_feast_server(out: Path, online_store: str, port: int) -> tuple[subproc
     """`feast serve` over the same registry and online store the app reads."""
     import yaml
 
-    from feature_repo.store import FEAST_DIR, repo_config
+    from feature_repo.store import repo_config
+    from htcl.layout import Layout
 
-    cfg = repo_config(out / FEAST_DIR, online_store)
+    cfg = repo_config(Layout(out).feast, online_store)
     repo = Path(tempfile.mkdtemp(prefix="htcl_feast_serve_"))
     raw = yaml.safe_load((REPO / "feature_repo" / "feature_store.yaml").read_text())
     raw["registry"] = cfg.registry.path if hasattr(cfg.registry, "path") else cfg.registry
@@ -106,7 +107,7 @@ def start_feast_server(out: Path, online_store: str, port: int) -> tuple[subproc
         raw["online_store"] = {"type": "sqlite", "path": cfg.online_store.path}
     (repo / "feature_store.yaml").write_text(yaml.safe_dump(raw))
     log = (repo / "feast_serve.log").open("w")
-    feast = Path(sys.executable).parent / "feast"
+    feast = Path(sys.executable).with_name("feast")  # the feast CLI of this Python's environment
     proc = subprocess.Popen(
         [str(feast), "-c", str(repo), "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "-w", "1"],
         stdout=log,

@@ -78,6 +78,7 @@ sys.path.insert(0, str(REPO))
 from htcl import schema as S  # noqa: E402
 from htcl.audio import mel_to_bytes  # noqa: E402
 from htcl.config import load_config  # noqa: E402
+from htcl.layout import Layout  # noqa: E402
 from htcl.mels import write_table  # noqa: E402
 from htcl.model import HTCLModel  # noqa: E402
 
@@ -117,7 +118,7 @@ def write_synthetic_world(root: Path, cfg, songs: int, seed: int = 0) -> None:
         }
         for i in range(1, songs + 1)
     ]
-    write_table(rows, S.MELS_SCHEMA, root / "out" / "mels" / "part-00000.parquet")
+    write_table(rows, S.MELS_SCHEMA, Layout(root / "out").mels / "part-00000.parquet")
 
 
 def measure(root: Path, config: str, workers: int, steps: int, warmup: int, use_gpu: bool, extra=()) -> dict:

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from feature_repo.store import feast_dir, read_current_version
+from feature_repo.store import read_current_version
 from htcl import schema as S
+from htcl.layout import Layout
 
 IMPRESSION_ID = "impression_id"
 
@@ -80,7 +81,7 @@ def whole_log_frame(cfg, online_store: str | None = None, model_version: str | N
     """
     from feature_repo.store import open_store
 
-    data_dir = feast_dir(cfg)
+    data_dir = Layout.of(cfg).feast
     version = model_version or read_current_version(data_dir, online_store)
     if not version:
         raise SystemExit(f"no current model version in {data_dir}; run `htcl materialize` first")

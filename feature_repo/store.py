@@ -150,13 +150,7 @@ def state_dir(data_dir: str | Path, online_store: str | None = None) -> Path:
     return path
 
 
-FEAST_DIR = "feast"  # <output_dir>/feast/: a run's feature data folder
 CURRENT_VERSION = "current_model_version"  # in a state folder: the version readers of that store use
-
-
-def feast_dir(cfg) -> Path:
-    """A config's feature data folder: offline sources, and one state folder per online store."""
-    return Path(cfg.output_dir) / FEAST_DIR
 
 
 def read_current_version(data_dir: str | Path, online_store: str | None = None) -> str | None:

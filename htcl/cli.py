@@ -35,6 +35,7 @@ from htcl.arguments import (
     external_embeddings,
 )
 from htcl.config import ConfigError, load_config, replace, save_config
+from htcl.layout import Layout
 from htcl.mels import read_catalog_or_refuse
 
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         print(f"finetune checkpoint: {pipeline.run_train(cfg, 'finetune', args.init_from)}")
     elif args.command == "embed":
-        ckpt = args.checkpoint or pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
+        ckpt = args.checkpoint or Layout.of(cfg).checkpoint(pipeline.run_dir_name(cfg, "finetune"))
         print(f"embeddings: {pipeline.run_embed(cfg, ckpt, args.force)}")
     elif args.command == "evaluate":
         external = external_embeddings(parser, args.embeddings)
@@ -224,9 +225,9 @@ def demo(cfg, args) -> int:
     """
     from htcl import pipeline
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    layout = Layout.of(cfg)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, layout.root / "config.yaml")
     timings: dict[str, float] = {}
     other = other_family(cfg)
     families = [
@@ -250,8 +251,8 @@ def demo(cfg, args) -> int:
         return fcfg.model.audio_backbone if fcfg.model.audio_backbone != "none" else "paper encoder"
 
     world = step("sample-data", lambda: _sample_data(cfg))
-    s1 = pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "pretrain"), "model.pt")
-    s2 = pipeline.out_path(cfg, pipeline.run_dir_name(cfg, "finetune"), "model.pt")
+    s1 = layout.checkpoint(pipeline.run_dir_name(cfg, "pretrain"))
+    s2 = layout.checkpoint(pipeline.run_dir_name(cfg, "finetune"))
     if args.local:
         print(json.dumps(step("preprocess", lambda: pipeline.run_preprocess(cfg)), indent=2))
         for fcfg, _ in families:
@@ -270,7 +271,7 @@ def demo(cfg, args) -> int:
             step("preprocess", lambda: job("preprocess"))
             for fcfg, extra in families:
                 name = label(fcfg)
-                f1 = pipeline.out_path(fcfg, pipeline.run_dir_name(fcfg, "pretrain"), "model.pt")
+                f1 = Layout.of(fcfg).checkpoint(pipeline.run_dir_name(fcfg, "pretrain"))
                 step(f"features ({name})", lambda: job("features", overrides=extra))
                 step(f"pretrain ({name})", lambda: job("pretrain", overrides=extra))
                 step(f"finetune ({name})", lambda: job("finetune", "--init-from", str(f1), overrides=extra))
@@ -282,29 +283,26 @@ def demo(cfg, args) -> int:
             step("materialize", lambda: job("materialize"))
             step("train-rankers", lambda: job("train-rankers"))
             step("evaluate", lambda: job("evaluate", *(f"--embeddings={n}={p}" for n, p in args.embeddings)))
-        emb = max(pipeline.out_path(cfg, "embeddings").glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime).parent
+        emb = max(layout.embeddings_root.glob("*/part-*.parquet"), key=lambda p: p.stat().st_mtime).parent
         # Ray Serve on the current model version: one /v1/recommend over HTTP, printed, then down.
         from serving.run import demo_recommend
 
         step("serve", lambda: demo_recommend(args.config, list(args.overrides)))
     print("\n=== done ===")
     print(f"sample world       {world}")
-    print(f"mels               {pipeline.out_path(cfg, 'mels')}")
-    print(f"cached features    {pipeline.out_path(cfg, 'features')}")
+    print(f"mels               {layout.mels}")
+    print(f"cached features    {layout.features_root}")
     print(f"stage-1 checkpoint {s1}  (curves: {Path(s1).parent / 'training_curves.png'})")
     print(f"stage-2 checkpoint {s2}  (curves: {Path(s2).parent / 'training_curves.png'})")
-    print(f"embeddings         {emb}  (ANN index: {pipeline.out_path(cfg, 'index', Path(emb).name)})")
+    print(f"embeddings         {emb}  (ANN index: {layout.index(Path(emb).name)})")
     if not args.local:
-        print(f"feature store      {pipeline.out_path(cfg, 'feast')}")
-        print(f"rankers            {pipeline.out_path(cfg, 'rankers', Path(emb).name)}")
-    print(
-        f"evaluation         {pipeline.out_path(cfg, 'evaluation', 'results.md')}"
-        "  (+ results.json, cosine_histograms.png)"
-    )
+        print(f"feature store      {layout.feast}")
+        print(f"rankers            {layout.rankers(Path(emb).name)}")
+    print(f"evaluation         {layout.evaluation / 'results.md'}  (+ results.json, cosine_histograms.png)")
     print("seconds per step   " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     print(f"total seconds      {round(sum(timings.values()), 1)}")
-    (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
-    print("\n" + pipeline.out_path(cfg, "evaluation", "results.md").read_text())
+    (layout.root / "demo_timings.json").write_text(json.dumps(timings, indent=2))
+    print("\n" + (layout.evaluation / "results.md").read_text())
     return 0
 
 

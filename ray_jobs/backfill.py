@@ -21,8 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from feature_repo.history import entity_frame, historical_frame
-from feature_repo.store import feast_dir, read_current_version
+from feature_repo.store import read_current_version
 from htcl.arguments import add_config_args
+from htcl.layout import Layout
 from ray_jobs.common import parse_args, print_summary, save_resolved_config
 
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     start, end = _timestamp(args.start, "start"), _timestamp(args.end, "end")
     if end <= start:
         parser.exit(2, f"backfill: --end {end} must be after --start {start}\n")
-    data_dir = feast_dir(cfg)
+    data_dir = Layout.of(cfg).feast
     version = args.model_version or read_current_version(data_dir, args.online_store)
     if not version:
         parser.exit(2, f"backfill: no current model version in {data_dir}; run `htcl materialize` first\n")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     out = (
         Path(args.out)
         if args.out
-        else Path(cfg.output_dir) / "backfill" / (f"ranker_frame_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}.parquet")
+        else Layout.of(cfg).backfill / f"ranker_frame_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}.parquet"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out, index=False)

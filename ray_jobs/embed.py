@@ -36,7 +36,7 @@ from htcl import schema as S
 from htcl.arguments import add_embed_args
 from htcl.config import Config
 from htcl.delta import new_shard_name, write_shard_atomic
-from htcl.pipeline import out_path
+from htcl.layout import Layout
 from ray_jobs.common import (
     NODE_ID,
     add_ray_args,
@@ -149,7 +149,7 @@ def detect_gpu(flag: bool | None) -> bool:
 def default_checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
     from htcl.pipeline import run_dir_name
 
-    return Path(checkpoint or out_path(cfg, run_dir_name(cfg, "finetune"), "model.pt")).resolve()
+    return Path(checkpoint or Layout.of(cfg).checkpoint(run_dir_name(cfg, "finetune"))).resolve()
 
 
 def up_to_date(cfg: Config, plan) -> bool:
@@ -173,7 +173,7 @@ def summary_without_work(cfg: Config, plan) -> dict:
         "seconds": 0.0,
         "songs_per_s": None,
         "embeddings": str(plan.out_dir),
-        "index": str(out_path(cfg, "index", plan.version)),
+        "index": str(Layout.of(cfg).index(plan.version)),
         "index_rebuilt": False,
     }
 
@@ -237,7 +237,7 @@ def run(
     # The matching index of this version, beside the embeddings (serving loads it by version):
     # rebuilt when rows changed, so it holds the new songs; left alone when nothing did.
     rebuilt = bool(plan.todo or plan.replaced_rows or not index_is_current(cfg, plan.out_dir))
-    index_dir = build_index(cfg, plan.out_dir) if rebuilt else out_path(cfg, "index", plan.version)
+    index_dir = build_index(cfg, plan.out_dir) if rebuilt else Layout.of(cfg).index(plan.version)
     return {
         "checkpoint": str(plan.checkpoint),
         "model_version": plan.version,

@@ -39,11 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feature_repo.definitions import EPOCH, embedding_source_file
-from feature_repo.store import feast_dir, read_current_version, write_current_version
+from feature_repo.store import read_current_version, write_current_version
 from htcl import schema as S
 from htcl.arguments import add_config_args
 from htcl.delta import file_fingerprint
 from htcl.features import listener_stats, song_stats
+from htcl.layout import Layout
 from ray_jobs.common import add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
 MATERIALIZED = "materialized_sources.json"  # per online store: the source files it holds, by fingerprint
@@ -54,7 +55,7 @@ BUCKET = "_bucket"  # compute_stats' grouping column: a key's hash bucket
 
 
 def newest_model_version(cfg) -> str:
-    root = Path(cfg.output_dir) / "embeddings"
+    root = Layout.of(cfg).embeddings_root
     versions = sorted((p for p in root.glob("*") if any(p.glob("*.parquet"))), key=lambda p: p.stat().st_mtime)
     if not versions:
         raise FileNotFoundError(f"no embeddings under {root}; run `htcl embed` first")
@@ -197,14 +198,14 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = data_dir / OFFLINE_PARTS
     manifest: dict = _read_json(manifest_path) or {}
-    root = Path(cfg.output_dir) / "embeddings"
-    if not any((root / version).glob("part-*.parquet")):
-        raise FileNotFoundError(f"no embeddings for model_version {version!r} in {root / version}")
+    layout = Layout.of(cfg)
+    if not any(layout.embeddings(version).glob("part-*.parquet")):
+        raise FileNotFoundError(f"no embeddings for model_version {version!r} in {layout.embeddings(version)}")
     versions = {version} | {e["version"] for e in manifest.values() if isinstance(e, dict) and "version" in e}
     wanted = {
         embedding_source_file(v, part): (v, part)
         for v in sorted(versions)
-        for part in sorted((root / v).glob("part-*.parquet"))
+        for part in sorted(layout.embeddings(v).glob("part-*.parquet"))
     }
     written, removed = [], []
     for name, (v, part) in wanted.items():
@@ -221,7 +222,7 @@ def sync_offline_embeddings(cfg, data_dir: Path, version: str) -> dict:
         written.append(name)
     for name in sorted(set(manifest) - set(wanted)):
         entry = manifest[name]
-        if isinstance(entry, dict) and (root / entry.get("version", "")).is_dir():
+        if isinstance(entry, dict) and layout.embeddings(entry.get("version", "")).is_dir():
             (folder / name).unlink(missing_ok=True)
             del manifest[name]
             removed.append(name)
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
     args, cfg = parse_args(build_parser(), argv)
     from feature_repo.store import publish_lock
 
-    data_dir = feast_dir(cfg)
+    data_dir = Layout.of(cfg).feast
     with publish_lock(data_dir):
         return publish(args, cfg, data_dir)
 

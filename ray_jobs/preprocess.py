@@ -47,8 +47,9 @@ from htcl import schema as S
 from htcl.arguments import add_preprocess_args
 from htcl.config import AudioConfig, Config
 from htcl.delta import write_shard_atomic
+from htcl.layout import Layout
 from htcl.mels import SHARD_ROW_GROUP_ROWS, MelExtractor, read_catalog, read_catalog_or_refuse
-from htcl.pipeline import catalog_path, out_path, plan_preprocess
+from htcl.pipeline import catalog_path, plan_preprocess
 from ray_jobs.common import (
     NODE_ID,
     add_ray_args,
@@ -194,7 +195,7 @@ def run(
     # checked against the contract on the driver (relative paths resolved); only ids, paths and
     # the files' hashes travel
     df = read_catalog(catalog) if catalog_table is None else catalog_table
-    mels_dir, q_dir = out_path(cfg, "mels"), out_path(cfg, "quarantine")
+    mels_dir, q_dir = Layout.of(cfg).mels, Layout.of(cfg).quarantine
     plan = plan_preprocess(cfg, df, force)
     todo = plan.todo
     workers = default_workers(workers)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import pandas as pd
 
 from feature_repo.history import whole_log_frame
 from htcl import schema as S
 from htcl.arguments import add_config_args
+from htcl.layout import Layout
 from htcl.pairs import split_time
 from htcl.ranking import RankerParams, ranker_auc, train_rankers
 from htcl.retrieval import read_embeddings
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
     cut = split_time(frame[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
     ts = pd.to_datetime(frame[S.EVENT_TIMESTAMP], utc=True)
     train, test = frame[ts < cut], frame[ts >= cut]
-    _, catalog_vectors, _ = read_embeddings(Path(cfg.output_dir) / "embeddings" / version)
+    _, catalog_vectors, _ = read_embeddings(Layout.of(cfg).embeddings(version))
     rankers = train_rankers(train, catalog_vectors, version, RankerParams(seed=cfg.eval.seed))
     heldout = ranker_auc(rankers, test)
     rankers.info.update({"split_time": str(cut), "heldout": heldout})
-    out = rankers.save(Path(cfg.output_dir) / "rankers" / version)
+    out = rankers.save(Layout.of(cfg).rankers(version))
     save_resolved_config(cfg, out)
     print_summary(
         {

@@ -52,6 +52,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from htcl import schema as S
+from htcl.layout import Layout
 from serving.api import ApiError, ApiSettings, create_api, error_for_unknown, jsonable, key_digest
 from serving.gate import BodyLimits
 
@@ -115,13 +116,10 @@ def plan(args: dict | None = None) -> AppPlan:
 
     args = dict(args or {})
     cfg = load_config(str(_path(args.get("config") or "configs/demo.yaml")), list(args.get("overrides") or []))
-    out = _path(cfg.output_dir)
-    from feature_repo.store import (
-        FEAST_DIR,
-        online_store_url,
-    )  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
+    layout = Layout(_path(cfg.output_dir))
+    from feature_repo.store import online_store_url  # the argument, else $HTCL_ONLINE_STORE, else "" (SQLite)
 
-    feast_dir = out / FEAST_DIR
+    feast_dir = layout.feast
 
     online_store = online_store_url(None if args.get("online_store") is None else str(args["online_store"]))
     version = args.get("model_version")
@@ -133,16 +131,16 @@ def plan(args: dict | None = None) -> AppPlan:
             raise FileNotFoundError(
                 f"no current model version in {feast_dir}: run `htcl materialize` first (or pass model_version)"
             )
-    index_dir = out / "index" / version
+    index_dir = layout.index(version)
     if not (index_dir / "index.json").is_file():
-        emb = out / "embeddings" / version
+        emb = layout.embeddings(version)
         if not any(emb.glob("part-*.parquet")):
             raise FileNotFoundError(f"no ANN index in {index_dir} and no embeddings in {emb}: run `htcl embed` first")
         from htcl.retrieval import build_index_from_embeddings
 
         log.info("no ANN index for %s: building it from %s", version, emb)
-        build_index_from_embeddings(emb, out / "index")
-    rankers_dir = out / "rankers" / version
+        build_index_from_embeddings(emb, layout.index_root)
+    rankers_dir = layout.rankers(version)
     if not (rankers_dir / "rankers.json").is_file():
         raise FileNotFoundError(
             f"no rankers for model version {version} in {rankers_dir}: run `htcl train-rankers` first"
@@ -151,7 +149,7 @@ def plan(args: dict | None = None) -> AppPlan:
     encoder = str(args.get("encoder", "auto")).lower()
     from htcl.pipeline import run_dir_name
 
-    checkpoint = _path(args.get("checkpoint") or out / run_dir_name(cfg, "finetune") / "model.pt")
+    checkpoint = _path(args.get("checkpoint") or layout.checkpoint(run_dir_name(cfg, "finetune")))
     if encoder in ("false", "0", "no", "off"):
         checkpoint = None
     else:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from htcl import schema as S
+from htcl.layout import Layout
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -34,7 +35,7 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def write_embeddings(out: Path, version: str, song_ids: np.ndarray, vectors: np.ndarray, made_at) -> Path:
-    path = out / "embeddings" / version / "part-0.parquet"
+    path = Layout(out).embeddings(version) / "part-0.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(
         {
@@ -64,12 +65,13 @@ def write_world(
 ) -> dict:
     """versions: model_version -> (songs, D) unit vectors for song ids 1..songs."""
     from feature_repo.definitions import EPOCH, LISTENER_STATS, SONG_EMBEDDINGS, SONG_STATS, embedding_source_file
-    from feature_repo.store import FEAST_DIR, apply_definitions, open_store, write_current_version
+    from feature_repo.store import apply_definitions, open_store, write_current_version
     from htcl.features import listener_stats, song_stats
     from htcl.ranking import RankerParams, train_rankers
     from htcl.retrieval import AnnIndex
 
     out = Path(out)
+    layout = Layout(out)
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     first = next(iter(versions.values()))
@@ -102,7 +104,7 @@ def write_world(
     )
     log.to_parquet(world / "interactions.parquet")
 
-    feast = out / FEAST_DIR
+    feast = layout.feast
     feast.mkdir(parents=True, exist_ok=True)
     (feast / SONG_EMBEDDINGS).mkdir(exist_ok=True)
     for v, x in versions.items():
@@ -116,7 +118,7 @@ def write_world(
                 "created": now,
             }
         ).to_parquet(feast / SONG_EMBEDDINGS / embedding_source_file(v, part), index=False)
-        AnnIndex.build(ids, x, v).save(out / "index" / v)
+        AnnIndex.build(ids, x, v).save(layout.index(v))
     start, end = log[S.EVENT_TIMESTAMP].min(), log[S.EVENT_TIMESTAMP].max()
     genre = dict(zip(ids.tolist(), pd.read_parquet(world / "catalog.parquet")[S.GENRE]))
     for file, frame in (
@@ -144,7 +146,7 @@ def write_world(
         frame[S.CLICKED] = sample[S.CLICKED].to_numpy()
         frame[S.FAVORED] = sample[S.FAVORED].to_numpy()
         train_rankers(frame, x, v, RankerParams(n_estimators=n_estimators, n_jobs=min(2, os.cpu_count() or 1))).save(
-            out / "rankers" / v
+            layout.rankers(v)
         )
     return {
         "out": out,

@@ -178,22 +178,32 @@ def test_each_step_of_htcl_runs_its_job_and_parses_a_subset_of_its_options():
     assert found["mismatched"] == {}
 
 
+FEATURE_REPO_HTCL_MODULES = {"schema", "layout"}  # the column names; the output tree
+
+
 def test_feature_repo_imports_of_htcl_only_the_data_contract():
     """The Feast CLI imports every file of the repo folder: of htcl, they may use only the column
-    names (htcl.schema: pyarrow, no model code), so the repo loads without torch."""
+    names (htcl.schema: pyarrow, no model code) and where the outputs live (htcl.layout: the
+    standard library), so the repo loads without torch."""
     offenders = [
         f"{p.relative_to(REPO)} imports {module}"
         for p in sorted((REPO / "feature_repo").rglob("*.py"))
         for module in imported_modules(p)
         if module.split(".")[0] == "htcl"
-        and module != "htcl.schema"
-        and not (module == "htcl" and _imports_only_schema(p))
+        and module not in {f"htcl.{m}" for m in FEATURE_REPO_HTCL_MODULES}
+        and not (module == "htcl" and _imports_only_data_contract(p))
     ]
     assert offenders == []
 
 
-def _imports_only_schema(path) -> bool:
-    """`from htcl import schema [as S]` and nothing else from the package."""
+def test_the_data_contract_imports_only_pyarrow_and_the_standard_library():
+    for name in sorted(FEATURE_REPO_HTCL_MODULES):
+        roots = set(imported_roots(REPO / "htcl" / f"{name}.py"))
+        assert roots <= {"__future__", "dataclasses", "pathlib", "pyarrow"}, (name, roots)
+
+
+def _imports_only_data_contract(path) -> bool:
+    """`from htcl import schema [as S]` (or layout) and nothing else from the package."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = [
         a.name
@@ -201,4 +211,69 @@ def _imports_only_schema(path) -> bool:
         if isinstance(node, ast.ImportFrom) and node.module == "htcl"
         for a in node.names
     ]
-    return set(names) <= {"schema"}
+    return set(names) <= FEATURE_REPO_HTCL_MODULES
+
+
+# --- the output layout ----------------------------------------------------------------------
+
+LAYOUT_MODULE = "htcl/layout.py"
+SOURCE_DIRS = ("htcl", "ray_jobs", "serving", "feature_repo", "benchmarks", "scripts")
+PATH_CALLS = {"Path", "PurePath", "PosixPath", "joinpath", "join", "out_path"}
+
+
+def layout_names() -> set[str]:
+    """The names htcl.layout owns: its folders, the training runs' folders and the checkpoint file."""
+    from htcl import layout
+
+    runs = {layout.run_name(stage, variant) for stage in ("pretrain", "finetune") for variant in ("favor", "cf")}
+    return set(layout.NAMES) | runs | {layout.CHECKPOINT}
+
+
+def _strings(node):
+    """The literal text of a path part: a str constant, or the literal pieces of an f-string."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        yield node.value
+    elif isinstance(node, ast.JoinedStr):
+        yield from (v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+
+
+def path_parts(tree):
+    """(line, text) of every literal that becomes part of a path: an operand of `/`, or an argument
+    of Path(...), PurePath, .joinpath, os.path.join or out_path."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            candidates = (node.left, node.right)
+        elif isinstance(node, ast.Call) and _call_name(node.func) in PATH_CALLS:
+            if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Constant):
+                continue  # "sep".join(...): a string join, not a path
+            candidates = node.args
+        else:
+            continue
+        for c in candidates:
+            yield from ((c.lineno, text) for text in _strings(c))
+
+
+def layout_literals(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
+    names = layout_names()
+    return [
+        (line, text)
+        for line, text in path_parts(ast.parse(source, filename=filename))
+        if any(segment in names for segment in text.replace("\\", "/").split("/"))
+    ]
+
+
+def test_the_layout_check_finds_a_path_spelled_by_hand():
+    for spelled in (
+        'Path(cfg.output_dir, "embeddings", v)',
+        'Path(cfg.output_dir) / "rankers" / version',
+        'out / "feast"',
+        'os.path.join(out, "mels")',
+        'root.joinpath("index", v)',
+        'Path(f"{out}/quarantine/x.parquet")',
+        'run_dir / "model.pt"',
+        'out / "finetune_cf"',
+        'out_path(cfg, "evaluation", "results.md")',
+    ):
+        assert layout_literals(spelled), spelled
+    for fine in ('", ".join(["mels"])', 'out["embeddings"]', 'index_dir / "index.json"', 'print("mels")'):
+        assert not layout_literals(fine), fine
