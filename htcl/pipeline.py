@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -159,10 +159,13 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
 # --- training ------------------------------------------------------------------------------
 
 
+CATALOG_TEXT_COLUMNS = [S.SONG_ID, S.TITLE, S.ARTIST, S.TAGS, S.LYRICS]  # what song_texts reads
+
+
 def song_texts(catalog: pd.DataFrame) -> dict[int, str]:
     return {
         int(r[S.SONG_ID]): song_text(r[S.TITLE], r[S.ARTIST], r[S.TAGS], r[S.LYRICS])
-        for r in catalog[[S.SONG_ID, S.TITLE, S.ARTIST, S.TAGS, S.LYRICS]].to_dict("records")
+        for r in catalog[CATALOG_TEXT_COLUMNS].to_dict("records")
     }
 
 
@@ -178,9 +181,9 @@ class TrainingRows:
     `mels` maps each song to its audio encoder input: its log-Mel (M, F) for the paper's family,
     or the locked backbone's cached patch features (C, P); training_rows gives a ShardReader
     (htcl.streaming: read from the shards as batches need them), a dict works the same.
-    With a trainable text tower `texts` holds song texts; with a locked one `text_features` maps
-    each song to its cached pooled BERT output (H,) (training_rows: a ShardReader too) and
-    `texts` is None.
+    With a trainable text tower `texts` maps each song to its text; with a locked one
+    `text_features` maps it to its cached pooled BERT output (H,) and `texts` is None
+    (training_rows gives ShardReaders for both, over the catalog and the text tower's cache).
     Stage 1: `trigger` holds song ids (audio and text of the same song), `rec` is None.
     Stage 2: `trigger` and `rec` hold the song ids of each ⟨trigger, recommended⟩ pair.
     """
@@ -247,29 +250,23 @@ class CatalogKeys:
     ids: np.ndarray  # (n,) int64, ascending
     held: np.ndarray  # (n,) bool: the song's artist is held out (heldout_song_ids)
     text_hash: np.ndarray | None = None  # (n,) uint64: towers.hash_prefix of its text's hash
-    texts: dict[int, str] | None = None  # every song's text, when asked for
 
 
-def catalog_keys(cfg: Config, *, text_hashes: bool = False, texts: bool = False) -> CatalogKeys:
-    """The catalog's song ids and held-out mask (and with text_hashes its texts' hash prefixes,
-    with texts the texts themselves), read a chunk of rows at a time (mels.catalog_chunks): a
-    training worker holds 9 bytes a song (17 with the hashes) rather than the catalog's columns."""
+def catalog_keys(cfg: Config, *, text_hashes: bool = False) -> CatalogKeys:
+    """The catalog's song ids and held-out mask (and with text_hashes its texts' hash prefixes),
+    read a chunk of rows at a time (mels.catalog_chunks): a training worker holds 9 bytes a song
+    (17 with the hashes) rather than the catalog's columns."""
     from htcl.towers import hash_prefix, text_hash
 
-    columns = [S.SONG_ID, S.ARTIST] + ([S.TITLE, S.TAGS, S.LYRICS] if text_hashes or texts else [])
+    columns = [S.SONG_ID, S.ARTIST] + ([S.TITLE, S.TAGS, S.LYRICS] if text_hashes else [])
     ids, artist_codes, hashes = [], [], []
     artist_code: dict[str, int] = {}
-    all_texts: dict[int, str] | None = {} if texts else None
     for chunk in catalog_chunks(catalog_path(cfg), columns):
         ids.append(chunk[S.SONG_ID].to_numpy())
         artists = chunk[S.ARTIST].tolist()  # read_catalog's strings: "" for a missing artist
         artist_codes.append(np.array([artist_code.setdefault(a, len(artist_code)) for a in artists], np.int32))
-        if text_hashes or texts:
-            chunk_texts = [song_text(*r) for r in zip(chunk[S.TITLE], chunk[S.ARTIST], chunk[S.TAGS], chunk[S.LYRICS])]
-            if text_hashes:
-                hashes.append(np.array([hash_prefix(text_hash(t)) for t in chunk_texts], np.uint64))
-            if texts:
-                all_texts.update(zip(chunk[S.SONG_ID].tolist(), chunk_texts))
+        if text_hashes:
+            hashes.append(np.array([hash_prefix(text_hash(t)) for t in song_texts(chunk).values()], np.uint64))
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     codes = np.concatenate(artist_codes) if artist_codes else np.zeros(0, np.int32)
     held_names = heldout_artists(artist_code, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
@@ -279,8 +276,24 @@ def catalog_keys(cfg: Config, *, text_hashes: bool = False, texts: bool = False)
         ids[order],
         np.isin(codes, held_codes)[order],
         np.concatenate(hashes)[order] if hashes else None,
-        all_texts,
     )
+
+
+def song_text_reader(cfg: Config, cache_rows: int) -> Mapping[int, str]:
+    """Every catalog song's text (song_texts) for a trainable text tower: from a Parquet catalog a
+    ShardReader over its row groups (the texts a batch needs, read on demand through the cache);
+    a CSV catalog, which cannot be read by row, is read whole into a dict."""
+    path = catalog_path(cfg)
+    if path.suffix == ".csv":
+        return song_texts(read_catalog(path))
+
+    def decode(table) -> dict[int, str]:
+        frame = table.to_pandas()
+        for col in S.CATALOG_TEXT:
+            frame[col] = frame[col].fillna("").astype(str)  # as read_catalog
+        return song_texts(frame)
+
+    return ShardReader([path], CATALOG_TEXT_COLUMNS, decode, "song text", cache_rows, check_finite=False)
 
 
 def text_feature_reader(cfg: Config, keys: CatalogKeys, cache_rows: int) -> ShardReader:
@@ -309,9 +322,10 @@ def text_feature_reader(cfg: Config, keys: CatalogKeys, cache_rows: int) -> Shar
 def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: bool = True) -> TrainingRows:
     """The stage's rows (songs, favor triplets or co-occurrence pairs) and readers of their inputs:
     the audio inputs (audio_reader) and, with a locked text tower, the cached text features
-    (text_feature_reader), each holding the shards' index only (batches read their rows); with a
-    trainable text tower, every song's text. Of the catalog only its song ids and held-out mask
-    are kept (catalog_keys), so memory grows by tens of bytes a song, not by the catalog's size.
+    (text_feature_reader) or, with a trainable one, the song texts (song_text_reader), each
+    holding its shards' index only (batches read their rows). Of the catalog only its song ids and
+    held-out mask are kept (catalog_keys), so memory grows by tens of bytes a song, not by the
+    catalog's size.
 
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
@@ -321,11 +335,12 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
     refused, when a batch first reads it."""
     tcfg = stage_config(cfg, stage)
     locked_text = not cfg.model.text_trainable
-    keys = catalog_keys(cfg, text_hashes=locked_text, texts=not locked_text)
+    keys = catalog_keys(cfg, text_hashes=locked_text)
     mels = audio_reader(cfg, tcfg.reader_cache_rows)
     if check_finite:
         mels.require_finite()
-    texts, text_features = keys.texts, None
+    texts = None if locked_text else song_text_reader(cfg, tcfg.reader_cache_rows)
+    text_features = None
     usable = np.intersect1d(keys.ids, mels.ids)  # songs with both an audio input and a text
     if locked_text:
         text_features = text_feature_reader(cfg, keys, tcfg.reader_cache_rows)
@@ -498,34 +513,40 @@ def run_features(cfg: Config, catalog: str | Path | None = None, force: bool = F
     return summary
 
 
-def read_inputs(rows: TrainingRows, idx: np.ndarray) -> tuple[Mapping[int, np.ndarray], Mapping | None]:
-    """The audio inputs and (locked text tower) text features of the songs the rows at positions
-    idx need: one read per row group from a ShardReader (only these songs decoded), the mapping
-    itself otherwise."""
-    audio = rows.mels.read(rows.song_ids(idx)) if isinstance(rows.mels, ShardReader) else rows.mels
-    feats = rows.text_features
-    if isinstance(feats, ShardReader):
-        feats = feats.read(rows.text_song_ids(idx))
-    return audio, feats
+class BatchInputs(NamedTuple):
+    """What the rows of one batch read: audio inputs, and texts (a trainable text tower) or cached
+    text features (a locked one), each a mapping song_id -> input holding at least their songs."""
+
+    audio: Mapping[int, np.ndarray]
+    texts: Mapping[int, str] | None
+    text_features: Mapping[int, np.ndarray] | None
 
 
-def make_batch(
-    rows: TrainingRows,
-    idx: np.ndarray,
-    tokenizer,
-    inputs: tuple[Mapping[int, np.ndarray], Mapping | None] | None = None,
-) -> dict:
+def read_inputs(rows: TrainingRows, idx: np.ndarray) -> BatchInputs:
+    """The inputs of the songs the rows at positions idx need: from a ShardReader one read per row
+    group (only these songs decoded), a mapping in memory as it is."""
+
+    def read(source: Mapping | None, song_ids: np.ndarray) -> Mapping | None:
+        return source.read(song_ids) if isinstance(source, ShardReader) else source
+
+    return BatchInputs(
+        read(rows.mels, rows.song_ids(idx)),
+        read(rows.texts, rows.text_song_ids(idx)),
+        read(rows.text_features, rows.text_song_ids(idx)),
+    )
+
+
+def make_batch(rows: TrainingRows, idx: np.ndarray, tokenizer, inputs: BatchInputs | None = None) -> dict:
     """The training batch (training.py's dict layout) of the rows at positions idx; inputs: their
-    songs' audio inputs and text features already read (read_inputs; batch_stream reads them
-    ahead), else read here."""
-    audio, feats = read_inputs(rows, idx) if inputs is None else inputs
+    songs' inputs already read (read_inputs; batch_stream reads them ahead), else read here."""
+    audio, texts, feats = read_inputs(rows, idx) if inputs is None else inputs
 
-    def texts(ids: np.ndarray) -> list[str]:  # a locked tower's batches carry features, not texts
-        return [rows.texts[i] for i in ids] if feats is None else [""] * len(ids)
+    def texts_of(ids: np.ndarray) -> list[str]:  # a locked tower's batches carry features, not texts
+        return [texts[i] for i in ids] if feats is None else [""] * len(ids)
 
     if rows.rec is None:
         ids = rows.trigger[idx]
-        batch = stage1_batch([audio[i] for i in ids], texts(ids), None if feats is not None else tokenizer)
+        batch = stage1_batch([audio[i] for i in ids], texts_of(ids), None if feats is not None else tokenizer)
         if feats is not None:
             batch["text_features"] = torch.as_tensor(np.stack([feats[i] for i in ids]))
         return batch
@@ -533,7 +554,7 @@ def make_batch(
     batch = stage2_batch(
         [audio[i] for i in trig],
         [audio[i] for i in rec],
-        texts(rec),
+        texts_of(rec),
         None if feats is not None else tokenizer,
         trig,
         rec,
@@ -561,12 +582,12 @@ def batch_stream(
     (gather_with_grad is rank-ordered). Steps before start_step are skipped without building
     their batches, so a resumed run sees exactly the batches an unbroken one would.
 
-    With a ShardReader behind rows.mels, a rank reads the audio of its own slice only, on a
-    background thread, READ_AHEAD_BATCHES slices ahead (htcl.streaming.read_ahead); tokenizing
+    With ShardReaders behind the rows' inputs (audio, texts, text features), a rank reads the
+    inputs of its own slice only, on a background thread, READ_AHEAD_BATCHES slices ahead (htcl.streaming.read_ahead); tokenizing
     and padding stay on this thread (one tokenizer, one thread).
     """
     slices = rank_slices(len(rows), batch_size, seed, start_step=start_step, rank=rank, world=world)
-    if isinstance(rows.mels, ShardReader) or isinstance(rows.text_features, ShardReader):
+    if any(isinstance(m, ShardReader) for m in (rows.mels, rows.texts, rows.text_features)):
         for idx, inputs in read_ahead(lambda idx: read_inputs(rows, idx), slices):
             yield make_batch(rows, idx, tokenizer, inputs)
     else:  # a dict in memory: nothing to read

@@ -42,7 +42,7 @@ from htcl.batching import require_finite
 # slow read (a cold row group on a shared file system) without the step waiting.
 READ_AHEAD_BATCHES = 2
 
-Decode = Callable[[pa.Table], dict[int, np.ndarray]]  # rows of one shard -> {song_id: input}
+Decode = Callable[[pa.Table], dict]  # rows of one shard -> {song_id: input}
 
 
 class ShardReader(Mapping):
@@ -50,14 +50,24 @@ class ShardReader(Mapping):
 
     files: the shards, in the order whose last row wins a repeated song_id (as read_mels and
     read_features do); columns: what `decode` needs of them (song_id among them); what: names the
-    input in the non-finite refusal. Safe to call from two threads (read_ahead's and the caller's).
+    input in the non-finite refusal (check_finite=False: inputs that are not arrays, such as song
+    texts, are returned unchecked). Safe to call from two threads (read_ahead's and the caller's).
     """
 
-    def __init__(self, files: Sequence[str | Path], columns: Sequence[str], decode: Decode, what: str, cache_rows: int):
+    def __init__(
+        self,
+        files: Sequence[str | Path],
+        columns: Sequence[str],
+        decode: Decode,
+        what: str,
+        cache_rows: int,
+        check_finite: bool = True,
+    ):
         if cache_rows < 1:
             raise ValueError(f"cache_rows={cache_rows}: the reader needs at least one row of cache")
         self.files = [Path(f) for f in files]
         self.columns, self.decode, self.what, self.cache_rows = list(columns), decode, what, cache_rows
+        self.check_finite = check_finite  # off for inputs that are not numbers (song texts)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()  # (file, row group) -> rows
         self._lock = threading.Lock()
         self.cached_rows = 0  # rows held in the cache now
@@ -149,7 +159,8 @@ class ShardReader(Mapping):
         for f, g in np.unique(where, axis=0):
             rows = self._row[pos[(where[:, 0] == f) & (where[:, 1] == g)]]
             decoded = self.decode(self._row_group(int(f), int(g)).take(pa.array(rows)))
-            require_finite(decoded, self.what)
+            if self.check_finite:
+                require_finite(decoded, self.what)
             out.update(decoded)
         with self._lock:
             self.rows_decoded += len(out)
