@@ -53,23 +53,32 @@ Checkpoint directory (one per checkpoint step, merged over ranks):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from htcl.arguments import add_train_args, config_overrides
-from htcl.config import Config, ConfigError, config_from_dict, load_config, replace, save_config, to_dict
+from htcl.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    replace,
+    save_config,
+    to_dict,
+)
 from htcl.pipeline import (
     audio_reader,
     batch_stream,
@@ -103,6 +112,127 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # of 
 
 
 # --- inside each worker --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Who a training worker is in this attempt: what a batch wrapper (fit's batch_wrapper) is given."""
+
+    rank: int
+    world_size: int
+    start_step: int  # 0 on a fresh start, else the step of the checkpoint resumed from
+    run_dir: Path  # the stage directory: metrics.jsonl and the other logs
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = config_from_dict(config["cfg"])
+    stage = config["stage"]
+    tcfg = stage_config(cfg, stage)
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device_and_threads(tcfg.use_gpu)
+    print(f"[{stage}] worker rank {rank}/{world} pid {os.getpid()} on {device}, {torch.get_num_threads()} threads")
+
+    seed_everything(tcfg.seed)  # every rank builds the same initial model
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _resume_state(checkpoint, tcfg, rank, device)
+        if rank == 0:
+            dropped = _record_resume(run_dir, state.step, world)
+            print(f"[{stage}] resumed from checkpoint at step {state.step} ({dropped} log lines past it dropped)")
+    else:
+        state = _fresh_state(cfg, stage, tcfg, config.get("init_from"), rank)
+        if rank == 0:
+            _clear_run_logs(run_dir)
+    if world > 1:  # rank 0 has emptied workers.jsonl on a fresh start before any rank writes to it
+        import ray.train.collective
+
+        ray.train.collective.barrier()
+    node = _record_worker(run_dir, rank, world, state.step)["node_id"]
+    print(f"[{stage}] rank {rank}/{world} on node {node} from step {state.step}")
+    if device.type != "cpu":
+        _move_to(state, device)
+    worker = WorkerContext(rank, world, state.step, run_dir)
+    _train_worker(
+        cfg, stage, tcfg, state, worker, device, config.get("batch_wrapper"), config.get("batch_wrapper_args")
+    )
+
+
+def _device_and_threads(use_gpu: bool) -> torch.device:
+    """This worker's GPU (Ray sets CUDA_VISIBLE_DEVICES), or the CPU with as many torch threads as
+    CPUs Ray gave this worker (not all of the node's)."""
+    import ray
+
+    if use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            torch.set_num_threads(max(1, int(cpus)))
+    return device
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _seed_other_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Ranks > 0 draw their own dropout masks (rank 0 keeps the one-process stream): seeded from
+    the rank, and from the step when there is no saved state to restore."""
+    seed_everything(_rank_seed(seed, rank) + step)
+
+
+def _fresh_state(cfg: Config, stage: str, tcfg: TrainConfig, init_from: str | None, rank: int) -> TrainState:
+    """The initial model (the same on every rank: seeded before) and its optimizer; then this rank's RNG."""
+    model = init_model(cfg, stage, init_from)
+    state = TrainState(model, build_optimizer(model, tcfg))
+    if rank > 0:
+        _seed_other_rank(tcfg.seed, rank)
+    return state
+
+
+def _resume_state(checkpoint, tcfg: TrainConfig, rank: int, device: torch.device) -> TrainState:
+    """Model, optimizer, step and this rank's RNG from a Ray Train checkpoint (module docstring)."""
+    with checkpoint.as_directory() as d:
+        state, _, _ = resume(Path(d) / "model.pt", tcfg, map_location=device)  # sets rank 0's RNG
+        if rank > 0:
+            _restore_rank_rng(Path(d), rank, tcfg.seed, state.step)
+    return state
+
+
+def _restore_rank_rng(checkpoint_dir: Path, rank: int, seed: int, step: int) -> None:
+    """Rank r's RNG from rng-rank<r>.pt; a rank the checkpoint had not (resumed with more workers
+    than it was saved with) is seeded from its rank and the step."""
+    rng_file = checkpoint_dir / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        _seed_other_rank(seed, rank, step)
+
+
+def _clear_run_logs(run_dir: Path) -> None:
+    """A fresh start (rank 0): the logs of an earlier run of this stage directory go."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (METRICS, RESUMES, DISCARDED, BEST, WORKERS):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _record_resume(run_dir: Path, step: int, world: int) -> int:
+    """A restart from the checkpoint at `step` (rank 0): metrics.jsonl cut back to it, one line
+    in resumes.jsonl. Returns how many log lines were past it."""
+    dropped = _truncate_metrics(run_dir, step)
+    record = {"step": step, "world_size": world, "dropped_log_lines": dropped, "time": time.time()}
+    with (run_dir / RESUMES).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return dropped
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> int:
@@ -145,36 +275,6 @@ def _record_worker(run_dir: Path, rank: int, world: int, start_step: int) -> dic
     return record
 
 
-def _rank_seed(seed: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def _kill_once(batches, fault: dict, rank: int, start_step: int, run_dir: Path):
-    """Test hook: SIGKILL this worker when about to take the batch of step fault['step'] + 1.
-
-    It first waits until rank 0 has logged step fault['step'] (so the failed attempt leaves log
-    lines past the last checkpoint) and until the controller has committed the checkpoints
-    reported so far: in Train V2 a report reaches the controller when it next polls the workers
-    (every 2 s), and a worker that dies before that takes its part of the checkpoint with it.
-    A marker file makes it happen once. Only reachable through `fit(..., _fault=...)`; no
-    command-line flag or config key sets it.
-    """
-    import ray.train
-
-    marker = Path(fault["marker"])
-    for done, batch in enumerate(batches, start=start_step):
-        if rank == fault["rank"] and done == fault["step"] and not marker.exists():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any(r["step"] >= done for r in read_jsonl(run_dir / METRICS)):
-                time.sleep(0.05)
-            ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
-            )
-            marker.write_text(f"killed rank {rank} (pid {os.getpid()}) before step {done + 1}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-
-
 def _move_to(state: TrainState, device: torch.device) -> None:
     """Model and optimizer state onto the device (resume() loads both on the CPU)."""
     state.model.to(device)
@@ -184,76 +284,33 @@ def _move_to(state: TrainState, device: torch.device) -> None:
                 st[k] = v.to(device)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
+def _wrap_batches(batches: Iterator[dict], wrapper: str | None, args: dict | None, worker: WorkerContext):
+    """`module:function` (fit's batch_wrapper) imported and applied: function(batches, worker, **args)."""
+    if not wrapper:
+        return batches
+    module, _, name = wrapper.partition(":")
+    return getattr(importlib.import_module(module), name)(batches, worker, **(args or {}))
 
-    cfg = config_from_dict(config["cfg"])
-    stage = config["stage"]
-    tcfg = stage_config(cfg, stage)
-    run_dir = Path(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if tcfg.use_gpu:
-        import ray.train.torch
 
-        device = ray.train.torch.get_device()  # this worker's GPU (Ray sets CUDA_VISIBLE_DEVICES)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cpu":  # as many threads as CPUs Ray gave this worker, not all of the node's
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if cpus:
-            torch.set_num_threads(max(1, int(cpus)))
-    print(f"[{stage}] worker rank {rank}/{world} pid {os.getpid()} on {device}, {torch.get_num_threads()} threads")
-
-    seed_everything(tcfg.seed)  # every rank builds the same initial model
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state, _, _ = resume(Path(d) / "model.pt", tcfg, map_location=device)  # sets rank 0's RNG
-            rng_file = Path(d) / f"rng-rank{rank}.pt"
-            if rank > 0:
-                if rng_file.is_file():
-                    set_rng_state(torch.load(rng_file, weights_only=False))
-                else:  # resumed with more workers than the checkpoint had
-                    seed_everything(_rank_seed(tcfg.seed, rank) + state.step)
-        if rank == 0:
-            dropped = _truncate_metrics(run_dir, state.step)
-            with (run_dir / RESUMES).open("a") as f:
-                f.write(
-                    json.dumps(
-                        {"step": state.step, "world_size": world, "dropped_log_lines": dropped, "time": time.time()}
-                    )
-                    + "\n"
-                )
-            print(f"[{stage}] resumed from checkpoint at step {state.step} ({dropped} log lines past it dropped)")
-    else:
-        model = init_model(cfg, stage, config.get("init_from"))
-        state = TrainState(model, build_optimizer(model, tcfg))
-        if rank > 0:  # ranks draw different dropout masks; rank 0 keeps the one-process stream
-            seed_everything(_rank_seed(tcfg.seed, rank))
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / METRICS).unlink(missing_ok=True)
-            (run_dir / RESUMES).unlink(missing_ok=True)
-            (run_dir / DISCARDED).unlink(missing_ok=True)
-            (run_dir / BEST).unlink(missing_ok=True)
-            (run_dir / WORKERS).unlink(missing_ok=True)
-    if world > 1:  # rank 0 has emptied workers.jsonl on a fresh start before any rank writes to it
-        import ray.train.collective
-
-        ray.train.collective.barrier()
-    node = _record_worker(run_dir, rank, world, state.step)["node_id"]
-    print(f"[{stage}] rank {rank}/{world} on node {node} from step {state.step}")
-    if device.type != "cpu":
-        _move_to(state, device)
-
+def _train_worker(
+    cfg: Config,
+    stage: str,
+    tcfg: TrainConfig,
+    state: TrainState,
+    worker: WorkerContext,
+    device: torch.device,
+    batch_wrapper: str | None,
+    batch_wrapper_args: dict | None,
+) -> None:
+    """htcl.training.train from state.step on this rank's slice of each global batch; rank 0 logs
+    and keeps the best model; every rank reports at each checkpoint (module docstring)."""
+    rank, run_dir = worker.rank, worker.run_dir
     rows = training_rows(cfg, stage, verbose=rank == 0, check_finite=False)  # fit() checked; reads check too
     tokenizer = SongTokenizer(cfg.model)
-    batches = batch_stream(rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=world)
-    if config.get("fault"):
-        batches = _kill_once(batches, config["fault"], rank, state.step, run_dir)
+    batches = batch_stream(
+        rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=worker.world_size
+    )
+    batches = _wrap_batches(batches, batch_wrapper, batch_wrapper_args, worker)
 
     # Every rank scores the same validation batches on its own (no collective); rank 0 logs.
     val_batches = validation_batches(rows, tokenizer, tcfg.batch_size, tcfg.val_max_rows)
@@ -263,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logged = [r["val_loss"] for r in read_jsonl(run_dir / METRICS) if "val_loss" in r]  # a resumed run's best
         best_val_loss = min(logged, default=float("inf"))
 
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {}  # the latest log record: its losses go with the next checkpoint's report
     logger = JsonlLogger(run_dir / METRICS) if rank == 0 else None
 
     def on_log(record: dict) -> None:
@@ -272,17 +329,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger is not None:
             logger(record)
 
-    def on_checkpoint(s: TrainState) -> None:
-        from ray.train import Checkpoint
-
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                save_checkpoint(Path(d) / "model.pt", s, cfg, stage)
-            else:
-                torch.save(rng_state(), Path(d) / f"rng-rank{rank}.pt")
-            metrics = {"step": s.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1", "val_"))}}
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{s.step:08d}")
-
     train(
         state,
         batches,
@@ -290,11 +336,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stage,
         device=device,
         on_log=on_log,
-        on_checkpoint=on_checkpoint,
+        on_checkpoint=lambda s: _report_checkpoint(s, cfg, stage, rank, last),
         val_batches=val_batches,
         on_best=on_best,
         best_val_loss=best_val_loss,
     )
+
+
+def _report_checkpoint(state: TrainState, cfg: Config, stage: str, rank: int, last: dict[str, Any]) -> None:
+    """ray.train.report of this rank's part of the checkpoint at state.step: model.pt from rank 0,
+    rng-rank<r>.pt from the others (Ray merges the directories), with the latest losses."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            save_checkpoint(Path(d) / "model.pt", state, cfg, stage)
+        else:
+            torch.save(rng_state(), Path(d) / f"rng-rank{rank}.pt")
+        metrics = {"step": state.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1", "val_"))}}
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{state.step:08d}")
 
 
 # --- on the driver -------------------------------------------------------------------------
@@ -326,14 +387,23 @@ def fit(
     run_name: str | None = None,
     resources_per_worker: dict | None = None,
     placement_strategy: str = "PACK",
-    _fault: dict | None = None,
+    batch_wrapper: str | None = None,
+    batch_wrapper_args: dict | None = None,
 ) -> FitResult:
     """Train one stage with Ray Train; writes the same outputs as htcl.pipeline.run_train.
 
     placement_strategy: of the workers' placement group (PLACEMENT_STRATEGIES; module docstring).
+    batch_wrapper: "module:function", imported in each worker, which wraps that worker's batch
+        iterator: function(batches, worker: WorkerContext, **batch_wrapper_args) -> batches. The
+        batches are this rank's slices, from the step the attempt starts at. An extension point for
+        what watches or interrupts training from inside a worker (tests/fault_injection.py kills
+        one); the module must be importable on every worker (from the job's working_dir or
+        PYTHONPATH). No command-line flag or config key sets it.
     """
     if placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement_strategy={placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+    if batch_wrapper is not None and ":" not in batch_wrapper:
+        raise ValueError(f"batch_wrapper={batch_wrapper!r}: expected 'module:function'")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -363,7 +433,8 @@ def fit(
             "stage": stage,
             "run_dir": str(run_dir),
             "init_from": str(init_from) if init_from else None,
-            "fault": _fault,
+            "batch_wrapper": batch_wrapper,
+            "batch_wrapper_args": batch_wrapper_args,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,

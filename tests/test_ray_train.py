@@ -3,8 +3,9 @@
 - 2 workers give the loss of 1 process (htcl.pipeline.run_train) over the same global batch:
   negatives are gathered from both workers, each worker takes its half of each batch.
 - stage 2 starts from the stage-1 checkpoint and trains on favor triplets or co-occurrence pairs.
-- a training worker SIGKILLed mid-run: the run resumes from the last checkpoint (model,
-  optimizer, step, every rank's RNG, data position) and metrics.jsonl holds every step once.
+- a training worker SIGKILLed mid-run (tests/fault_injection.py, a batch wrapper): the run resumes
+  from the last checkpoint (model, optimizer, step, every rank's RNG, data position) and
+  metrics.jsonl holds every step once.
 
 One local Ray instance for the module (address="local": never someone else's cluster).
 The text encoder is a 1-layer random BERT written to a temporary directory (model.text_model
@@ -18,7 +19,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, write_tiny_bert, write_tiny_world
+from conftest import REPO, TINY_MODEL, write_tiny_bert, write_tiny_world
 
 
 def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
@@ -55,7 +56,15 @@ def test_batch_stream_splits_global_batches_by_rank_and_resumes_at_a_step():
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The repository root on the workers' path, whatever the working directory: they import
+    # tests.fault_injection (a batch wrapper) besides htcl and ray_jobs.
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     yield
     ray.shutdown()
 
@@ -215,7 +224,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, base):
         "pretrain.max_failures=1",
     )
     marker = base / "fault" / "killed.txt"
-    result = fit(cfg, "pretrain", _fault={"rank": 1, "step": 3, "marker": str(marker)})
+    result = fit(
+        cfg,
+        "pretrain",
+        batch_wrapper="tests.fault_injection:kill_once",
+        batch_wrapper_args={"rank": 1, "step": 3, "marker": str(marker)},
+    )
 
     assert marker.is_file(), "the worker was never killed"
     log = read_jsonl(result.run_dir / "metrics.jsonl")
