@@ -205,7 +205,7 @@ def read_ahead(
 ) -> Iterator[tuple[Item, dict]]:
     """(item, read(item)) for each item, in order, read up to `depth` items ahead on a daemon
     thread. An error in `read` is raised here, at the item it failed on; closing the generator
-    (or dropping it) stops the thread."""
+    (or dropping it) stops the thread and waits for it (at most the read in progress)."""
     results: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -239,3 +239,6 @@ def read_ahead(
             yield got
     finally:
         stop.set()
+        # Wait for a read in progress to end: a process that exits while this thread is inside
+        # pyarrow's C++ reader aborts ("terminate called without an active exception").
+        thread.join()

@@ -23,9 +23,8 @@ from conftest import T0, TINY_MODEL
 
 from htcl import pipeline
 from htcl import schema as S
-from htcl.audio import mel_to_bytes
 from htcl.config import config_from_dict
-from htcl.mels import read_catalog, read_mels, write_table
+from htcl.mels import mel_to_bytes, read_catalog, read_mels, write_table
 from htcl.streaming import ShardReader, read_ahead
 from htcl.text import SongTokenizer
 from htcl.towers import (
@@ -279,6 +278,24 @@ def test_read_ahead_keeps_order_raises_where_it_failed_and_stops():
     deadline = time.monotonic() + 5
     while "htcl-read-ahead" in [t.name for t in threading.enumerate()] and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert "htcl-read-ahead" not in [t.name for t in threading.enumerate()]
+
+
+def test_closing_read_ahead_waits_for_the_read_in_progress():
+    """A process must not exit while the thread is inside a read (pyarrow aborts the process):
+    close() returns only once the thread has ended."""
+    started = threading.Event()
+
+    def slow_read(i):
+        if i == 1:
+            started.set()
+            time.sleep(0.5)
+        return {i: i}
+
+    stream = read_ahead(slow_read, iter(range(100)), depth=1)
+    next(stream)
+    assert started.wait(5)
+    stream.close()  # the thread is sleeping inside read(1)
     assert "htcl-read-ahead" not in [t.name for t in threading.enumerate()]
 
 
