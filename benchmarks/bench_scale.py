@@ -48,7 +48,7 @@ exponent k of a log-log least-squares fit of seconds against n (time ∝ n^k), a
 
     nice -n 10 .venv/bin/python benchmarks/bench_scale.py [--sizes 10000 100000 1000000]
         [--work-dir /tmp/bench_scale] [--online-store redis://127.0.0.1:6379/12] [--interactions 2000]
-        [--embed-dim 32] [--keep] [--out benchmarks/results/bench_scale.json]
+        [--embed-dim 32] [--steps STEP ...] [--keep] [--out benchmarks/results/bench_scale.json]
     .venv/bin/python benchmarks/bench_scale.py --report benchmarks/results/bench_scale.json
 
 The k of a fit over 10k-100k reads fixed costs (a Ray instance's start, the log's stats) as
@@ -708,6 +708,13 @@ def main(argv=None) -> int:
         help="impressions in the log at every size (default: %(default)s; materialize's stats cost "
         "follows it: one Ray Data group a song and a listener)",
     )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        choices=STEPS_FIRST + STEPS_SECOND,
+        help="only these steps, in the usual order (default: all; e.g. train-check train-read for the "
+        "training worker's memory alone)",
+    )
     p.add_argument("--train-steps", type=int, default=64, help="batches one worker reads after the first")
     p.add_argument("--queries", type=int, default=200, help="/similar and Feast lookups a size")
     p.add_argument("--k", type=int, default=100, help="neighbours a /similar query asks for (serving's default)")
@@ -745,7 +752,11 @@ def main(argv=None) -> int:
     redis_skip = redis_answers(args.online_store)
     if redis_skip:
         print(f"Redis at {args.online_store} does not answer ({redis_skip}): Redis steps skipped", flush=True)
-    steps = [s for s in STEPS_FIRST + STEPS_SECOND if not (redis_skip and "redis" in s)]
+    steps = [
+        s
+        for s in STEPS_FIRST + STEPS_SECOND
+        if not (redis_skip and "redis" in s) and (not args.steps or s in args.steps)
+    ]
 
     print(f"bench_scale: sizes {args.sizes}, work dir {work} ({free_gb:.0f} GiB free), log {log}", flush=True)
     bert = write_tiny_bert(work / "tiny_bert")
