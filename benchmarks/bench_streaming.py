@@ -53,8 +53,7 @@ SEED = 0
 def write_catalog(directory: Path, songs: int, frames: int, rows_per_group: int) -> None:
     """mels/ shards of rows_per_group rows (one row group each) of random float16 log-Mel."""
     from htcl import schema as S
-    from htcl.audio import mel_to_bytes
-    from htcl.mels import write_table
+    from htcl.mels import mel_to_bytes, write_table
 
     rng = np.random.default_rng(SEED)
     for start in range(0, songs, rows_per_group):

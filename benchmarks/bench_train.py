@@ -76,10 +76,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from htcl import schema as S  # noqa: E402
-from htcl.audio import mel_to_bytes  # noqa: E402
 from htcl.config import load_config  # noqa: E402
 from htcl.layout import Layout  # noqa: E402
-from htcl.mels import write_table  # noqa: E402
+from htcl.mels import mel_to_bytes, write_table  # noqa: E402
 from htcl.model import HTCLModel  # noqa: E402
 
 WORDS = (

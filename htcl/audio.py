@@ -335,39 +335,3 @@ class LogMel(nn.Module):
                 f1 = min(f0 + frames, n_frames)
                 self._block(wave[i : i + songs], f0, f1, out[i : i + songs, :, f0:f1])
         return out
-
-
-# --- mel storage and batching --------------------------------------------------------------
-
-
-def mel_to_bytes(mel: np.ndarray) -> bytes:
-    """(M, F) -> float16 bytes, C order (the `mel` column of mels/)."""
-    return np.ascontiguousarray(mel, dtype=np.float16).tobytes()
-
-
-def mel_from_bytes(data: bytes, n_mels: int, n_frames: int) -> np.ndarray:
-    """float16 bytes -> (M, F) float32; errors name the expected and actual sizes."""
-    arr = np.frombuffer(data, dtype=np.float16)
-    if arr.size != n_mels * n_frames:
-        raise ValueError(f"mel bytes hold {arr.size} values, expected n_mels*n_frames = {n_mels}*{n_frames}")
-    return arr.reshape(n_mels, n_frames).astype(np.float32)
-
-
-def mel_batch(mels: list[np.ndarray], n_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (M, F_i) mels to (B, M, F) with F = n_frames or the longest; mask (B, F) True = real frame.
-
-    Longer mels are cropped to n_frames when it is given.
-    """
-    if not mels:
-        raise ValueError("mel_batch needs at least one mel")
-    n_mels = mels[0].shape[0]
-    width = n_frames or max(m.shape[1] for m in mels)
-    out = np.zeros((len(mels), n_mels, width), dtype=np.float32)
-    mask = np.zeros((len(mels), width), dtype=bool)
-    for i, m in enumerate(mels):
-        if m.shape[0] != n_mels:
-            raise ValueError(f"mel {i} has {m.shape[0]} bins, expected {n_mels}")
-        f = min(m.shape[1], width)
-        out[i, :, :f] = m[:, :f]
-        mask[i, :f] = True
-    return out, mask

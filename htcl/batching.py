@@ -11,7 +11,25 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from htcl.audio import mel_batch
+
+def mel_batch(mels: list[np.ndarray], n_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (M, F_i) mels to (B, M, F) with F = n_frames or the longest; mask (B, F) True = real frame.
+
+    Longer mels are cropped to n_frames when it is given.
+    """
+    if not mels:
+        raise ValueError("mel_batch needs at least one mel")
+    n_mels = mels[0].shape[0]
+    width = n_frames or max(m.shape[1] for m in mels)
+    out = np.zeros((len(mels), n_mels, width), dtype=np.float32)
+    mask = np.zeros((len(mels), width), dtype=bool)
+    for i, m in enumerate(mels):
+        if m.shape[0] != n_mels:
+            raise ValueError(f"mel {i} has {m.shape[0]} bins, expected {n_mels}")
+        f = min(m.shape[1], width)
+        out[i, :, :f] = m[:, :f]
+        mask[i, :f] = True
+    return out, mask
 
 
 def require_finite(inputs: Mapping[int, np.ndarray], what: str) -> None:

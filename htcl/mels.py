@@ -1,4 +1,5 @@
-"""Catalog rows -> log-Mel rows, with a quarantine for what cannot be used.
+"""Catalog rows -> log-Mel rows, with a quarantine for what cannot be used; the catalog contract
+(read_catalog) and the mels/ shard format (MEL_COLUMNS, mel_to_bytes / mel_from_bytes, read_mels).
 
 `MelExtractor` follows Ray Data's class-UDF shape (`__init__` builds LogMel once, `__call__`
 transforms a batch), so the Ray preprocess job maps it over the catalog as it is; the local
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from htcl import schema as S
-from htcl.audio import AudioDecodeError, LogMel, load_audio, mel_from_bytes, mel_to_bytes
+from htcl.audio import AudioDecodeError, LogMel, load_audio
 from htcl.config import AudioConfig
 
 # A song quieter than this RMS everywhere is silence (digital zero or a broken render).
@@ -238,7 +239,22 @@ def write_table(rows: list[dict], schema: pa.Schema, path: str | Path) -> Path:
     return path
 
 
+# --- the mels/ shard format ----------------------------------------------------------------
+
 MEL_COLUMNS = [S.SONG_ID, S.N_FRAMES, S.MEL]  # what a reader of mels/ needs of its shards
+
+
+def mel_to_bytes(mel: np.ndarray) -> bytes:
+    """(M, F) -> float16 bytes, C order (the `mel` column of mels/)."""
+    return np.ascontiguousarray(mel, dtype=np.float16).tobytes()
+
+
+def mel_from_bytes(data: bytes, n_mels: int, n_frames: int) -> np.ndarray:
+    """float16 bytes -> (M, F) float32; errors name the expected and actual sizes."""
+    arr = np.frombuffer(data, dtype=np.float16)
+    if arr.size != n_mels * n_frames:
+        raise ValueError(f"mel bytes hold {arr.size} values, expected n_mels*n_frames = {n_mels}*{n_frames}")
+    return arr.reshape(n_mels, n_frames).astype(np.float32)
 
 
 def mel_shards(directory: str | Path) -> list[Path]:

@@ -683,7 +683,7 @@ def model_version(checkpoint: str | Path) -> str:
 @torch.no_grad()
 def embed_mels(model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
     """(n, D) float32 L2-normalized audio embeddings, in input order."""
-    from htcl.audio import mel_batch
+    from htcl.batching import mel_batch
 
     model.eval()
     out = []

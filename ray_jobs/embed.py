@@ -80,7 +80,8 @@ class EmbedUDF:
     def __call__(self, batch: dict) -> pa.Table:
         import torch
 
-        from htcl.audio import mel_batch, mel_from_bytes
+        from htcl.batching import mel_batch
+        from htcl.mels import mel_from_bytes
         from htcl.towers import FEATURE, SHAPE, feature_from_row
 
         ids = [int(i) for i in batch[S.SONG_ID]]

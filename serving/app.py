@@ -396,7 +396,8 @@ class Encoder(_Worker):
         self.version = model_version
 
     def _encode(self, data: bytes) -> dict:
-        from htcl.audio import load_audio, mel_from_bytes
+        from htcl.audio import load_audio
+        from htcl.mels import mel_from_bytes
         from htcl.pipeline import embed_mels
         from htcl.towers import audio_input
 

@@ -5,7 +5,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from htcl.audio import AudioDecodeError, LogMel, load_audio, mel_batch, mel_filterbank, mel_from_bytes, mel_to_bytes
+from htcl.audio import AudioDecodeError, LogMel, load_audio, mel_filterbank
+from htcl.batching import mel_batch
+from htcl.mels import mel_from_bytes, mel_to_bytes
 
 librosa = pytest.importorskip("librosa")
 

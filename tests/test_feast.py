@@ -330,8 +330,7 @@ def test_online_lookup_of_1_and_100_songs(world, ray_instance, capsys, backend):
 @pytest.mark.slow
 def test_train_rankers_and_evaluate_jobs_on_the_feast_frame(world, ray_instance, capsys):
     """`htcl train-rankers` and `htcl evaluate` (the Ray/Feast edges) on the module's store."""
-    from htcl.audio import mel_to_bytes
-    from htcl.mels import write_table
+    from htcl.mels import mel_to_bytes, write_table
     from htcl.ranking import Rankers
     from ray_jobs import evaluate, train_rankers
 

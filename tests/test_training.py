@@ -192,8 +192,7 @@ def test_training_refuses_a_non_finite_input_row_naming_the_song(tmp_path, poiso
     from conftest import write_tiny_world
 
     from htcl import schema as S
-    from htcl.audio import mel_to_bytes
-    from htcl.mels import write_table
+    from htcl.mels import mel_to_bytes, write_table
     from htcl.pipeline import training_rows
 
     world = write_tiny_world(tmp_path / "world")
