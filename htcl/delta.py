@@ -14,7 +14,6 @@ not written yet is simply missing, and the next run computes it.
 
 from __future__ import annotations
 
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from htcl import schema as S
+from htcl.files import write_atomically
 
 UNREADABLE = "unreadable"  # the input hash of a file that cannot be read: retried once it can
 
@@ -76,13 +76,11 @@ def drop_stale_rows(directory: Path, current: Mapping[int, str], row_group_size:
 
 
 def write_shard_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> None:
-    """Write a Parquet shard under a hidden temp name, then rename it: a reader (and a dataset
-    listing, which skips "."-names) never sees half a shard."""
+    """Write a Parquet shard under a hidden temp name, then rename it (htcl.files.write_atomically):
+    a reader (and a dataset listing, which skips "."-names) never sees half a shard."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
 
 
 def file_fingerprint(path: Path) -> list[int]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import nn
 
 from htcl.config import Config, TrainConfig, config_from_dict, save_config, to_dict
 from htcl.distributed import all_reduce_mean, gather_ids, gather_with_grad, is_distributed, rank_and_world
+from htcl.files import write_atomically
 from htcl.losses import in_batch_top1, info_nce, stage2_loss
 from htcl.model import HTCLModel
 
@@ -389,7 +389,8 @@ LOCKED_TEXT_PREFIX = "text.bert."
 def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str) -> Path:
     """One file with model, optimizer, step, stage and the resolved config; config.yaml beside it.
 
-    Written to a temporary name and renamed, so a crash mid-write never leaves a torn checkpoint.
+    Written to a temporary name and renamed (htcl.files.write_atomically), so a crash mid-write
+    never leaves a torn checkpoint.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -413,9 +414,7 @@ def save_checkpoint(path: str | Path, state: TrainState, cfg: Config, stage: str
         "locked_text_tower": text_tower,  # tower hash of the locked BERT, whose weights are left out
         "rng": rng_state(),  # so a resumed run draws the same dropout masks as an unbroken one
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
     save_config(cfg, path.parent / "config.yaml")
     return path
 

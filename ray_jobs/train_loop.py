@@ -79,9 +79,10 @@ from htcl.config import (
     save_config,
     to_dict,
 )
+from htcl.files import write_atomically
 from htcl.pipeline import (
-    audio_reader,
     batch_stream,
+    check_training_inputs,
     init_model,
     out_path,
     run_dir_name,
@@ -249,9 +250,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> int:
     if dropped:
         with (run_dir / DISCARDED).open("a") as f:
             f.writelines(json.dumps({**r, "discarded_on_resume_from": step}) + "\n" for r in dropped)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
     return len(dropped)
 
 
@@ -305,7 +304,7 @@ def _train_worker(
     """htcl.training.train from state.step on this rank's slice of each global batch; rank 0 logs
     and keeps the best model; every rank reports at each checkpoint (module docstring)."""
     rank, run_dir = worker.rank, worker.run_dir
-    rows = training_rows(cfg, stage, verbose=rank == 0, check_finite=False)  # fit() checked; reads check too
+    rows = training_rows(cfg, stage, verbose=rank == 0, check_inputs=False)  # fit() checked; reads check too
     tokenizer = SongTokenizer(cfg.model)
     batches = batch_stream(
         rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=worker.world_size
@@ -421,9 +420,9 @@ def fit(
         raise ValueError(
             f"{stage}.batch_size={tcfg.batch_size} must be divisible by {stage}.num_workers={tcfg.num_workers}"
         )
-    # A NaN/inf input refused before any worker starts, naming the song: one pass over the shards
-    # here, not one per worker (workers still check every row they read).
-    audio_reader(cfg, tcfg.reader_cache_rows).require_finite()
+    # A NaN/inf input or a stale text feature refused before any worker starts, naming the song:
+    # one pass here, not one per worker (workers still check every row they read).
+    check_training_inputs(cfg, stage)
     run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = out_path(cfg, "ray_train")
     trainer = TorchTrainer(
@@ -456,9 +455,7 @@ def fit(
         raise RuntimeError(f"{stage}: the run reported no checkpoint ({result.path})")
     ckpt_path = run_dir / "model.pt"
     with result.checkpoint.as_directory() as d:
-        tmp = ckpt_path.with_suffix(".pt.tmp")
-        shutil.copyfile(Path(d) / "model.pt", tmp)
-        os.replace(tmp, ckpt_path)
+        write_atomically(ckpt_path, lambda tmp: shutil.copyfile(Path(d) / "model.pt", tmp))
     save_config(cfg, run_dir / "config.yaml")
     from htcl.plots import plot_training_curves
 
