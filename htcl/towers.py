@@ -26,8 +26,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +37,7 @@ import torch
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config, ModelConfig
+from htcl.files import sha256_file, write_atomically
 from htcl.layout import Layout
 from htcl.mels import SHARD_ROW_GROUP_ROWS
 
@@ -62,14 +61,6 @@ class StaleFeaturesError(RuntimeError):
 
 
 # --- hashes --------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def text_hash(text: str) -> str:
@@ -192,9 +183,8 @@ def write_tower_spec(directory: Path, spec: Mapping[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TOWER_FILE
     if not path.is_file():
-        tmp = path.with_name(f"{TOWER_FILE}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({**spec, "hash": tower_hash(spec)}, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        text = json.dumps({**spec, "hash": tower_hash(spec)}, indent=2, sort_keys=True)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def check_tower(directory: Path, spec: Mapping[str, Any]) -> None:

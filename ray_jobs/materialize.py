@@ -26,7 +26,6 @@ model_version), materialized, and only then named in `current_model_version`, wh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -44,6 +43,7 @@ from htcl import schema as S
 from htcl.arguments import add_config_args
 from htcl.delta import file_fingerprint
 from htcl.features import listener_stats, song_stats
+from htcl.files import sha256_file, write_atomically
 from htcl.layout import Layout
 from ray_jobs.common import add_ray_args, init_ray, parse_args, print_summary, save_resolved_config
 
@@ -62,29 +62,17 @@ def newest_model_version(cfg) -> str:
     return versions[-1].name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
     """Same rows -> same bytes (timestamps normalized, no pandas metadata); never a torn file."""
-    from feature_repo.store import write_atomically
-
     frame = frame.copy()
     for col in (S.EVENT_TIMESTAMP, "created"):
         frame[col] = pd.to_datetime(frame[col], utc=True).astype("datetime64[us, UTC]")
     table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
-    write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp), fsync=True)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from feature_repo.store import write_atomically
-
-    write_atomically(path, lambda tmp: tmp.write_text(text))
+    write_atomically(path, lambda tmp: tmp.write_text(text), fsync=True)
 
 
 def _read_json(path: Path):
@@ -344,7 +332,7 @@ def publish(args, cfg, data_dir: Path) -> int:
     world = Path(cfg.data.root)
     version = args.model_version or newest_model_version(cfg)
     inputs = [world / "interactions.parquet", world / "catalog.parquet"]
-    fingerprint = {str(p): _sha256(p) for p in inputs}
+    fingerprint = {str(p): sha256_file(p) for p in inputs}
     stats_paths = [data_dir / SONG_STATS, data_dir / LISTENER_STATS]
     stamp = _read_json(data_dir / STATS_INPUTS)
     reused = [_read_parquet(p) for p in stats_paths] if stamp and stamp.get("inputs") == fingerprint else [None]
