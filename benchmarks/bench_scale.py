@@ -14,9 +14,10 @@ scaling does not depend on the weights.
 Each step runs in a fresh child process (peak RSS only grows, so every figure needs its own
 process), in this order, per size:
 
-  train-check   the driver's one NaN/inf pass over the audio shards before Ray Train starts
-                (htcl.pipeline.audio_reader(...).require_finite(), as ray_jobs/train_loop does)
-  train-read    one Ray Train worker's data side: training_rows(check_finite=False) + its
+  train-check   the driver's checks before Ray Train starts (htcl.pipeline.check_training_inputs,
+                as ray_jobs/train_loop runs them): one NaN/inf pass over the audio shards, and the
+                cached text features' hashes against the catalog's texts
+  train-read    one Ray Train worker's data side: training_rows(check_inputs=False) + its
                 tokenizer, then --train-steps batches of rank 0 of 2 at global batch 32 through
                 batch_stream (the per-rank streaming reader); rows/s = the streamed rows a second
                 after the first batch
@@ -403,14 +404,14 @@ def run_step(spec: dict) -> dict:
         if step == "imports":
             pass
         elif step == "train-check":
-            from htcl.pipeline import audio_reader
+            from htcl.pipeline import check_training_inputs
 
-            audio_reader(cfg, cfg.pretrain.reader_cache_rows).require_finite()
+            check_training_inputs(cfg, "pretrain")
         elif step == "train-read":
             from htcl.pipeline import batch_stream, training_rows
             from htcl.text import SongTokenizer
 
-            rows = training_rows(cfg, "pretrain", verbose=False, check_finite=False)
+            rows = training_rows(cfg, "pretrain", verbose=False, check_inputs=False)
             tokenizer = SongTokenizer(cfg.model)
             stream = batch_stream(rows, tokenizer, TRAIN_BATCH, SEED, rank=0, world=TRAIN_WORLD)
             next(stream)  # the first batch waits for the first reads; the rate is the steady state's

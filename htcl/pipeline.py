@@ -296,20 +296,17 @@ def song_text_reader(cfg: Config, cache_rows: int) -> Mapping[int, str]:
     return ShardReader([path], CATALOG_TEXT_COLUMNS, decode, "song text", cache_rows, check_finite=False)
 
 
-def text_feature_reader(cfg: Config, keys: CatalogKeys, cache_rows: int) -> ShardReader:
-    """The locked text tower's cached features (towers layout), read from their shards on demand,
-    after refusing any cached row whose text has changed since (towers.require_current_features)."""
-    from htcl.towers import (
-        FEATURES_SCHEMA,
-        feature_shards,
-        features_from_table,
-        require_current_features,
-        text_tower_spec,
-        tower_dir,
-    )
+def text_feature_dir(cfg: Config) -> Path:
+    from htcl.towers import text_tower_spec, tower_dir
 
-    directory = tower_dir(cfg.output_dir, text_tower_spec(cfg.model))
-    require_current_features(directory, keys.ids, keys.text_hash)
+    return tower_dir(cfg.output_dir, text_tower_spec(cfg.model))
+
+
+def text_feature_reader(cfg: Config, cache_rows: int) -> ShardReader:
+    """The locked text tower's cached features (towers layout), read from their shards on demand."""
+    from htcl.towers import FEATURES_SCHEMA, feature_shards, features_from_table
+
+    directory = text_feature_dir(cfg)
     return ShardReader(
         feature_shards(directory),
         FEATURES_SCHEMA.names,
@@ -319,7 +316,22 @@ def text_feature_reader(cfg: Config, keys: CatalogKeys, cache_rows: int) -> Shar
     )
 
 
-def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: bool = True) -> TrainingRows:
+def check_training_inputs(cfg: Config, stage: str) -> None:
+    """Refuse, before the first step, inputs a stage must not train on: an audio input with NaN or
+    inf (ShardReader.require_finite names the song) and, with a locked text tower, a cached text
+    feature of a text that has changed since (towers.require_current_features names it: rerun
+    `htcl features`). One pass over the audio shards and one over the catalog, a row group or a
+    chunk at a time; training makes it once (the Ray job on its driver, not in every worker), and
+    every read checks its rows for NaN/inf again."""
+    from htcl.towers import require_current_features
+
+    audio_reader(cfg, stage_config(cfg, stage).reader_cache_rows).require_finite()
+    if not cfg.model.text_trainable:
+        keys = catalog_keys(cfg, text_hashes=True)
+        require_current_features(text_feature_dir(cfg), keys.ids, keys.text_hash)
+
+
+def training_rows(cfg: Config, stage: str, verbose: bool = True, check_inputs: bool = True) -> TrainingRows:
     """The stage's rows (songs, favor triplets or co-occurrence pairs) and readers of their inputs:
     the audio inputs (audio_reader) and, with a locked text tower, the cached text features
     (text_feature_reader) or, with a trainable one, the song texts (song_text_reader), each
@@ -330,20 +342,19 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_finite: b
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
     is one of them (so no stage ever trains on a held-out song), in an eval.seed order.
-    check_finite: refuse a NaN/inf audio input before the first step, naming the song (one pass
-    over the shards, a row group at a time; ShardReader.require_finite). Off, a bad row is still
-    refused, when a batch first reads it."""
+    check_inputs: run check_training_inputs first. Off (the Ray job's workers, after its driver ran
+    it), a NaN/inf row is still refused when a batch first reads it."""
     tcfg = stage_config(cfg, stage)
     locked_text = not cfg.model.text_trainable
-    keys = catalog_keys(cfg, text_hashes=locked_text)
+    if check_inputs:
+        check_training_inputs(cfg, stage)
+    keys = catalog_keys(cfg)
     mels = audio_reader(cfg, tcfg.reader_cache_rows)
-    if check_finite:
-        mels.require_finite()
     texts = None if locked_text else song_text_reader(cfg, tcfg.reader_cache_rows)
     text_features = None
     usable = np.intersect1d(keys.ids, mels.ids)  # songs with both an audio input and a text
     if locked_text:
-        text_features = text_feature_reader(cfg, keys, tcfg.reader_cache_rows)
+        text_features = text_feature_reader(cfg, tcfg.reader_cache_rows)
         usable = np.intersect1d(usable, text_features.ids)  # a song not yet in the cache is left out
     held = keys.ids[keys.held]
     if stage == "pretrain":
@@ -583,8 +594,9 @@ def batch_stream(
     their batches, so a resumed run sees exactly the batches an unbroken one would.
 
     With ShardReaders behind the rows' inputs (audio, texts, text features), a rank reads the
-    inputs of its own slice only, on a background thread, READ_AHEAD_BATCHES slices ahead (htcl.streaming.read_ahead); tokenizing
-    and padding stay on this thread (one tokenizer, one thread).
+    inputs of its own slice only, on a background thread, READ_AHEAD_BATCHES slices ahead
+    (htcl.streaming.read_ahead); tokenizing and padding stay on this thread (one tokenizer, one
+    thread).
     """
     slices = rank_slices(len(rows), batch_size, seed, start_step=start_step, rank=rank, world=world)
     if any(isinstance(m, ShardReader) for m in (rows.mels, rows.texts, rows.text_features)):

@@ -77,27 +77,35 @@ class ShardReader(Mapping):
         self._build_index()
 
     def _build_index(self) -> None:
-        """Sorted song ids and where each row lives, from the song_id column of every shard."""
+        """Sorted song ids and where each row lives, from the song_id column of every shard (read
+        whole, one read a shard; the row groups' sizes come from the footer)."""
         ids, file_of, group_of, row_of = [], [], [], []
         for f, path in enumerate(self.files):
             shard = pq.ParquetFile(path)
-            for g in range(shard.metadata.num_row_groups):
-                sid = shard.read_row_group(g, columns=[S.SONG_ID]).column(0).to_numpy()
-                ids.append(sid.astype(np.int64))
-                file_of.append(np.full(len(sid), f, np.int32))
-                group_of.append(np.full(len(sid), g, np.int32))
-                row_of.append(np.arange(len(sid), dtype=np.int32))
-        ids_all = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            sizes = [shard.metadata.row_group(g).num_rows for g in range(shard.metadata.num_row_groups)]
+            ids.append(shard.read(columns=[S.SONG_ID]).column(0).to_numpy().astype(np.int64, copy=False))
+            file_of.append(np.full(len(ids[-1]), f, np.int32))
+            group_of.append(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+            row_of.append(np.arange(len(ids[-1]), dtype=np.int32) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes))
+        if not ids:
+            self.ids = np.zeros(0, np.int64)
+            self._file = self._group = self._row = np.zeros(0, np.int32)
+            return
+        ids_all = np.concatenate(ids)
+        del ids
         # stable sort, then the last occurrence of each id: a later shard's row wins, as in read_mels
         order = np.argsort(ids_all, kind="stable")
         sorted_ids = ids_all[order]
         last = np.ones(len(order), bool)
         last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        del sorted_ids
         keep = order[last]
+        del order, last
         self.ids = ids_all[keep]  # (n,) int64, ascending
-        self._file = np.concatenate(file_of)[keep] if ids else np.zeros(0, np.int32)
-        self._group = np.concatenate(group_of)[keep] if ids else np.zeros(0, np.int32)
-        self._row = np.concatenate(row_of)[keep] if ids else np.zeros(0, np.int32)
+        self._file = np.concatenate(file_of)[keep]  # (n,) int32 each
+        self._group = np.concatenate(group_of)[keep]
+        self._row = np.concatenate(row_of)[keep].astype(np.int32)
+        release_arrow_memory()
 
     # --- Mapping: keys come from the index, never from reading inputs -------------------------
 
@@ -187,6 +195,13 @@ class ShardReader(Mapping):
             # require_finite takes its figures from the first bad song's values and only counts
             # the others: they share its array rather than holding one each
             require_finite({first[0]: first[1], **{sid: first[1] for sid in bad}}, self.what)
+
+
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's pool holds but no longer uses back to the system: after a large
+    read (an index over every shard, a catalog's columns) it would otherwise stay in this
+    process's footprint, unusable by anything but Arrow."""
+    pa.default_memory_pool().release_unused()
 
 
 Item = TypeVar("Item")

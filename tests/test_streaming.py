@@ -251,7 +251,7 @@ def test_a_non_finite_row_is_refused_naming_the_song_up_front_and_when_read(tmp_
         with pytest.raises(ValueError, match=rf"song_id {bad}\b.*(NaN|inf).*2 songs in all"):
             pipeline.training_rows(cfg, stage, verbose=False)
     # the up-front pass off: the batch that first holds the song refuses it, from the read-ahead thread
-    rows = pipeline.training_rows(cfg, "pretrain", verbose=False, check_finite=False)
+    rows = pipeline.training_rows(cfg, "pretrain", verbose=False, check_inputs=False)
     with pytest.raises(ValueError, match=r"song_id \d+\b.*(NaN|inf)"):
         for batch in pipeline.batch_stream(rows, tokenizer, BATCH, seed=0):  # one epoch reads every song
             pass
