@@ -29,6 +29,7 @@ from htcl.mels import (
     MEL_COLUMNS,
     SHARD_ROW_GROUP_ROWS,
     MelExtractor,
+    catalog_artists,
     catalog_chunks,
     mel_shards,
     mels_from_table,
@@ -253,30 +254,27 @@ class CatalogKeys:
 
 
 def catalog_keys(cfg: Config, *, text_hashes: bool = False) -> CatalogKeys:
-    """The catalog's song ids and held-out mask (and with text_hashes its texts' hash prefixes),
-    read a chunk of rows at a time (mels.catalog_chunks): a training worker holds 9 bytes a song
-    (17 with the hashes) rather than the catalog's columns."""
+    """The catalog's song ids and held-out mask (mels.catalog_artists: a training worker holds 5
+    bytes a song, not the catalog's columns) and, with text_hashes, its texts' hash prefixes
+    (every song's text built and hashed a chunk of rows at a time: mels.catalog_chunks)."""
     from htcl.towers import hash_prefix, text_hash
 
-    columns = [S.SONG_ID, S.ARTIST] + ([S.TITLE, S.TAGS, S.LYRICS] if text_hashes else [])
-    ids, artist_codes, hashes = [], [], []
-    artist_code: dict[str, int] = {}
-    for chunk in catalog_chunks(catalog_path(cfg), columns):
-        ids.append(chunk[S.SONG_ID].to_numpy())
-        artists = chunk[S.ARTIST].tolist()  # read_catalog's strings: "" for a missing artist
-        artist_codes.append(np.array([artist_code.setdefault(a, len(artist_code)) for a in artists], np.int32))
-        if text_hashes:
-            hashes.append(np.array([hash_prefix(text_hash(t)) for t in song_texts(chunk).values()], np.uint64))
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    codes = np.concatenate(artist_codes) if artist_codes else np.zeros(0, np.int32)
-    held_names = heldout_artists(artist_code, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
-    held_codes = [artist_code[a] for a in held_names]
+    path = catalog_path(cfg)
+    ids, codes, names = catalog_artists(path)
+    held_names = heldout_artists(names, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
+    held = np.isin(codes, [i for i, a in enumerate(names) if a in held_names])
+    del codes
+    hashes = None
+    if text_hashes:  # in the catalog's row order, as ids
+        hashes = np.concatenate(
+            [
+                np.array([hash_prefix(text_hash(t)) for t in song_texts(chunk).values()], np.uint64)
+                for chunk in catalog_chunks(path, CATALOG_TEXT_COLUMNS)
+            ]
+            or [np.zeros(0, np.uint64)]
+        )
     order = np.argsort(ids, kind="stable")
-    return CatalogKeys(
-        ids[order],
-        np.isin(codes, held_codes)[order],
-        np.concatenate(hashes)[order] if hashes else None,
-    )
+    return CatalogKeys(ids[order], held[order], hashes[order] if hashes is not None else None)
 
 
 def song_text_reader(cfg: Config, cache_rows: int) -> Mapping[int, str]:

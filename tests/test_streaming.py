@@ -389,3 +389,36 @@ def test_training_rows_do_not_depend_on_how_the_catalog_is_chunked(world, kind, 
             assert (rows.texts is None) == (kind == "locked_text")
             assert rows.texts is None or dict(rows.texts) == dict(ref.texts)
     assert len(whole["pretrain"].validation) > 0  # the held-out artists' songs
+
+
+def test_catalog_artists_read_as_read_catalog_and_refuse_what_it_refuses(tmp_path, monkeypatch):
+    """What a training worker reads of the catalog (mels.catalog_artists): each song's id and
+    artist as read_catalog gives them, through Arrow (Parquet, string artists) or the chunked
+    DataFrame path (CSV, a numeric artist column), and read_catalog's refusals."""
+    from htcl import mels as mels_module
+
+    monkeypatch.setattr(mels_module, "CATALOG_CHUNK_ROWS", 7)
+    root = write_world(tmp_path / "world")
+    catalog = pd.read_parquet(root / "catalog.parquet")
+    catalog.loc[[4, 30], S.ARTIST] = None  # missing artists read as ""
+    variants = {"catalog.parquet": catalog, "catalog.csv": catalog}
+    numeric = catalog.assign(**{S.ARTIST: catalog[S.SONG_ID] % 5})
+    variants["numeric.parquet"] = numeric
+    for name, frame in variants.items():
+        path = root / name
+        frame.to_csv(path, index=False) if name.endswith(".csv") else frame.to_parquet(path)
+        ids, codes, names = mels_module.catalog_artists(path)
+        want = read_catalog(path)
+        np.testing.assert_array_equal(ids, want[S.SONG_ID].to_numpy())
+        assert [names[c] for c in codes] == want[S.ARTIST].tolist(), name
+    _, codes, names = mels_module.catalog_artists(root / "catalog.parquet")
+    assert [names[c] for c in codes[[4, 30]]] == ["", ""]
+    catalog.loc[40, S.SONG_ID] = 2
+    catalog.to_parquet(root / "catalog.parquet")
+    with pytest.raises(mels_module.CatalogError, match=r"song_id 2 appears more than once \(data rows 3, 41"):
+        mels_module.catalog_artists(root / "catalog.parquet")
+    catalog[S.SONG_ID] = catalog[S.SONG_ID].astype("Int64")
+    catalog.loc[40, S.SONG_ID] = None
+    catalog.to_parquet(root / "catalog.parquet")
+    with pytest.raises(mels_module.CatalogError, match=r"data row 41"):
+        mels_module.catalog_artists(root / "catalog.parquet")
