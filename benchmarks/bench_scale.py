@@ -78,6 +78,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from htcl.layout import CHECKPOINT, Layout  # noqa: E402
+
 SEED = 0
 TEXT_DIM = 32  # the tiny BERT's width: its pooled output is the cached text feature
 SONGS_PER_FILE = 4096  # songs per synthetic feature shard (row groups of SHARD_ROW_GROUP_ROWS inside)
@@ -433,8 +435,7 @@ def run_step(spec: dict) -> dict:
         elif step == "index":
             from htcl.pipeline import build_index
 
-            embeddings = Path(cfg.output_dir, "embeddings", spec["version"])
-            out["index_dir"] = str(build_index(cfg, embeddings))
+            out["index_dir"] = str(build_index(cfg, Layout.of(cfg).embeddings(spec["version"])))
         elif base in ("mat-sqlite", "mat-redis"):
             from ray_jobs.materialize import main
 
@@ -460,15 +461,14 @@ def run_step(spec: dict) -> dict:
             from htcl.retrieval import AnnIndex
 
             faiss.omp_set_num_threads(1)  # as serving's Matcher: one core a replica
-            index = AnnIndex.load(Path(cfg.output_dir, "index", spec["version"]), spec["version"])
+            index = AnnIndex.load(Layout.of(cfg).index(spec["version"]), spec["version"])
             out["load_s"] = time.perf_counter() - t0
             ids = np.random.default_rng(SEED).integers(1, n + 1, spec["queries"])
             out.update(latencies(lambda s: index.similar(s, spec["k"]), ids))
         elif step in ("feast-sqlite", "feast-redis"):
             from feature_repo.store import open_store
-            from ray_jobs.materialize import feast_dir
 
-            store = open_store(feast_dir(cfg), spec["online_store"] if step == "feast-redis" else None)
+            store = open_store(Layout.of(cfg).feast, spec["online_store"] if step == "feast-redis" else None)
 
             def lookup(song_id: int):
                 rows = [{"song_id": song_id, "model_version": spec["version"]}]
@@ -771,7 +771,7 @@ def main(argv=None) -> int:
         cfg = size_config(root, bert, args.embed_dim)
         write_world(cfg, n, args.interactions)
         write_features(cfg, n)
-        checkpoint = write_checkpoint(cfg, root / "checkpoint" / "model.pt")
+        checkpoint = write_checkpoint(cfg, root / "checkpoint" / CHECKPOINT)
         from htcl.pipeline import model_version
 
         version = model_version(checkpoint)

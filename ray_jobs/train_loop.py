@@ -80,11 +80,11 @@ from htcl.config import (
     to_dict,
 )
 from htcl.files import write_atomically
+from htcl.layout import CHECKPOINT, Layout
 from htcl.pipeline import (
     batch_stream,
     check_training_inputs,
     init_model,
-    out_path,
     run_dir_name,
     stage_config,
     training_rows,
@@ -203,7 +203,7 @@ def _fresh_state(cfg: Config, stage: str, tcfg: TrainConfig, init_from: str | No
 def _resume_state(checkpoint, tcfg: TrainConfig, rank: int, device: torch.device) -> TrainState:
     """Model, optimizer, step and this rank's RNG from a Ray Train checkpoint (module docstring)."""
     with checkpoint.as_directory() as d:
-        state, _, _ = resume(Path(d) / "model.pt", tcfg, map_location=device)  # sets rank 0's RNG
+        state, _, _ = resume(Path(d) / CHECKPOINT, tcfg, map_location=device)  # sets rank 0's RNG
         if rank > 0:
             _restore_rank_rng(Path(d), rank, tcfg.seed, state.step)
     return state
@@ -350,7 +350,7 @@ def _report_checkpoint(state: TrainState, cfg: Config, stage: str, rank: int, la
 
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            save_checkpoint(Path(d) / "model.pt", state, cfg, stage)
+            save_checkpoint(Path(d) / CHECKPOINT, state, cfg, stage)
         else:
             torch.save(rng_state(), Path(d) / f"rng-rank{rank}.pt")
         metrics = {"step": state.step, **{k: v for k, v in last.items() if k.startswith(("loss", "top1", "val_"))}}
@@ -408,10 +408,10 @@ def fit(
 
     cfg = absolute_paths(cfg)
     tcfg = stage_config(cfg, stage)
-    run_dir = out_path(cfg, run_dir_name(cfg, stage))
+    run_dir = Layout.of(cfg).run(run_dir_name(cfg, stage))
     run_dir.mkdir(parents=True, exist_ok=True)
     if stage == "finetune":
-        init_from = Path(init_from or out_path(cfg, run_dir_name(cfg, "pretrain"), "model.pt")).expanduser().resolve()
+        init_from = Path(init_from or Layout.of(cfg).checkpoint(run_dir_name(cfg, "pretrain"))).expanduser().resolve()
         if not init_from.is_file():
             raise FileNotFoundError(
                 f"stage-1 checkpoint not found: {init_from} (run pretrain first or pass --init-from)"
@@ -424,7 +424,7 @@ def fit(
     # one pass here, not one per worker (workers still check every row they read).
     check_training_inputs(cfg, stage)
     run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage = out_path(cfg, "ray_train")
+    storage = Layout.of(cfg).ray_train
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -453,9 +453,9 @@ def fit(
     seconds = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: the run reported no checkpoint ({result.path})")
-    ckpt_path = run_dir / "model.pt"
+    ckpt_path = run_dir / CHECKPOINT
     with result.checkpoint.as_directory() as d:
-        write_atomically(ckpt_path, lambda tmp: shutil.copyfile(Path(d) / "model.pt", tmp))
+        write_atomically(ckpt_path, lambda tmp: shutil.copyfile(Path(d) / CHECKPOINT, tmp))
     save_config(cfg, run_dir / "config.yaml")
     from htcl.plots import plot_training_curves
 

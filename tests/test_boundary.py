@@ -277,3 +277,18 @@ def test_the_layout_check_finds_a_path_spelled_by_hand():
         assert layout_literals(spelled), spelled
     for fine in ('", ".join(["mels"])', 'out["embeddings"]', 'index_dir / "index.json"', 'print("mels")'):
         assert not layout_literals(fine), fine
+
+
+def test_only_htcl_layout_spells_the_output_tree():
+    """Every reader and writer of the output tree takes its paths from htcl.layout.Layout: none of
+    the names it owns appears as a literal part of a path anywhere else (the tests spell the tree
+    on their own, as its specification)."""
+    offenders = [
+        f"{p.relative_to(REPO)}:{line}: {text!r}"
+        for d in SOURCE_DIRS
+        if (REPO / d).is_dir()
+        for p in sorted((REPO / d).rglob("*.py"))
+        if str(p.relative_to(REPO)) != LAYOUT_MODULE
+        for line, text in layout_literals(p.read_text(), str(p))
+    ]
+    assert offenders == []
