@@ -691,15 +691,20 @@ def model_version(checkpoint: str | Path) -> str:
 
 
 @torch.no_grad()
-def embed_mels(model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64) -> np.ndarray:
-    """(n, D) float32 L2-normalized audio embeddings, in input order."""
+def embed_mels(
+    model: HTCLModel, mels: list[np.ndarray], batch_size: int = 64, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """(n, D) float32 L2-normalized audio embeddings, in input order: the one embedding path
+    (local embed, the Ray embed job, serving). mels: (M, F_i) each, or a backbone's cached (C, P_i)
+    features; padded batch_size at a time. device: where the model is."""
     from htcl.batching import mel_batch
 
     model.eval()
     out = []
     for i in range(0, len(mels), batch_size):
-        mel, mask = mel_batch(mels[i : i + batch_size])
-        out.append(model.encode_audio(torch.as_tensor(mel), torch.as_tensor(mask)).float().numpy())
+        mel, mask = mel_batch(mels[i : i + batch_size])  # (B, M, F), (B, F)
+        emb = model.encode_audio(torch.as_tensor(mel, device=device), torch.as_tensor(mask, device=device))
+        out.append(emb.float().cpu().numpy())  # (B, D)
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
 
 

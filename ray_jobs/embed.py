@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -78,10 +77,8 @@ class EmbedUDF:
         self.node = current_node_id()
 
     def __call__(self, batch: dict) -> pa.Table:
-        import torch
-
-        from htcl.batching import mel_batch
         from htcl.mels import mel_from_bytes
+        from htcl.pipeline import embed_mels
         from htcl.towers import FEATURE, SHAPE, feature_from_row
 
         ids = [int(i) for i in batch[S.SONG_ID]]
@@ -89,12 +86,8 @@ class EmbedUDF:
             mels = [feature_from_row(shape, b) for shape, b in zip(batch[SHAPE], batch[FEATURE])]
         else:
             mels = [mel_from_bytes(b, self.n_mels, int(n)) for b, n in zip(batch[S.MEL], batch[S.N_FRAMES])]
-        mel, mask = mel_batch(mels)  # (B, M, F), (B, F)
-        with torch.no_grad():
-            emb = self.model.encode_audio(
-                torch.as_tensor(mel, device=self.device), torch.as_tensor(mask, device=self.device)
-            )
-        emb = emb.float().cpu().numpy().astype(np.float32)  # (B, D)
+        # the whole Ray batch in one forward pass, padded to its longest input
+        emb = embed_mels(self.model, mels, batch_size=max(1, len(mels)), device=self.device)  # (B, D) float32
         return pa.table(
             {
                 S.SONG_ID: pa.array(ids, pa.int64()),
