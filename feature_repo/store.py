@@ -10,7 +10,7 @@ a redis:// URL, else what feature_store.yaml says (SQLite). The offline sources 
 folder; relative paths in feature_store.yaml (registry, SQLite file) are resolved against the
 online store's own state folder, `state_dir(data_dir, online_store)`.
 
-Every file of a store is replaced whole (`write_atomically`: a unique temporary name, then a
+Every file of a store is replaced whole (`htcl.files.write_atomically`: a unique temporary name, then a
 rename), the local registry included (`AtomicFileRegistryStore`), so a reader or an interrupted
 writer never meets a torn file; `publish_lock` makes publishes into one data folder take turns.
 """
@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -31,13 +31,12 @@ from feast import FeatureStore
 from feast.infra.registry.file import FileRegistryStore
 from feast.repo_config import RepoConfig
 
+from htcl.files import PARTIAL_SUFFIX, write_atomically
+
 REPO_DIR = Path(__file__).resolve().parent
 ONLINE_STORE_ENV = "HTCL_ONLINE_STORE"
 ONLINE_STATES = "online"  # <data_dir>/online/<store>/: one state folder per online store
 PUBLISH_LOCK = ".publish.lock"
-# A file being written is "<name>.<unique>.partial" until it is renamed to <name>; one left behind
-# (its writer was killed) is never read, and the next publish deletes it.
-PARTIAL_SUFFIX = ".partial"
 
 
 class StoreConfigError(ValueError):
@@ -62,22 +61,9 @@ def redis_online_store(url: str) -> dict:
     return {"type": "redis", "connection_string": ",".join(parts)}
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a name no other writer uses, flushed to disk, then renamed over `path`:
-    readers see the old file or the new one, never a mix, whoever else is writing."""
-    # hidden ("."): a reader of a source folder (Feast's dask, pyarrow datasets) skips it
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-    try:
-        write(tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def remove_partial_files(folder: Path) -> list[str]:
-    """Delete what killed writers left in `folder`; only safe under `publish_lock`."""
+    """Delete what killed writers left in `folder` (write_atomically's hidden *.partial files: never
+    read, but not removed by the writer that died); only safe under `publish_lock`."""
     left = sorted(folder.glob(f"*{PARTIAL_SUFFIX}"))
     for path in left:
         path.unlink(missing_ok=True)
@@ -120,7 +106,8 @@ class AtomicFileRegistryStore(FileRegistryStore):
         registry_proto.version_id = str(uuid.uuid4())
         registry_proto.last_updated.FromDatetime(_utc_now())
         self._filepath.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self._filepath, lambda tmp: tmp.write_bytes(registry_proto.SerializeToString()))
+        data = registry_proto.SerializeToString()
+        write_atomically(self._filepath, lambda tmp: tmp.write_bytes(data), fsync=True)
 
 
 ATOMIC_REGISTRY_STORE = f"{AtomicFileRegistryStore.__module__}.{AtomicFileRegistryStore.__name__}"
@@ -162,7 +149,8 @@ def read_current_version(data_dir: str | Path, online_store: str | None = None) 
 def write_current_version(data_dir: str | Path, online_store: str | None, version: str) -> None:
     """Name `version` current for this online store, by rename: a reader sees the old or the new
     name, never a torn one. The one writer of the pointer (publishes, and serving's synthetic world)."""
-    write_atomically(state_dir(data_dir, online_store) / CURRENT_VERSION, lambda tmp: tmp.write_text(version + "\n"))
+    pointer = state_dir(data_dir, online_store) / CURRENT_VERSION
+    write_atomically(pointer, lambda tmp: tmp.write_text(version + "\n"), fsync=True)
 
 
 def state_dirs(data_dir: str | Path) -> list[Path]:
