@@ -44,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from htcl.files import write_atomically  # noqa: E402
 from htcl.layout import Layout  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -220,12 +221,8 @@ def write_embedding_table(path: Path, ids, vectors: np.ndarray) -> Path:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame({"song_id": np.asarray(ids, np.int64), "embedding": list(np.asarray(vectors, np.float32))}).to_parquet(
-        tmp
-    )
-    os.replace(tmp, path)
-    return path
+    frame = pd.DataFrame({"song_id": np.asarray(ids, np.int64), "embedding": list(np.asarray(vectors, np.float32))})
+    return write_atomically(path, frame.to_parquet)
 
 
 def taste_oracle_table(world: Path, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))   # readers never see half a file
     sha256_file(path)                                                 # hex digest of the bytes
+    sha256_stream(stream)                                             # the same, of a remote file's stream
 
 No model code and no third-party imports: the Feast repo (feature_repo) uses it as well.
 """
@@ -12,7 +13,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 # A file being written is ".<name>.<pid>-<random>.partial" in the target's folder until it is
 # renamed to <name>. Hidden, so a listing of a data folder (pyarrow datasets, Feast's dask) skips
@@ -41,8 +42,14 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any], *, fsync: b
 def sha256_file(path: str | Path, h=None) -> str:
     """Hex sha256 of a file's bytes, read 1 MiB at a time; with `h` (a hashlib object), the file's
     bytes are added to it and its digest so far is returned (a hash over several files)."""
-    h = h or hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return sha256_stream(f, h)
+
+
+def sha256_stream(stream: BinaryIO, h=None) -> str:
+    """sha256_file of what a binary stream holds from where it stands (an open file, a pyarrow.fs
+    input stream), read 1 MiB at a time."""
+    h = h or hashlib.sha256()
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()

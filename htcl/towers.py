@@ -37,7 +37,7 @@ import torch
 
 from htcl import schema as S
 from htcl.config import AudioConfig, Config, ModelConfig
-from htcl.files import sha256_file, write_atomically
+from htcl.files import sha256_file, sha256_stream, write_atomically
 from htcl.layout import Layout
 from htcl.mels import SHARD_ROW_GROUP_ROWS
 
@@ -73,11 +73,8 @@ def audio_file_hash(path: str) -> str:
         from pyarrow import fs as pafs
 
         filesystem, inner = pafs.FileSystem.from_uri(path)
-        h = hashlib.sha256()
         with filesystem.open_input_stream(inner) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+            return sha256_stream(f)
     return sha256_file(path[len("file://") :] if path.startswith("file://") else path)
 
 
