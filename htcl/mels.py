@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,43 +223,53 @@ def catalog_chunks(path: str | Path, columns: list[str]) -> Iterator[pd.DataFram
         raise
 
 
-def catalog_artists(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every catalog song's id and artist, as read_catalog gives them ("" for a missing artist),
-    compactly: (ids (n,) int64 in file order, codes (n,) int32, names) with names[codes[i]] the
-    artist of song ids[i]. A Parquet catalog with an integer song_id and a string artist column is
-    read with Arrow a chunk at a time (only the distinct artist names become Python strings: tens
-    of bytes a song at most, where a DataFrame holds ~100); any other goes through catalog_chunks.
-    Refused as read_catalog refuses it."""
+def catalog_ids_by_artist(path: str | Path, choose: Callable[[list[str]], set[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every catalog song's id and whether its artist is one of choose(every distinct artist), as
+    read_catalog gives them ("" for a missing artist): (ids (n,) int64 in file order, chosen (n,)
+    bool). A Parquet catalog with an integer song_id and a string artist column is read with Arrow
+    in two passes of a chunk at a time (the distinct names, then a vectorised membership test):
+    only the distinct names become Python strings, and 9 bytes a song are kept. Any other catalog
+    goes through catalog_chunks. Refused as read_catalog refuses it."""
     path = Path(path).absolute()
-    names: dict[str, int] = {}
-    ids, codes = [], []
     try:
         shard = pq.ParquetFile(path) if path.suffix != ".csv" else None
     except (OSError, ValueError):
         shard = None  # not Parquet: catalog_chunks refuses it as read_catalog does
     fields = {f.name: f.type for f in shard.schema_arrow} if shard is not None else {}
-    arrow = (
-        pa.types.is_integer(fields.get(S.SONG_ID, pa.null()))
-        and fields[S.SONG_ID] != pa.uint64()
-        and any(check(fields.get(S.ARTIST, pa.int8())) for check in (pa.types.is_string, pa.types.is_large_string))
-    )
-    if arrow:
-        for batch in shard.iter_batches(CATALOG_CHUNK_ROWS, columns=[S.SONG_ID, S.ARTIST]):
-            if batch.column(0).null_count:
-                read_catalog(path)  # raises, naming the rows without an id
-            artist = pc.fill_null(batch.column(1), "").dictionary_encode()
-            to_code = np.array([names.setdefault(a, len(names)) for a in artist.dictionary.to_pylist()], np.int32)
-            ids.append(batch.column(0).to_numpy().astype(np.int64))
-            codes.append(to_code[artist.indices.to_numpy()] if len(to_code) else np.zeros(0, np.int32))
-    else:
+    id_type, artist_type = fields.get(S.SONG_ID, pa.null()), fields.get(S.ARTIST, pa.null())
+    if not (
+        pa.types.is_integer(id_type)
+        and id_type != pa.uint64()
+        and (pa.types.is_string(artist_type) or pa.types.is_large_string(artist_type))
+    ):
+        names: set[str] = set()
+        for chunk in catalog_chunks(path, [S.SONG_ID, S.ARTIST]):
+            names.update(chunk[S.ARTIST].unique().tolist())
+        chosen = choose(sorted(names))
+        ids, marks = [], []
         for chunk in catalog_chunks(path, [S.SONG_ID, S.ARTIST]):
             ids.append(chunk[S.SONG_ID].to_numpy())
-            codes.append(np.array([names.setdefault(a, len(names)) for a in chunk[S.ARTIST].tolist()], np.int32))
+            marks.append(chunk[S.ARTIST].isin(chosen).to_numpy())
+        return np.concatenate(ids), np.concatenate(marks)
+
+    def chunks(columns: list[str]):  # one thread: Arrow's per-thread buffers cost more than they save here
+        return shard.iter_batches(CATALOG_CHUNK_ROWS, columns=columns, use_threads=False)
+
+    names = set()
+    for batch in chunks([S.ARTIST]):
+        names.update("" if a is None else a for a in pc.unique(batch.column(0)).to_pylist())
+    chosen = pa.array(sorted(choose(sorted(names))), pa.string())
+    ids, marks = [], []
+    for batch in chunks([S.SONG_ID, S.ARTIST]):
+        if batch.column(0).null_count:
+            read_catalog(path)  # raises, naming the rows without an id
+        ids.append(batch.column(0).to_numpy().astype(np.int64))
+        marks.append(pc.is_in(pc.fill_null(batch.column(1), ""), value_set=chosen).to_numpy(zero_copy_only=False))
     ids_all = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if arrow and len(np.unique(ids_all)) != len(ids_all):
+    if len(np.unique(ids_all)) != len(ids_all):
         read_catalog(path)  # raises, naming the repeated song_id's rows
     pa.default_memory_pool().release_unused()  # the columns' read buffers (streaming.release_arrow_memory)
-    return ids_all, np.concatenate(codes) if codes else np.zeros(0, np.int32), list(names)
+    return ids_all, np.concatenate(marks) if marks else np.zeros(0, bool)
 
 
 def read_catalog_or_refuse(path: str | Path, command: str) -> pd.DataFrame | None:

@@ -29,8 +29,8 @@ from htcl.mels import (
     MEL_COLUMNS,
     SHARD_ROW_GROUP_ROWS,
     MelExtractor,
-    catalog_artists,
     catalog_chunks,
+    catalog_ids_by_artist,
     mel_shards,
     mels_from_table,
     read_catalog,
@@ -254,16 +254,15 @@ class CatalogKeys:
 
 
 def catalog_keys(cfg: Config, *, text_hashes: bool = False) -> CatalogKeys:
-    """The catalog's song ids and held-out mask (mels.catalog_artists: a training worker holds 5
-    bytes a song, not the catalog's columns) and, with text_hashes, its texts' hash prefixes
+    """The catalog's song ids and held-out mask (mels.catalog_ids_by_artist: a training worker
+    holds 9 bytes a song, not the catalog's columns) and, with text_hashes, its texts' hash prefixes
     (every song's text built and hashed a chunk of rows at a time: mels.catalog_chunks)."""
     from htcl.towers import hash_prefix, text_hash
 
     path = catalog_path(cfg)
-    ids, codes, names = catalog_artists(path)
-    held_names = heldout_artists(names, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
-    held = np.isin(codes, [i for i, a in enumerate(names) if a in held_names])
-    del codes
+    ids, held = catalog_ids_by_artist(
+        path, lambda names: heldout_artists(names, cfg.eval.retrieval_holdout_artists, cfg.eval.seed)
+    )
     hashes = None
     if text_hashes:  # in the catalog's row order, as ids
         hashes = np.concatenate(

@@ -391,10 +391,11 @@ def test_training_rows_do_not_depend_on_how_the_catalog_is_chunked(world, kind, 
     assert len(whole["pretrain"].validation) > 0  # the held-out artists' songs
 
 
-def test_catalog_artists_read_as_read_catalog_and_refuse_what_it_refuses(tmp_path, monkeypatch):
-    """What a training worker reads of the catalog (mels.catalog_artists): each song's id and
-    artist as read_catalog gives them, through Arrow (Parquet, string artists) or the chunked
-    DataFrame path (CSV, a numeric artist column), and read_catalog's refusals."""
+def test_catalog_ids_by_artist_read_as_read_catalog_and_refuse_what_it_refuses(tmp_path, monkeypatch):
+    """What a training worker reads of the catalog (mels.catalog_ids_by_artist): each song's id and
+    whether its artist is chosen, from the artists as read_catalog gives them, through Arrow
+    (Parquet, string artists) or the chunked DataFrame path (CSV, a numeric artist column), and
+    read_catalog's refusals."""
     from htcl import mels as mels_module
 
     monkeypatch.setattr(mels_module, "CATALOG_CHUNK_ROWS", 7)
@@ -402,23 +403,30 @@ def test_catalog_artists_read_as_read_catalog_and_refuse_what_it_refuses(tmp_pat
     catalog = pd.read_parquet(root / "catalog.parquet")
     catalog.loc[[4, 30], S.ARTIST] = None  # missing artists read as ""
     variants = {"catalog.parquet": catalog, "catalog.csv": catalog}
-    numeric = catalog.assign(**{S.ARTIST: catalog[S.SONG_ID] % 5})
-    variants["numeric.parquet"] = numeric
+    variants["numeric.parquet"] = catalog.assign(**{S.ARTIST: catalog[S.SONG_ID] % 5})
     for name, frame in variants.items():
         path = root / name
         frame.to_csv(path, index=False) if name.endswith(".csv") else frame.to_parquet(path)
-        ids, codes, names = mels_module.catalog_artists(path)
         want = read_catalog(path)
+        seen = []
+
+        def choose(names):
+            seen.append(names)
+            return {names[0], names[-1]}
+
+        ids, chosen = mels_module.catalog_ids_by_artist(path, choose)
+        assert seen == [sorted(set(want[S.ARTIST]))], name  # asked once, with every distinct artist
         np.testing.assert_array_equal(ids, want[S.SONG_ID].to_numpy())
-        assert [names[c] for c in codes] == want[S.ARTIST].tolist(), name
-    _, codes, names = mels_module.catalog_artists(root / "catalog.parquet")
-    assert [names[c] for c in codes[[4, 30]]] == ["", ""]
+        np.testing.assert_array_equal(chosen, want[S.ARTIST].isin({seen[0][0], seen[0][-1]}).to_numpy())
+        assert chosen.any() and not chosen.all()
+    ids, chosen = mels_module.catalog_ids_by_artist(root / "catalog.parquet", lambda names: {""})
+    assert np.flatnonzero(chosen).tolist() == [4, 30]
     catalog.loc[40, S.SONG_ID] = 2
     catalog.to_parquet(root / "catalog.parquet")
     with pytest.raises(mels_module.CatalogError, match=r"song_id 2 appears more than once \(data rows 3, 41"):
-        mels_module.catalog_artists(root / "catalog.parquet")
+        mels_module.catalog_ids_by_artist(root / "catalog.parquet", set)
     catalog[S.SONG_ID] = catalog[S.SONG_ID].astype("Int64")
     catalog.loc[40, S.SONG_ID] = None
     catalog.to_parquet(root / "catalog.parquet")
     with pytest.raises(mels_module.CatalogError, match=r"data row 41"):
-        mels_module.catalog_artists(root / "catalog.parquet")
+        mels_module.catalog_ids_by_artist(root / "catalog.parquet", set)
