@@ -680,13 +680,12 @@ def run_train(cfg: Config, stage: str, init_from: str | Path | None = None) -> P
 
 def model_version(checkpoint: str | Path) -> str:
     """'<stage>-<step>-<sha256 of the checkpoint file, 10 hex>': changes whenever weights or config do."""
+    from htcl.files import sha256_file
+
     checkpoint = Path(checkpoint)
-    h = hashlib.sha256()
-    with checkpoint.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    digest = sha256_file(checkpoint)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return f"{ckpt['stage']}-{ckpt['step']}-{h.hexdigest()[:10]}"
+    return f"{ckpt['stage']}-{ckpt['step']}-{digest[:10]}"
 
 
 @torch.no_grad()
