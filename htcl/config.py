@@ -88,10 +88,8 @@ class TrainConfig:
     w_af: float = 1.0
     w_at: float = 1.0
     # stage 2: logit scale of the preference losses L_aa and L_af. 0 = the model's learnable
-    # scale shared with L_at (one temperature, as the paper states it). > 0 = this fixed scale:
-    # favor pairs are noisy positives, and at stage 1's sharp scale (~14) the stage-1 geometry
-    # scores L_aa ~8.7 against log(B) = 3.5 for a collapsed space, so the shared scale drives the
-    # audio space to collapse first (measured on the demo world: README, "Evaluation").
+    # scale shared with L_at (one temperature, as the paper states it); > 0 = this fixed scale.
+    # Why a separate one: the README's Evaluation, "Why stage 2 uses its own temperature here".
     pref_logit_scale: float = 0.0
     variant: str = "favor"  # stage 2: "favor" triplets | "cf" co-occurrence pairs (HTCL_w_CF)
     # validation every log_every steps on at most this many held-out rows (the songs of
