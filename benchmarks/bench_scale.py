@@ -14,13 +14,14 @@ scaling does not depend on the weights.
 Each step runs in a fresh child process (peak RSS only grows, so every figure needs its own
 process), in this order, per size:
 
-  train-check   the driver's checks before Ray Train starts (htcl.pipeline.check_training_inputs,
-                as ray_jobs/train_loop runs them): one NaN/inf pass over the audio shards, and the
-                cached text features' hashes against the catalog's texts
-  train-read    one Ray Train worker's data side: training_rows(check_inputs=False) + its
-                tokenizer, then --train-steps batches of rank 0 of 2 at global batch 32 through
-                batch_stream (the per-rank streaming reader); rows/s = the streamed rows a second
-                after the first batch
+  train-check   the driver's work before Ray Train starts, as ray_jobs/train_loop.fit does it:
+                htcl.pipeline.check_training_inputs (one NaN/inf pass over the audio shards, the
+                cached text features' hashes against the catalog's texts), then the rows planned
+                and saved (training_rows(...).split().save: the TrainingSplit workers load)
+  train-read    one Ray Train worker's data side: training_rows(check_inputs=False, split=the
+                driver's TrainingSplit) + its tokenizer, then --train-steps batches of rank 0 of 2
+                at global batch 32 through batch_stream (the per-rank streaming reader); rows/s =
+                the streamed rows a second after the first batch
   embed         ray_jobs.embed.main, as `python -m ray_jobs.embed` runs (a local Ray instance,
                 Ray Data actor pool, then the version's HNSW index); whatever the job does,
                 incremental or not
@@ -389,6 +390,13 @@ def job_summary(main, argv: list[str], name: str) -> dict:
     return json.loads(text[start : text.rfind("\n}") + 2])
 
 
+def split_file(cfg) -> Path:
+    """Where train-check leaves the driver's TrainingSplit for train-read, as fit() does."""
+    from htcl.layout import Layout, run_name
+
+    return Layout.of(cfg).training_split(run_name("pretrain", audio_backbone=cfg.model.audio_backbone))
+
+
 def run_step(spec: dict) -> dict:
     """One step in this (fresh) process: {seconds, rows_per_s?, ...}."""
     import importlib
@@ -406,14 +414,16 @@ def run_step(spec: dict) -> dict:
         if step == "imports":
             pass
         elif step == "train-check":
-            from htcl.pipeline import check_training_inputs
+            from htcl.pipeline import check_training_inputs, training_rows
 
             check_training_inputs(cfg, "pretrain")
+            training_rows(cfg, "pretrain", verbose=False, check_inputs=False).split().save(split_file(cfg))
         elif step == "train-read":
-            from htcl.pipeline import batch_stream, training_rows
+            from htcl.pipeline import TrainingSplit, batch_stream, training_rows
             from htcl.text import SongTokenizer
 
-            rows = training_rows(cfg, "pretrain", verbose=False, check_inputs=False)
+            split = TrainingSplit.load(split_file(cfg))
+            rows = training_rows(cfg, "pretrain", verbose=False, check_inputs=False, split=split)
             tokenizer = SongTokenizer(cfg.model)
             stream = batch_stream(rows, tokenizer, TRAIN_BATCH, SEED, rank=0, world=TRAIN_WORLD)
             next(stream)  # the first batch waits for the first reads; the rate is the steady state's

@@ -6,7 +6,8 @@
       features/<tower>-<hash>/           a locked tower's cached features            htcl.towers
       features/real_audio/<tower>-<hash>/  the same for eval.real_audio's recordings
       pretrain/, finetune/, finetune_cf/ a training run: model.pt, config.yaml, metrics.jsonl,
-                                         training_curves.png (+ _<backbone> for a backbone family)
+                                         training_curves.png (+ _<backbone> for a backbone family);
+                                         a Ray run's training_split.npz
       ray_train/<run name>/              Ray Train's checkpoints of a Ray job's run
       embeddings/<version>/part-*.parquet  song embeddings of one model version       embed
       index/<version>/                   the ANN index of embeddings/<version>/
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINT = "model.pt"  # a training run's checkpoint file (also inside Ray Train's checkpoints)
+TRAINING_SPLIT = "training_split.npz"  # a Ray run's rows, planned by its driver (pipeline.TrainingSplit)
 
 # What each Layout member is called under the root (the names tests/test_boundary.py guards).
 MELS = "mels"
@@ -89,6 +91,9 @@ class Layout:
 
     def checkpoint(self, name: str) -> Path:
         return self.run(name) / CHECKPOINT
+
+    def training_split(self, name: str) -> Path:
+        return self.run(name) / TRAINING_SPLIT
 
     @property
     def ray_train(self) -> Path:

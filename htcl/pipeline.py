@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from htcl import schema as S
 from htcl.batching import epoch_order, stage1_batch, stage2_batch
 from htcl.config import Config, ModelConfig, save_config
+from htcl.files import write_atomically
 from htcl.layout import CHECKPOINT, Layout, run_name
 from htcl.mels import (
     MEL_COLUMNS,
@@ -205,6 +206,17 @@ class TrainingRows:
         """The songs whose audio the rows at positions idx need (stage 2: triggers and recs)."""
         return self.trigger[idx] if self.rec is None else np.concatenate([self.trigger[idx], self.rec[idx]])
 
+    def split(self) -> TrainingSplit:
+        """The row ids of these rows and their validation rows (TrainingSplit: what a worker loads)."""
+        val = self.validation
+        empty = np.zeros(0, np.int64)
+        return TrainingSplit(
+            self.trigger,
+            self.rec,
+            val.trigger if val is not None else empty,
+            (val.rec if val is not None else empty) if self.rec is not None else None,
+        )
+
     def text_song_ids(self, idx: np.ndarray) -> np.ndarray:
         """The songs whose text the rows at positions idx need (stage 1: the songs; stage 2: recs)."""
         return self.trigger[idx] if self.rec is None else self.rec[idx]
@@ -328,13 +340,44 @@ def check_training_inputs(cfg: Config, stage: str) -> None:
         require_current_features(text_feature_dir(cfg), keys.ids, keys.text_hash)
 
 
-def training_rows(cfg: Config, stage: str, verbose: bool = True, check_inputs: bool = True) -> TrainingRows:
+@dataclass(frozen=True)
+class TrainingSplit:
+    """A stage's rows without their inputs: the song ids (or pair ids) of its training and
+    validation rows, in order. What the Ray job's driver computes once and every worker loads
+    (TrainingRows.split, training_rows(split=...)), so no worker reads the catalog or the
+    interaction log: a worker's memory is its readers' index and these arrays (8-16 bytes a row)."""
+
+    trigger: np.ndarray  # (n,) int64
+    rec: np.ndarray | None  # (n,) int64, stage 2
+    validation_trigger: np.ndarray
+    validation_rec: np.ndarray | None
+
+    def save(self, path: str | Path) -> Path:
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(path), lambda tmp: _save_npz(tmp, arrays))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainingSplit":
+        with np.load(path) as f:
+            return cls(**{k.name: (f[k.name] if k.name in f.files else None) for k in fields(cls)})
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add .npz to a temp name
+        np.savez(f, **arrays)
+
+
+def training_rows(
+    cfg: Config, stage: str, verbose: bool = True, check_inputs: bool = True, split: TrainingSplit | None = None
+) -> TrainingRows:
     """The stage's rows (songs, favor triplets or co-occurrence pairs) and readers of their inputs:
     the audio inputs (audio_reader) and, with a locked text tower, the cached text features
     (text_feature_reader) or, with a trainable one, the song texts (song_text_reader), each
     holding its shards' index only (batches read their rows). Of the catalog only its song ids and
-    held-out mask are kept (catalog_keys), so memory grows by tens of bytes a song, not by the
-    catalog's size.
+    held-out mask are read (catalog_keys); with `split` (a driver's TrainingSplit) not even those,
+    nor the interaction log: memory grows by the readers' index, tens of bytes a song.
 
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
@@ -345,47 +388,54 @@ def training_rows(cfg: Config, stage: str, verbose: bool = True, check_inputs: b
     locked_text = not cfg.model.text_trainable
     if check_inputs:
         check_training_inputs(cfg, stage)
-    keys = catalog_keys(cfg)
     mels = audio_reader(cfg, tcfg.reader_cache_rows)
     texts = None if locked_text else song_text_reader(cfg, tcfg.reader_cache_rows)
-    text_features = None
-    usable = np.intersect1d(keys.ids, mels.ids)  # songs with both an audio input and a text
-    if locked_text:
-        text_features = text_feature_reader(cfg, tcfg.reader_cache_rows)
-        usable = np.intersect1d(usable, text_features.ids)  # a song not yet in the cache is left out
+    text_features = text_feature_reader(cfg, tcfg.reader_cache_rows) if locked_text else None
+    if split is None:
+        split = plan_training_split(cfg, stage, mels.ids, text_features.ids if locked_text else None, verbose)
+
+    def rows(trigger: np.ndarray, rec: np.ndarray | None, validation: TrainingRows | None = None) -> TrainingRows:
+        return TrainingRows(stage, mels, texts, trigger, rec, text_features=text_features, validation=validation)
+
+    return rows(split.trigger, split.rec, rows(split.validation_trigger, split.validation_rec))
+
+
+def plan_training_split(
+    cfg: Config, stage: str, audio_ids: np.ndarray, text_feature_ids: np.ndarray | None, verbose: bool = True
+) -> TrainingSplit:
+    """training_rows's rows: the catalog's songs with an audio input (audio_ids) and, with a locked
+    text tower, a cached text feature (text_feature_ids); stage 2 the pairs of the training
+    period between such songs. Validation: those touching a held-out artist, in an eval.seed
+    order."""
+    keys = catalog_keys(cfg)
+    usable = np.intersect1d(keys.ids, audio_ids)  # songs with both an audio input and a text
+    if text_feature_ids is not None:
+        usable = np.intersect1d(usable, text_feature_ids)  # a song not yet in the cache is left out
     held = keys.ids[keys.held]
+    del keys
     if stage == "pretrain":
         is_val = np.isin(usable, held)
         val = usable[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]
         if verbose and len(val):
             print(f"pretrain: {len(usable) - len(val)} training songs, {len(val)} held out (validation)")
-        return TrainingRows(
-            stage,
-            mels,
-            texts,
-            usable[~is_val],
-            text_features=text_features,
-            validation=TrainingRows(stage, mels, texts, val, text_features=text_features),
-        )
+        return TrainingSplit(usable[~is_val], None, val, None)
+    tcfg = stage_config(cfg, stage)
     world = Path(cfg.data.root)
     interactions = pd.read_parquet(world / "interactions.parquet")
     sessions = pd.read_parquet(world / "sessions.parquet") if tcfg.variant == "cf" else None
     # Stage 2 sees only the training period: the held-out later days are what evaluation scores.
     cut = split_time(interactions[S.EVENT_TIMESTAMP], cfg.eval.holdout_fraction)
     pairs = before(stage2_pairs(tcfg.variant, interactions, sessions), cut)
-    keep = pairs[S.TRIGGER_SONG_ID].isin(mels.ids) & pairs[S.REC_SONG_ID].isin(usable)
+    keep = pairs[S.TRIGGER_SONG_ID].isin(audio_ids) & pairs[S.REC_SONG_ID].isin(usable)
     trig, rec = pairs.loc[keep, S.TRIGGER_SONG_ID].to_numpy(), pairs.loc[keep, S.REC_SONG_ID].to_numpy()
     is_val = np.isin(trig, held) | np.isin(rec, held)
     order = _seeded_order(int(is_val.sum()), cfg.eval.seed)
-    validation = TrainingRows(stage, mels, texts, trig[is_val][order], rec[is_val][order], text_features=text_features)
     if verbose:
         print(
             f"finetune ({tcfg.variant}): {int((~is_val).sum())} pairs before {cut:%Y-%m-%d} with mels for both "
             f"songs, {int(is_val.sum())} more touching a held-out artist (validation)"
         )
-    return TrainingRows(
-        stage, mels, texts, trig[~is_val], rec[~is_val], text_features=text_features, validation=validation
-    )
+    return TrainingSplit(trig[~is_val], rec[~is_val], trig[is_val][order], rec[is_val][order])
 
 
 def audio_inputs(cfg: Config, model_cfg=None, audio_cfg=None) -> dict[int, np.ndarray]:

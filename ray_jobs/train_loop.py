@@ -82,6 +82,7 @@ from htcl.config import (
 from htcl.files import write_atomically
 from htcl.layout import CHECKPOINT, Layout
 from htcl.pipeline import (
+    TrainingSplit,
     batch_stream,
     check_training_inputs,
     init_model,
@@ -158,7 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _move_to(state, device)
     worker = WorkerContext(rank, world, state.step, run_dir)
     _train_worker(
-        cfg, stage, tcfg, state, worker, device, config.get("batch_wrapper"), config.get("batch_wrapper_args")
+        cfg,
+        stage,
+        tcfg,
+        state,
+        worker,
+        device,
+        config.get("batch_wrapper"),
+        config.get("batch_wrapper_args"),
+        Path(config["split"]),
     )
 
 
@@ -300,11 +309,13 @@ def _train_worker(
     device: torch.device,
     batch_wrapper: str | None,
     batch_wrapper_args: dict | None,
+    split_path: Path,
 ) -> None:
     """htcl.training.train from state.step on this rank's slice of each global batch; rank 0 logs
     and keeps the best model; every rank reports at each checkpoint (module docstring)."""
     rank, run_dir = worker.rank, worker.run_dir
-    rows = training_rows(cfg, stage, verbose=rank == 0, check_inputs=False)  # fit() checked; reads check too
+    # fit() checked the inputs (reads check every row again) and planned the rows
+    rows = training_rows(cfg, stage, verbose=False, check_inputs=False, split=TrainingSplit.load(split_path))
     tokenizer = SongTokenizer(cfg.model)
     batches = batch_stream(
         rows, tokenizer, tcfg.batch_size, tcfg.seed, start_step=state.step, rank=rank, world=worker.world_size
@@ -423,6 +434,8 @@ def fit(
     # A NaN/inf input or a stale text feature refused before any worker starts, naming the song:
     # one pass here, not one per worker (workers still check every row they read).
     check_training_inputs(cfg, stage)
+    # The rows are planned here once: workers load them and never read the catalog or the log.
+    split_path = training_rows(cfg, stage, check_inputs=False).split().save(Layout.of(cfg).training_split(run_dir.name))
     run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = Layout.of(cfg).ray_train
     trainer = TorchTrainer(
@@ -431,6 +444,7 @@ def fit(
             "cfg": to_dict(cfg),
             "stage": stage,
             "run_dir": str(run_dir),
+            "split": str(split_path),
             "init_from": str(init_from) if init_from else None,
             "batch_wrapper": batch_wrapper,
             "batch_wrapper_args": batch_wrapper_args,

@@ -25,6 +25,7 @@ from htcl import pipeline
 from htcl import schema as S
 from htcl.config import config_from_dict
 from htcl.mels import mel_to_bytes, read_catalog, read_mels, write_table
+from htcl.pipeline import TrainingSplit
 from htcl.streaming import ShardReader, read_ahead
 from htcl.text import SongTokenizer
 from htcl.towers import (
@@ -430,3 +431,25 @@ def test_catalog_ids_by_artist_read_as_read_catalog_and_refuse_what_it_refuses(t
     catalog.to_parquet(root / "catalog.parquet")
     with pytest.raises(mels_module.CatalogError, match=r"data row 41"):
         mels_module.catalog_ids_by_artist(root / "catalog.parquet", set)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_workers_rows_from_the_drivers_split_equal_its_own_without_the_catalog(world, tmp_path, stage, monkeypatch):
+    """The Ray job's driver plans the rows once (TrainingRows.split, saved); a worker given the
+    split reads neither the catalog nor the interaction log, and gets the same rows."""
+    cfg = world["locked_text"]
+    own = pipeline.training_rows(cfg, stage, verbose=False)
+    path = own.split().save(tmp_path / "split.npz")
+
+    def no_catalog(*args, **kwargs):
+        raise AssertionError("a worker given a split read the catalog or the log")
+
+    monkeypatch.setattr(pipeline, "catalog_keys", no_catalog)
+    monkeypatch.setattr(pipeline.pd, "read_parquet", no_catalog)
+    got = pipeline.training_rows(cfg, stage, verbose=False, check_inputs=False, split=TrainingSplit.load(path))
+    for rows, ref in ((got, own), (got.validation, own.validation)):
+        np.testing.assert_array_equal(rows.trigger, ref.trigger)
+        assert (rows.rec is None) == (stage == "pretrain")
+        if ref.rec is not None:
+            np.testing.assert_array_equal(rows.rec, ref.rec)
+    assert len(got) and len(got.validation)
