@@ -53,10 +53,6 @@ from htcl.training import (
 )
 
 
-def out_path(cfg: Config, *parts: str) -> Path:
-    return Path(cfg.output_dir, *parts)
-
-
 def catalog_path(cfg: Config) -> Path:
     return Path(cfg.data.root) / "catalog.parquet"
 

@@ -24,6 +24,7 @@ from conftest import T0, TINY_MODEL
 from htcl import pipeline
 from htcl import schema as S
 from htcl.config import config_from_dict
+from htcl.layout import Layout
 from htcl.mels import mel_to_bytes, read_catalog, read_mels, write_table
 from htcl.pipeline import TrainingSplit
 from htcl.streaming import ShardReader, read_ahead
@@ -92,10 +93,10 @@ def write_inputs(cfg, inputs: dict[int, np.ndarray]):
             write_table(
                 [mel_row(i, inputs[i]) for i in chunk],
                 S.MELS_SCHEMA,
-                pipeline.out_path(cfg, "mels", f"part-{k:05d}.parquet"),
+                Layout.of(cfg).mels / f"part-{k:05d}.parquet",
             )
         last = pa.Table.from_pylist([mel_row(i, later[i]) for i in chunks[-1]], schema=S.MELS_SCHEMA)
-        pq.write_table(last, pipeline.out_path(cfg, "mels", "part-00009.parquet"), row_group_size=4)
+        pq.write_table(last, Layout.of(cfg).mels / "part-00009.parquet", row_group_size=4)
     else:
         directory = tower_dir(cfg.output_dir, audio_tower_spec(cfg.model, cfg.audio))
         for k, chunk in enumerate(chunks):
@@ -302,7 +303,7 @@ def test_closing_read_ahead_waits_for_the_read_in_progress():
 
 def test_read_mels_and_the_reader_agree(world):
     cfg = world["mels"]
-    everything = read_mels(pipeline.out_path(cfg, "mels"), cfg.audio.n_mels)
+    everything = read_mels(Layout.of(cfg).mels, cfg.audio.n_mels)
     reader = pipeline.audio_reader(cfg, cache_rows=100)
     assert sorted(reader) == sorted(everything)
     got = reader.read(list(everything))
