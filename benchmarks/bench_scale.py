@@ -250,7 +250,8 @@ def write_features(cfg, n: int) -> None:
     text_hash of the song text (training checks it)."""
     from htcl.mels import read_catalog
     from htcl.musicnn import POOLED_DIM
-    from htcl.pipeline import catalog_path, song_texts
+    from htcl.pipeline import catalog_path
+    from htcl.text import song_texts
     from htcl.towers import audio_tower_spec, text_hash, text_tower_spec, tower_dir
 
     rng = np.random.default_rng([SEED, n, 1])

@@ -41,7 +41,7 @@ from htcl.mels import (
 from htcl.model import HTCLModel
 from htcl.pairs import before, split_time, stage2_pairs
 from htcl.streaming import ShardReader, read_ahead
-from htcl.text import SongTokenizer, song_text
+from htcl.text import CATALOG_TEXT_COLUMNS, SongTokenizer, song_texts
 from htcl.training import (
     JsonlLogger,
     TrainState,
@@ -155,16 +155,6 @@ def run_preprocess(cfg: Config, catalog: str | Path | None = None, force: bool =
 
 
 # --- training ------------------------------------------------------------------------------
-
-
-CATALOG_TEXT_COLUMNS = [S.SONG_ID, S.TITLE, S.ARTIST, S.TAGS, S.LYRICS]  # what song_texts reads
-
-
-def song_texts(catalog: pd.DataFrame) -> dict[int, str]:
-    return {
-        int(r[S.SONG_ID]): song_text(r[S.TITLE], r[S.ARTIST], r[S.TAGS], r[S.LYRICS])
-        for r in catalog[CATALOG_TEXT_COLUMNS].to_dict("records")
-    }
 
 
 def run_dir_name(cfg: Config, stage: str) -> str:

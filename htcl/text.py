@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from htcl import schema as S
 from htcl.config import ModelConfig
 from htcl.model import resolve_text_model
 
@@ -29,6 +30,17 @@ def song_text(title=None, artist=None, tags=None, lyrics=None) -> str:
         if value:
             parts.append(f"{label}: {value}")
     return ". ".join(parts)
+
+
+CATALOG_TEXT_COLUMNS = [S.SONG_ID, S.TITLE, S.ARTIST, S.TAGS, S.LYRICS]  # what song_texts reads
+
+
+def song_texts(catalog) -> dict[int, str]:
+    """{song_id: song_text} of a catalog DataFrame's rows (read_catalog's or catalog_chunks')."""
+    return {
+        int(r[S.SONG_ID]): song_text(r[S.TITLE], r[S.ARTIST], r[S.TAGS], r[S.LYRICS])
+        for r in catalog[CATALOG_TEXT_COLUMNS].to_dict("records")
+    }
 
 
 class SongTokenizer:

@@ -356,7 +356,7 @@ def tower_inputs(cfg: Config, catalog: pd.DataFrame, tower: str) -> pd.DataFrame
     """The rows a tower reads, with their input hashes: (song_id, text, input_hash) for the text
     tower, (song_id, audio_path, input_hash) for an audio backbone."""
     if tower == "text":
-        from htcl.pipeline import song_texts
+        from htcl.text import song_texts
 
         texts = song_texts(catalog)
         ids = sorted(texts)

@@ -28,7 +28,7 @@ from htcl.layout import Layout
 from htcl.mels import mel_to_bytes, read_catalog, read_mels, write_table
 from htcl.pipeline import TrainingSplit
 from htcl.streaming import ShardReader, read_ahead
-from htcl.text import SongTokenizer
+from htcl.text import SongTokenizer, song_texts
 from htcl.towers import (
     audio_tower_spec,
     feature_row,
@@ -104,7 +104,7 @@ def write_inputs(cfg, inputs: dict[int, np.ndarray]):
             write_features([feature_row(i, "input-hash", src[i]) for i in chunk], directory)
     if not cfg.model.text_trainable:  # each song's text feature, under its text's hash, in 2 shards
         catalog = read_catalog(pipeline.catalog_path(cfg))
-        texts = pipeline.song_texts(catalog)
+        texts = song_texts(catalog)
         rng = np.random.default_rng(7)
         rows = [feature_row(i, text_hash(texts[i]), rng.normal(0, 1, TEXT_WIDTH).astype(np.float32)) for i in ids]
         directory = tower_dir(cfg.output_dir, text_tower_spec(cfg.model))
@@ -160,7 +160,7 @@ def in_memory(rows: pipeline.TrainingRows, cfg) -> pipeline.TrainingRows:
     """The same rows with every audio input (and text feature) loaded into a dict up front."""
     inputs = {"mels": pipeline.audio_inputs(cfg)}
     if rows.texts is not None:
-        inputs["texts"] = pipeline.song_texts(read_catalog(pipeline.catalog_path(cfg)))
+        inputs["texts"] = song_texts(read_catalog(pipeline.catalog_path(cfg)))
     if rows.text_features is not None:
         inputs["text_features"] = read_features(tower_dir(cfg.output_dir, text_tower_spec(cfg.model)))
     return dataclasses.replace(rows, **inputs, validation=dataclasses.replace(rows.validation, **inputs))

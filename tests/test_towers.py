@@ -13,6 +13,7 @@ import torch
 
 from htcl import pipeline
 from htcl.config import config_from_dict
+from htcl.text import song_texts
 from htcl.towers import (
     StaleFeaturesError,
     audio_input,
@@ -209,7 +210,7 @@ def test_text_features_equal_the_towers_output(backbone_run):
 
     _, cfg, _, _ = backbone_run
     catalog = pd.read_parquet(cfg.data.root + "/catalog.parquet")
-    texts = pipeline.song_texts(catalog)
+    texts = song_texts(catalog)
     cached = read_features(
         tower_dir(cfg.output_dir, text_tower_spec(cfg.model)), {i: text_hash(t) for i, t in texts.items()}
     )
