@@ -294,3 +294,51 @@ def test_only_htcl_layout_spells_the_output_tree():
         for line, text in layout_literals(p.read_text(), str(p))
     ]
     assert offenders == []
+
+
+def htcl_import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the htcl modules it imports, at module level or inside a function (an import
+    inside a function still makes a cycle, only a later-resolved one)."""
+    graph: dict[str, set[str]] = {}
+    for name, source in sources.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module == "htcl":
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("htcl."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("htcl.")}
+        graph[name] = deps & set(sources) - {name}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_htcls_modules_import_each_other_without_a_cycle():
+    assert import_cycle(htcl_import_graph({"a": "from htcl import b", "b": "def f():\n    from htcl.a import x"})) == [
+        "a",
+        "b",
+        "a",
+    ]
+    sources = {p.stem: p.read_text() for p in (REPO / "htcl").glob("*.py") if p.stem != "__init__"}
+    cycle = import_cycle(htcl_import_graph(sources))
+    assert cycle is None, "htcl modules import each other in a cycle: " + " -> ".join(cycle)
