@@ -15,9 +15,9 @@ Each step runs in a fresh child process (peak RSS only grows, so every figure ne
 process), in this order, per size:
 
   train-check   the driver's work before Ray Train starts, as ray_jobs/train_loop.fit does it:
-                htcl.pipeline.check_training_inputs (one NaN/inf pass over the audio shards, the
-                cached text features' hashes against the catalog's texts), then the rows planned
-                and saved (training_rows(...).split().save: the TrainingSplit workers load)
+                training_rows with its input checks (one NaN/inf pass over the audio shards, the
+                cached text features' hashes against the catalog's texts) and the rows planned,
+                saved as the TrainingSplit workers load (training_rows(...).split().save)
   train-read    one Ray Train worker's data side: training_rows(check_inputs=False, split=the
                 driver's TrainingSplit) + its tokenizer, then --train-steps batches of rank 0 of 2
                 at global batch 32 through batch_stream (the per-rank streaming reader); rows/s =
@@ -415,10 +415,9 @@ def run_step(spec: dict) -> dict:
         if step == "imports":
             pass
         elif step == "train-check":
-            from htcl.pipeline import check_training_inputs, training_rows
+            from htcl.pipeline import training_rows
 
-            check_training_inputs(cfg, "pretrain")
-            training_rows(cfg, "pretrain", verbose=False, check_inputs=False).split().save(split_file(cfg))
+            training_rows(cfg, "pretrain", verbose=False).split().save(split_file(cfg))
         elif step == "train-read":
             from htcl.pipeline import TrainingSplit, batch_stream, training_rows
             from htcl.text import SongTokenizer

@@ -27,6 +27,7 @@ import torch
 from htcl import schema as S
 from htcl.audio import AudioDecodeError, LogMel, load_audio
 from htcl.config import AudioConfig
+from htcl.streaming import release_arrow_memory
 
 # A song quieter than this RMS everywhere is silence (digital zero or a broken render).
 SILENCE_RMS = 1e-4
@@ -268,7 +269,7 @@ def catalog_ids_by_artist(path: str | Path, choose: Callable[[list[str]], set[st
     ids_all = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if len(np.unique(ids_all)) != len(ids_all):
         read_catalog(path)  # raises, naming the repeated song_id's rows
-    pa.default_memory_pool().release_unused()  # the columns' read buffers (streaming.release_arrow_memory)
+    release_arrow_memory()  # the columns' read buffers
     return ids_all, np.concatenate(marks) if marks else np.zeros(0, bool)
 
 

@@ -311,21 +311,6 @@ def text_feature_reader(cfg: Config, cache_rows: int) -> ShardReader:
     )
 
 
-def check_training_inputs(cfg: Config, stage: str) -> None:
-    """Refuse, before the first step, inputs a stage must not train on: an audio input with NaN or
-    inf (ShardReader.require_finite names the song) and, with a locked text tower, a cached text
-    feature of a text that has changed since (towers.require_current_features names it: rerun
-    `htcl features`). One pass over the audio shards and one over the catalog, a row group or a
-    chunk at a time; training makes it once (the Ray job on its driver, not in every worker), and
-    every read checks its rows for NaN/inf again."""
-    from htcl.towers import require_current_features
-
-    audio_reader(cfg, stage_config(cfg, stage).reader_cache_rows).require_finite()
-    if not cfg.model.text_trainable:
-        keys = catalog_keys(cfg, text_hashes=True)
-        require_current_features(text_feature_dir(cfg), keys.ids, keys.text_hash)
-
-
 @dataclass(frozen=True)
 class TrainingSplit:
     """A stage's rows without their inputs: the song ids (or pair ids) of its training and
@@ -340,9 +325,9 @@ class TrainingSplit:
 
     def save(self, path: str | Path) -> Path:
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(Path(path), lambda tmp: _save_npz(tmp, arrays))
-        return Path(path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomically(path, lambda tmp: _save_npz(tmp, arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainingSplit":
@@ -368,17 +353,27 @@ def training_rows(
     The songs of the held-out artists (`heldout_song_ids`) are left out of the training rows and
     form `.validation`: stage 1 their songs, stage 2 the pairs whose trigger or recommended song
     is one of them (so no stage ever trains on a held-out song), in an eval.seed order.
-    check_inputs: run check_training_inputs first. Off (the Ray job's workers, after its driver ran
-    it), a NaN/inf row is still refused when a batch first reads it."""
+    check_inputs: refuse, before the first step, inputs the stage must not train on: an audio input
+    with NaN or inf (ShardReader.require_finite names the song: one pass over the shards, a row
+    group at a time) and, with a locked text tower, a cached text feature of a text that has
+    changed since (towers.require_current_features names it: rerun `htcl features`; the catalog's
+    texts hashed a chunk at a time). The Ray job makes these checks once, on its driver, with the
+    plan; its workers turn them off, and a NaN/inf row is still refused when a batch first reads it."""
+    from htcl.towers import require_current_features
+
     tcfg = stage_config(cfg, stage)
     locked_text = not cfg.model.text_trainable
-    if check_inputs:
-        check_training_inputs(cfg, stage)
     mels = audio_reader(cfg, tcfg.reader_cache_rows)
+    if check_inputs:
+        mels.require_finite()
     texts = None if locked_text else song_text_reader(cfg, tcfg.reader_cache_rows)
     text_features = text_feature_reader(cfg, tcfg.reader_cache_rows) if locked_text else None
+    check_texts = check_inputs and locked_text
+    keys = catalog_keys(cfg, text_hashes=check_texts) if check_texts or split is None else None
+    if check_texts:
+        require_current_features(text_feature_dir(cfg), keys.ids, keys.text_hash)
     if split is None:
-        split = plan_training_split(cfg, stage, mels.ids, text_features.ids if locked_text else None, verbose)
+        split = plan_training_split(cfg, stage, keys, mels.ids, text_features.ids if locked_text else None, verbose)
 
     def rows(trigger: np.ndarray, rec: np.ndarray | None, validation: TrainingRows | None = None) -> TrainingRows:
         return TrainingRows(stage, mels, texts, trigger, rec, text_features=text_features, validation=validation)
@@ -387,18 +382,21 @@ def training_rows(
 
 
 def plan_training_split(
-    cfg: Config, stage: str, audio_ids: np.ndarray, text_feature_ids: np.ndarray | None, verbose: bool = True
+    cfg: Config,
+    stage: str,
+    keys: CatalogKeys,
+    audio_ids: np.ndarray,
+    text_feature_ids: np.ndarray | None,
+    verbose: bool = True,
 ) -> TrainingSplit:
-    """training_rows's rows: the catalog's songs with an audio input (audio_ids) and, with a locked
-    text tower, a cached text feature (text_feature_ids); stage 2 the pairs of the training
+    """training_rows's rows: the catalog's songs (keys) with an audio input (audio_ids) and, with a
+    locked text tower, a cached text feature (text_feature_ids); stage 2 the pairs of the training
     period between such songs. Validation: those touching a held-out artist, in an eval.seed
     order."""
-    keys = catalog_keys(cfg)
     usable = np.intersect1d(keys.ids, audio_ids)  # songs with both an audio input and a text
     if text_feature_ids is not None:
         usable = np.intersect1d(usable, text_feature_ids)  # a song not yet in the cache is left out
     held = keys.ids[keys.held]
-    del keys
     if stage == "pretrain":
         is_val = np.isin(usable, held)
         val = usable[is_val][_seeded_order(int(is_val.sum()), cfg.eval.seed)]

@@ -84,7 +84,6 @@ from htcl.layout import CHECKPOINT, Layout
 from htcl.pipeline import (
     TrainingSplit,
     batch_stream,
-    check_training_inputs,
     init_model,
     run_dir_name,
     stage_config,
@@ -431,11 +430,10 @@ def fit(
         raise ValueError(
             f"{stage}.batch_size={tcfg.batch_size} must be divisible by {stage}.num_workers={tcfg.num_workers}"
         )
-    # A NaN/inf input or a stale text feature refused before any worker starts, naming the song:
-    # one pass here, not one per worker (workers still check every row they read).
-    check_training_inputs(cfg, stage)
-    # The rows are planned here once: workers load them and never read the catalog or the log.
-    split_path = training_rows(cfg, stage, check_inputs=False).split().save(Layout.of(cfg).training_split(run_dir.name))
+    # Here, once, not in every worker: a NaN/inf input or a stale text feature refused before any
+    # worker starts, naming the song (workers still check every row they read), and the rows
+    # planned, which workers load: they never read the catalog or the interaction log.
+    split_path = training_rows(cfg, stage).split().save(Layout.of(cfg).training_split(run_dir.name))
     run_name = run_name or f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage = Layout.of(cfg).ray_train
     trainer = TorchTrainer(
