@@ -20,6 +20,7 @@ first); the index is rebuilt only when rows changed, so a rerun with nothing new
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +50,21 @@ from ray_jobs.common import (
     print_summary,
     save_resolved_config,
 )
+
+# An input block is one actor task and one output file: a few per actor, so every actor (and every
+# node) has work and a slow one is not waited on long; and at most this many bytes of mels, so a
+# block stays small in the object store (a paper-size mel is 320 KB: 200 songs).
+BLOCKS_PER_ACTOR = 4
+MAX_BLOCK_BYTES = 64 * 1024**2
+
+
+def rows_per_block(rows: int, workers: int, batch_size: int, bytes_per_row: float) -> int:
+    """Input rows per block for `rows` songs on `workers` actors: BLOCKS_PER_ACTOR blocks an actor,
+    fewer rows where MAX_BLOCK_BYTES binds, a whole number of batches, at least one."""
+    by_share = math.ceil(rows / (BLOCKS_PER_ACTOR * max(workers, 1)))
+    by_bytes = int(MAX_BLOCK_BYTES // max(bytes_per_row, 1.0))
+    batches = max(1, min(math.ceil(by_share / batch_size), by_bytes // batch_size))
+    return batches * batch_size
 
 
 class EmbedUDF:
@@ -161,6 +177,7 @@ def summary_without_work(cfg: Config, plan) -> dict:
         **plan.summary(),
         "embedded": 0,
         "nodes": {},
+        "files_written": 0,
         "songs": rows,
         "workers": 0,
         "gpu": None,
@@ -197,14 +214,18 @@ def run(
         sink = EmbeddingsDatasink(plan.out_dir, plan.model_cfg.embed_dim)
         # Reading is light: it must not wait for a CPU the actors hold.
         ds = ray.data.read_parquet([str(f) for f in plan.shards], num_cpus=0).select_columns(plan.columns)
-        if sum(pq.read_metadata(f).num_rows for f in plan.shards) > len(plan.todo):  # some rows there are done
+        shard_meta = [pq.read_metadata(f) for f in plan.shards]
+        shard_rows = sum(m.num_rows for m in shard_meta)
+        shard_bytes = sum(m.row_group(i).total_byte_size for m in shard_meta for i in range(m.num_row_groups))
+        if shard_rows > len(plan.todo):  # some rows there are done
             todo_ids = pa.array(list(plan.todo), pa.int64())
             ds = ds.map_batches(
                 lambda t: t.filter(pc.is_in(t[S.SONG_ID], value_set=todo_ids)), batch_format="pyarrow", num_cpus=0
             )
-        # One batch per block: a block is one actor task, and Ray Data reads a small catalog as one
-        # block, which would leave every actor but one idle (and the cluster's other nodes unused).
-        ds = ds.repartition(target_num_rows_per_block=batch_size)
+        # Ray Data reads a small catalog as one block, which would leave every actor but one idle
+        # (and the cluster's other nodes unused); one block a batch would make a task and a file a batch.
+        block_rows = rows_per_block(len(plan.todo), workers, batch_size, shard_bytes / max(shard_rows, 1))
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
         ds = ds.map_batches(
             EmbedUDF,
             fn_constructor_kwargs={
@@ -238,6 +259,7 @@ def run(
         **plan.summary(),
         "embedded": sink.result["rows"] if sink else 0,
         "nodes": sink.result["nodes"] if sink else {},
+        "files_written": len(sink.result["files"]) if sink else 0,
         "songs": rows,
         "workers": workers,
         "gpu": use_gpu,

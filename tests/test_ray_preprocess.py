@@ -229,6 +229,25 @@ def test_jobs_take_the_cli_arguments_and_reject_bad_config(capsys):
         assert "model.nlayers" in capsys.readouterr().err
 
 
+def test_embed_blocks_give_every_actor_work_in_whole_batches_without_a_task_a_batch():
+    """Embed's input blocks (an actor task and an output file each): a few per actor, whole batches,
+    capped in bytes. One block a batch made 157 tasks and files at 10k songs and 15,600 at 1M."""
+    from ray_jobs.embed import BLOCKS_PER_ACTOR, MAX_BLOCK_BYTES, rows_per_block
+
+    # 10k songs of 6 KB features on 2 actors: 8 blocks, not 157
+    rows = rows_per_block(10_000, 2, 64, 6024)
+    assert rows % 64 == 0 and -(-10_000 // rows) == 2 * BLOCKS_PER_ACTOR
+    # 1M songs: blocks capped at MAX_BLOCK_BYTES, about 90 of them
+    rows = rows_per_block(1_000_000, 2, 64, 6024)
+    assert rows % 64 == 0 and rows * 6024 <= MAX_BLOCK_BYTES < (rows + 64) * 6024
+    # paper-size mels (320 KB a song): whole batches under the cap
+    assert rows_per_block(1_000_000, 8, 64, 320_000) == 192
+    # a tiny catalog on 4 actors, one song a batch: one song a block, so each actor gets some
+    assert rows_per_block(12, 4, 1, 1000) == 1
+    # never less than one batch, however big a row
+    assert rows_per_block(10, 2, 8, 10 * MAX_BLOCK_BYTES) == 8
+
+
 def test_unexpected_exception_becomes_a_quarantine_row(tmp_path):
     """No Ray needed: the UDF itself never lets one song's exception fail the batch."""
     from ray_jobs.preprocess import RESULT_SCHEMA, MelUDF, mel_rows, quarantine_rows
