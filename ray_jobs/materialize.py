@@ -262,9 +262,12 @@ def materialize(store, state: Path, source_folder: Path, now: datetime) -> dict:
     else:
         new_files = [name for name, fp in current.items() if done.get(name) != fp]
         if new_files:
-            frame = pd.concat([pq.read_table(source_folder / n).to_pandas() for n in new_files], ignore_index=True)
-            store.write_to_online_store("song_embedding", frame)
-            wrote["song_embedding"] = f"{len(frame)} rows of {len(new_files)} new source files"
+            rows = 0
+            for name in new_files:  # a file at a time: Feast converts a whole frame to protobufs at once
+                frame = pq.read_table(source_folder / name).to_pandas()
+                store.write_to_online_store("song_embedding", frame)
+                rows += len(frame)
+            wrote["song_embedding"] = f"{rows} rows of {len(new_files)} new source files"
     if "song_embedding" in wrote or done != current:
         _write_text_atomic(done_path, json.dumps(current, indent=1, sort_keys=True))
     for view in (S.SONG_STATS_VIEW, S.LISTENER_STATS_VIEW):
