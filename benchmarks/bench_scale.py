@@ -23,7 +23,7 @@ process), in this order, per size:
                 at global batch 32 through batch_stream (the per-rank streaming reader); rows/s =
                 the streamed rows a second after the first batch
   embed         ray_jobs.embed.main, as `python -m ray_jobs.embed` runs (a local Ray instance,
-                Ray Data actor pool, then the version's HNSW index); whatever the job does,
+                Ray Data actor pool, then the version's matching index); whatever the job does,
                 incremental or not
   index         htcl.pipeline.build_index alone, again from the embeddings just written
   mat-sqlite    ray_jobs.materialize.main (stats with Ray Data, embeddings, Feast apply +

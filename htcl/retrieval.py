@@ -6,21 +6,29 @@
     ids, scores = index.search(queries, k=100)        # (Q, k) song ids and cosines
     ids, scores = index.similar(song_id=42, k=100)    # the song itself left out
 
-Why faiss HNSW (IndexHNSWFlat, inner product on L2-normalized vectors = cosine): faiss is
-maintained by Meta, ships CPU wheels for every platform we pin, serializes an index to one file,
-releases the GIL while searching batches across threads, and has the exact index (IndexFlatIP)
-we measure recall against in the same library. hnswlib has the same algorithm but is barely
-maintained; usearch is fast too but would be one more native dependency.
+Why faiss (inner product on L2-normalized vectors = cosine): faiss is maintained by Meta, ships
+CPU wheels for every platform we pin, serializes an index to one file, releases the GIL while
+searching batches across threads, and has the exact index (IndexFlatIP) we measure recall against
+in the same library. hnswlib has HNSW too but is barely maintained; usearch is fast too but would
+be one more native dependency.
 
-The index stores the vectors (HNSW "Flat" storage), so a song's own vector is read back by id
-without another lookup.
+Two kinds, by catalog size (`index_kind`):
+- up to HNSW_MAX_SONGS songs, HNSW (IndexHNSWFlat): recall@100 ~1.0, but its build costs
+  n log n with a constant that grows once the graph outgrows the CPU caches: 0.8 s at 10k songs,
+  23 s at 100k, 475 s at 1M on 2 cores (time ∝ n^1.39, benchmarks/bench_scale.py);
+- above, an inverted file (IndexIVFFlat) over 4·√n k-means lists whose coarse quantizer is itself a
+  small HNSW over the centroids (faiss's "IVF..._HNSW32" recipe for 1M-100M vectors): training
+  on 64 points a list and one quantizer lookup per song make the build linear (22 s at 1M), and a
+  query scans `nprobe` lists.
+
+Both store the vectors ("Flat"), so a song's own vector is read back by id without another lookup.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +56,31 @@ class HnswParams:
     ef_search: int = 256  # query-time beam width; raised to k when k is larger
 
 
+@dataclass(frozen=True)
+class IvfParams:
+    # nlist = lists_per_sqrt_song · √n: faiss's guideline is 4-16·√n lists.
+    lists_per_sqrt_song: float = 4.0
+    # k-means sample a list (faiss warns below 39); training costs sample × nlist ∝ n.
+    train_points_per_list: int = 64
+    # Lists a query scans (3.2% of them at 1M songs): recall vs latency. On 1M embedding-like
+    # vectors (2,000 clusters, 32-d) recall@100 is 1.00 at 64 already; on structureless isotropic
+    # ones it is 0.52 at 64, 0.68 at 128, 0.82 at 256 (0.6, 2.0 ms a query), where HNSW keeps ~1.0.
+    nprobe: int = 128
+    quantizer_m: int = 32  # graph degree of the HNSW over the centroids
+
+    def lists(self, n: int) -> int:
+        return max(1, int(self.lists_per_sqrt_song * np.sqrt(n)))
+
+
+HNSW = "hnsw"
+IVF_HNSW = "ivf_hnsw"
+HNSW_MAX_SONGS = 200_000  # above: IVF_HNSW, whose build stays linear in the catalog
+
+
+def index_kind(n: int) -> str:
+    return HNSW if n <= HNSW_MAX_SONGS else IVF_HNSW
+
+
 def normalize(x: np.ndarray) -> np.ndarray:
     """(n, D) float32 rows scaled to unit L2 norm (a zero row stays zero)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -58,19 +91,36 @@ def normalize(x: np.ndarray) -> np.ndarray:
 class AnnIndex:
     """HNSW over unit vectors; rows are addressed by position, song ids kept beside."""
 
-    def __init__(self, index, song_ids: np.ndarray, model_version: str, params: HnswParams, build_seconds: float = 0.0):
-        self.index = index
+    def __init__(
+        self,
+        index,
+        song_ids: np.ndarray,
+        model_version: str,
+        params: HnswParams,
+        build_seconds: float = 0.0,
+        ivf: IvfParams | None = None,
+    ):
+        self.index = index  # IndexHNSWFlat, or IndexIVFFlat (ivf given) with an HNSW quantizer
         self.song_ids = np.asarray(song_ids, dtype=np.int64)
         self.model_version = model_version
         self.params = params
+        self.ivf = ivf
         self.build_seconds = build_seconds
         self._row = {int(s): i for i, s in enumerate(self.song_ids)}
 
     # -- build / save / load -------------------------------------------------------------
     @classmethod
     def build(
-        cls, song_ids, embeddings: np.ndarray, model_version: str, params: HnswParams = HnswParams()
+        cls,
+        song_ids,
+        embeddings: np.ndarray,
+        model_version: str,
+        params: HnswParams = HnswParams(),
+        kind: str | None = None,
+        ivf: IvfParams = IvfParams(),
+        seed: int = 0,
     ) -> "AnnIndex":
+        """kind: HNSW or IVF_HNSW; None picks by size (index_kind). seed: the k-means sample's."""
         import faiss
 
         song_ids = np.asarray(song_ids, dtype=np.int64)
@@ -79,12 +129,27 @@ class AnnIndex:
             raise RetrievalError(f"{len(song_ids)} song ids but embeddings of shape {tuple(np.shape(embeddings))}")
         if len(np.unique(song_ids)) != len(song_ids):
             raise RetrievalError("song ids must be unique: one vector per song")
+        kind = kind or index_kind(len(x))
+        if kind not in (HNSW, IVF_HNSW):
+            raise RetrievalError(f"unknown index kind {kind!r}: {HNSW!r} or {IVF_HNSW!r}")
         t0 = time.perf_counter()
-        index = faiss.IndexHNSWFlat(x.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.ef_construction
-        index.hnsw.efSearch = params.ef_search
+        if kind == HNSW:
+            index = faiss.IndexHNSWFlat(x.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params.ef_construction
+            index.hnsw.efSearch = params.ef_search
+            index.add(x)
+            return cls(index, song_ids, model_version, params, time.perf_counter() - t0)
+        nlist = ivf.lists(len(x))
+        quantizer = faiss.IndexHNSWFlat(x.shape[1], ivf.quantizer_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = min(len(x), ivf.train_points_per_list * nlist)
+        index.train(x[np.sort(rng.choice(len(x), sample, replace=False))])
         index.add(x)
-        return cls(index, song_ids, model_version, params, time.perf_counter() - t0)
+        index.make_direct_map()  # reconstruct(row): a song's own vector
+        built = cls(index, song_ids, model_version, params, time.perf_counter() - t0, ivf)
+        built._set_search_width(1)
+        return built
 
     def save(self, directory: str | Path) -> Path:
         import faiss
@@ -98,10 +163,11 @@ class AnnIndex:
             "count": len(self),
             "dim": self.dim,
             "metric": "cosine",
-            "kind": "faiss.IndexHNSWFlat",
+            "kind": "faiss.IndexHNSWFlat" if self.ivf is None else "faiss.IndexIVFFlat+IndexHNSWFlat",
             "m": self.params.m,
             "ef_construction": self.params.ef_construction,
             "ef_search": self.params.ef_search,
+            **({} if self.ivf is None else {"nlist": int(self.index.nlist), "ivf": asdict(self.ivf)}),
             "build_seconds": round(self.build_seconds, 3),
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -120,8 +186,14 @@ class AnnIndex:
             raise RetrievalError(f"{directory} holds model_version {meta['model_version']!r}, not {model_version!r}")
         index = faiss.read_index(str(directory / INDEX_FILE))
         params = HnswParams(meta["m"], meta["ef_construction"], meta["ef_search"])
-        index.hnsw.efSearch = params.ef_search
-        return cls(index, np.load(directory / IDS_FILE), meta["model_version"], params, meta.get("build_seconds", 0.0))
+        ivf = IvfParams(**meta["ivf"]) if "ivf" in meta else None
+        if ivf is not None:
+            index.make_direct_map()
+        loaded = cls(
+            index, np.load(directory / IDS_FILE), meta["model_version"], params, meta.get("build_seconds", 0.0), ivf
+        )
+        loaded._set_search_width(1)
+        return loaded
 
     # -- queries -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -151,16 +223,32 @@ class AnnIndex:
             raise RetrievalError(f"queries have {q.shape[1]} dims, the index {self.dim}")
         if k < 1:
             raise RetrievalError(f"k must be >= 1, got {k}")
-        self.index.hnsw.efSearch = max(self.params.ef_search, k)
+        self._set_search_width(k)
         scores, rows = self.index.search(q, k)
         ids = np.where(rows >= 0, self.song_ids[np.maximum(rows, 0)], -1)
         return ids, np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+
+    def _set_search_width(self, k: int) -> None:
+        """HNSW's beam is at least k wide; an IVF scans ivf.nprobe lists, found by a beam over the
+        centroids at least twice as wide."""
+        if self.ivf is None:
+            self.index.hnsw.efSearch = max(self.params.ef_search, k)
+        else:
+            self.index.nprobe = min(self.ivf.nprobe, int(self.index.nlist))
+            faiss_quantizer(self.index).hnsw.efSearch = max(64, 2 * self.index.nprobe)
 
     def similar(self, song_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k songs nearest to a catalog song, the song itself excluded: (k,) ids, (k,) cosines."""
         ids, scores = self.search(self.vector(song_id)[None], k + 1)
         keep = ids[0] != int(song_id)
         return ids[0][keep][:k], scores[0][keep][:k]
+
+
+def faiss_quantizer(ivf_index):
+    """The coarse quantizer of an IndexIVF, as its own class (IndexHNSWFlat here)."""
+    import faiss
+
+    return faiss.downcast_index(ivf_index.quantizer)
 
 
 def exact_search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

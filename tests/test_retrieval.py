@@ -61,3 +61,33 @@ def test_more_k_than_songs_pads_and_bad_input_is_named():
         AnnIndex.build([1, 1], clustered(2), "v")
     with pytest.raises(RetrievalError, match="dims"):
         index.search(np.ones((1, 7), np.float32), 2)
+
+
+def test_ivf_hnsw_index_recalls_saves_loads_and_reads_vectors_back(tmp_path):
+    """The large-catalog kind (IVF over k-means lists, an HNSW quantizer), forced on a small one."""
+    from htcl.retrieval import IVF_HNSW, IvfParams
+
+    x = clustered(5000, seed=5)
+    ids = np.arange(5000) * 3 + 1
+    index = AnnIndex.build(ids, x, "v2", kind=IVF_HNSW)
+    assert index.ivf == IvfParams() and index.index.nlist == IvfParams().lists(5000) == 282
+    queries = x[:200]
+    approx, scores = index.search(queries, 100)
+    assert recall_at_k(approx, ids[exact_search(x, queries, 100)]) >= 0.95
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    got, _ = index.similar(int(ids[7]), 20)
+    assert len(got) == 20 and int(ids[7]) not in got
+    index.save(tmp_path / "ivf")
+    loaded = AnnIndex.load(tmp_path / "ivf", model_version="v2")
+    assert loaded.ivf == index.ivf and len(loaded) == 5000
+    np.testing.assert_array_equal(loaded.similar(int(ids[7]), 20)[0], got)
+    np.testing.assert_allclose(loaded.vector(int(ids[9])), x[9], atol=1e-6)
+
+
+def test_index_kind_follows_catalog_size_and_unknown_kinds_are_refused():
+    from htcl.retrieval import HNSW, HNSW_MAX_SONGS, IVF_HNSW, index_kind
+
+    assert index_kind(HNSW_MAX_SONGS) == HNSW and index_kind(HNSW_MAX_SONGS + 1) == IVF_HNSW
+    assert AnnIndex.build(np.arange(50), clustered(50), "v").ivf is None  # small: HNSW
+    with pytest.raises(RetrievalError, match="unknown index kind 'flat'"):
+        AnnIndex.build(np.arange(50), clustered(50), "v", kind="flat")
