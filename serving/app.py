@@ -1,7 +1,7 @@
 """Ray Serve deployments of htcl, composed by `build_app(args)`.
 
     Ingress (FastAPI, serving/api.py) ──▶ EmbeddingLookup  Feast online `song_embedding` (song, version)
-                                      ├─▶ Matcher          HNSW index of the version (htcl.retrieval)
+                                      ├─▶ Matcher          matching index of the version (htcl.retrieval)
                                       ├─▶ Ranker           XGBoost CTR/CVR: Feast online stats + the version's vectors
                                       └─▶ Encoder          optional: uploaded audio -> log-Mel -> model
 
@@ -254,7 +254,7 @@ class EmbeddingLookup(_Worker):
 
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=32, ray_actor_options={"num_cpus": 0.2}, **COMMON)
 class Matcher(_Worker):
-    """Nearest songs by cosine in the version's HNSW index. Batched: one faiss search per batch."""
+    """Nearest songs by cosine in the version's matching index. Batched: one faiss search per batch."""
 
     def __init__(self, index_dir: str, model_version: str, threads: int = 1):
         import faiss

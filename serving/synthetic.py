@@ -7,7 +7,7 @@ writes, under `out` (an htcl output_dir):
     embeddings/<V>/part-0.parquet   as `htcl embed` writes them (one part)
     feast/                          offline sources, registry and SQLite (or Redis) online store,
                                     materialized; `current_model_version` = current
-    index/<V>/                      HNSW index (htcl.retrieval)
+    index/<V>/                      matching index (htcl.retrieval)
     rankers/<V>/                    XGBoost CTR/CVR trained on the online ranker_v1 features of a
                                     synthetic impression log (a little signal: clicks favour
                                     similar songs)
