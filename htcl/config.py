@@ -129,6 +129,25 @@ class EvalConfig:
     retrieval_holdout_artists: float = 0.2
 
 
+INDEX_KINDS = ("auto", "hnsw", "ivf_hnsw")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # The matching index `htcl embed` builds (htcl.retrieval): "auto" = HNSW up to hnsw_max_songs
+    # (recall ~1.0; its build grows as n^1.4), an IVF with an HNSW quantizer above (a linear build;
+    # recall needs embeddings with cluster structure); "hnsw" or "ivf_hnsw" at any size.
+    kind: str = "auto"
+    hnsw_max_songs: int = 200_000
+    nprobe: int = 128  # IVF lists a query scans: raise it for recall on structureless embeddings
+
+    def __post_init__(self):
+        if self.kind not in INDEX_KINDS:
+            raise ConfigError(f"index.kind: {self.kind!r} is not one of {list(INDEX_KINDS)}")
+        if self.nprobe < 1 or self.hnsw_max_songs < 0:
+            raise ConfigError(f"index: nprobe must be >= 1 and hnsw_max_songs >= 0, got {self}")
+
+
 @dataclass(frozen=True)
 class Config:
     output_dir: str = "outputs"
@@ -138,6 +157,7 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=240, lr=1e-4, text_lr=3e-5))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 class ConfigError(ValueError):

@@ -899,7 +899,7 @@ def build_index(cfg: Config, embeddings_dir: str | Path) -> Path:
     from htcl.retrieval import build_index_from_embeddings
 
     fingerprint = embeddings_fingerprint(Path(embeddings_dir))
-    index_dir = build_index_from_embeddings(embeddings_dir, Layout.of(cfg).index_root)
+    index_dir = build_index_from_embeddings(embeddings_dir, Layout.of(cfg).index_root, cfg.index)
     (index_dir / INDEX_SOURCE).write_text(json.dumps(fingerprint))
     return index_dir
 

@@ -19,7 +19,9 @@ Two kinds, by catalog size (`index_kind`):
 - above, an inverted file (IndexIVFFlat) over 4·√n k-means lists whose coarse quantizer is itself a
   small HNSW over the centroids (faiss's "IVF..._HNSW32" recipe for 1M-100M vectors): training
   on 64 points a list and one quantizer lookup per song make the build linear (22 s at 1M), and a
-  query scans `nprobe` lists.
+  query scans `nprobe` lists. Its recall needs embeddings with cluster structure (trained ones
+  have it; isotropic noise does not): the config's `index` section sets the kind, the size limit
+  and nprobe.
 
 Both store the vectors ("Flat"), so a song's own vector is read back by id without another lookup.
 """
@@ -32,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from htcl.config import IndexConfig
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "song_ids.npy"
@@ -62,10 +66,10 @@ class IvfParams:
     lists_per_sqrt_song: float = 4.0
     # k-means sample a list (faiss warns below 39); training costs sample × nlist ∝ n.
     train_points_per_list: int = 64
-    # Lists a query scans (3.2% of them at 1M songs): recall vs latency. On 1M embedding-like
-    # vectors (2,000 clusters, 32-d) recall@100 is 1.00 at 64 already; on structureless isotropic
-    # ones it is 0.52 at 64, 0.68 at 128, 0.82 at 256 (0.6, 2.0 ms a query), where HNSW keeps ~1.0.
-    nprobe: int = 128
+    # Lists a query scans (3.2% of them at 1M songs): recall vs latency. recall@100 at 1M x 128
+    # (benchmarks/results/bench_retrieval_1m.json): 0.998 on embedding-like vectors (1,000
+    # clusters), 0.26 on structureless isotropic ones, where HNSW keeps ~0.96.
+    nprobe: int = IndexConfig.nprobe
     quantizer_m: int = 32  # graph degree of the HNSW over the centroids
 
     def lists(self, n: int) -> int:
@@ -74,11 +78,11 @@ class IvfParams:
 
 HNSW = "hnsw"
 IVF_HNSW = "ivf_hnsw"
-HNSW_MAX_SONGS = 200_000  # above: IVF_HNSW, whose build stays linear in the catalog
+HNSW_MAX_SONGS = IndexConfig.hnsw_max_songs  # above: IVF_HNSW, whose build stays linear in the catalog
 
 
-def index_kind(n: int) -> str:
-    return HNSW if n <= HNSW_MAX_SONGS else IVF_HNSW
+def index_kind(n: int, hnsw_max_songs: int = HNSW_MAX_SONGS) -> str:
+    return HNSW if n <= hnsw_max_songs else IVF_HNSW
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -288,8 +292,11 @@ def read_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, str]
 
 
 def build_index_from_embeddings(
-    embeddings_dir: str | Path, index_root: str | Path, params: HnswParams = HnswParams()
+    embeddings_dir: str | Path, index_root: str | Path, index_cfg: IndexConfig = IndexConfig()
 ) -> Path:
-    """embeddings/<version>/ -> <index_root>/<version>/ (index.faiss, song_ids.npy, index.json)."""
+    """embeddings/<version>/ -> <index_root>/<version>/ (index.faiss, song_ids.npy, index.json),
+    of the kind index_cfg says ("auto": by size, index_kind)."""
     ids, emb, version = read_embeddings(embeddings_dir)
-    return AnnIndex.build(ids, emb, version, params).save(Path(index_root) / version)
+    kind = index_kind(len(ids), index_cfg.hnsw_max_songs) if index_cfg.kind == "auto" else index_cfg.kind
+    ivf = IvfParams(nprobe=index_cfg.nprobe)
+    return AnnIndex.build(ids, emb, version, kind=kind, ivf=ivf).save(Path(index_root) / version)

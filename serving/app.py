@@ -139,7 +139,7 @@ def plan(args: dict | None = None) -> AppPlan:
         from htcl.retrieval import build_index_from_embeddings
 
         log.info("no ANN index for %s: building it from %s", version, emb)
-        build_index_from_embeddings(emb, layout.index_root)
+        build_index_from_embeddings(emb, layout.index_root, cfg.index)
     rankers_dir = layout.rankers(version)
     if not (rankers_dir / "rankers.json").is_file():
         raise FileNotFoundError(

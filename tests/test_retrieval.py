@@ -91,3 +91,32 @@ def test_index_kind_follows_catalog_size_and_unknown_kinds_are_refused():
     assert AnnIndex.build(np.arange(50), clustered(50), "v").ivf is None  # small: HNSW
     with pytest.raises(RetrievalError, match="unknown index kind 'flat'"):
         AnnIndex.build(np.arange(50), clustered(50), "v", kind="flat")
+
+
+def test_the_config_index_section_chooses_the_kind_and_nprobe_and_is_checked(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from htcl import schema as S
+    from htcl.config import ConfigError, IndexConfig, load_config
+    from htcl.retrieval import build_index_from_embeddings
+
+    emb_dir = tmp_path / "embeddings" / "v1"
+    emb_dir.mkdir(parents=True)
+    x = clustered(400, seed=6)
+    pq.write_table(
+        pa.table({S.SONG_ID: np.arange(400), S.EMBEDDING: list(x), S.MODEL_VERSION: ["v1"] * 400}),
+        emb_dir / "part-0.parquet",
+    )
+    auto = AnnIndex.load(build_index_from_embeddings(emb_dir, tmp_path / "auto"))
+    assert auto.ivf is None  # 400 songs: HNSW
+    cfg = load_config(None, ["index.kind=ivf_hnsw", "index.nprobe=7"])
+    assert cfg.index == IndexConfig(kind="ivf_hnsw", nprobe=7)
+    ivf = AnnIndex.load(build_index_from_embeddings(emb_dir, tmp_path / "ivf", cfg.index))
+    assert ivf.ivf.nprobe == 7 and ivf.index.nprobe == 7
+    small = AnnIndex.load(build_index_from_embeddings(emb_dir, tmp_path / "small", IndexConfig(hnsw_max_songs=100)))
+    assert small.ivf is not None  # above the configured limit
+    with pytest.raises(ConfigError, match="index.kind: 'flat' is not one of"):
+        load_config(None, ["index.kind=flat"])
+    with pytest.raises(ConfigError, match="nprobe must be >= 1"):
+        load_config(None, ["index.nprobe=0"])
