@@ -129,7 +129,9 @@ class EvalConfig:
     retrieval_holdout_artists: float = 0.2
 
 
-INDEX_KINDS = ("auto", "hnsw", "ivf_hnsw")
+HNSW = "hnsw"
+IVF_HNSW = "ivf_hnsw"
+INDEX_KINDS = ("auto", HNSW, IVF_HNSW)  # htcl.retrieval builds the two named kinds
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from htcl.config import IndexConfig
+from htcl.config import HNSW, IVF_HNSW, IndexConfig
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "song_ids.npy"
@@ -76,8 +76,6 @@ class IvfParams:
         return max(1, int(self.lists_per_sqrt_song * np.sqrt(n)))
 
 
-HNSW = "hnsw"
-IVF_HNSW = "ivf_hnsw"
 HNSW_MAX_SONGS = IndexConfig.hnsw_max_songs  # above: IVF_HNSW, whose build stays linear in the catalog
 
 
@@ -93,7 +91,8 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 
 class AnnIndex:
-    """HNSW over unit vectors; rows are addressed by position, song ids kept beside."""
+    """HNSW, or an IVF with an HNSW quantizer, over unit vectors; rows are addressed by position,
+    song ids kept beside."""
 
     def __init__(
         self,
@@ -140,18 +139,17 @@ class AnnIndex:
         if kind == HNSW:
             index = faiss.IndexHNSWFlat(x.shape[1], params.m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = params.ef_construction
-            index.hnsw.efSearch = params.ef_search
             index.add(x)
-            return cls(index, song_ids, model_version, params, time.perf_counter() - t0)
-        nlist = ivf.lists(len(x))
-        quantizer = faiss.IndexHNSWFlat(x.shape[1], ivf.quantizer_m, faiss.METRIC_INNER_PRODUCT)
-        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        sample = min(len(x), ivf.train_points_per_list * nlist)
-        index.train(x[np.sort(rng.choice(len(x), sample, replace=False))])
-        index.add(x)
-        index.make_direct_map()  # reconstruct(row): a song's own vector
-        built = cls(index, song_ids, model_version, params, time.perf_counter() - t0, ivf)
+        else:
+            nlist = ivf.lists(len(x))
+            quantizer = faiss.IndexHNSWFlat(x.shape[1], ivf.quantizer_m, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            sample = min(len(x), ivf.train_points_per_list * nlist)
+            index.train(x[np.sort(rng.choice(len(x), sample, replace=False))])
+            index.add(x)
+            index.make_direct_map()  # reconstruct(row): a song's own vector; write_index keeps it
+        built = cls(index, song_ids, model_version, params, time.perf_counter() - t0, ivf if kind == IVF_HNSW else None)
         built._set_search_width(1)
         return built
 
@@ -191,8 +189,6 @@ class AnnIndex:
         index = faiss.read_index(str(directory / INDEX_FILE))
         params = HnswParams(meta["m"], meta["ef_construction"], meta["ef_search"])
         ivf = IvfParams(**meta["ivf"]) if "ivf" in meta else None
-        if ivf is not None:
-            index.make_direct_map()
         loaded = cls(
             index, np.load(directory / IDS_FILE), meta["model_version"], params, meta.get("build_seconds", 0.0), ivf
         )
